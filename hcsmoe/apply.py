@@ -1,0 +1,233 @@
+"""Step 3: weight surgery. Each group of a plan becomes one expert and one router row.
+
+Every per-expert parameter of the fused experts module (gate_up_proj, down_proj, biases) is merged
+with the group's weights, in float32, and cast back. The router gets exactly one row per group:
+  - "dominant": the row of the group's most-used member;
+  - "average":  the merge-weighted average of the members' rows;
+  - "lsq":      a least-squares fit, on calibration inputs, of the log-sum-exp of the members'
+                logits, so that each new expert keeps the routing mass its members had.
+A group of one keeps its member's row exactly, so a plan with K = E reproduces the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate, expert_parameters, set_expert_count
+from hcsmoe.calibrate import LayerStats
+from hcsmoe.errors import UserError
+from hcsmoe.plan import Group, LayerPlan, Plan
+
+RIDGE = 1e-4  # relative to the mean diagonal of X^T X; keeps the fit well posed for rare experts
+
+
+def merge_rows(tensor: torch.Tensor, groups: list[Group]) -> torch.Tensor:
+    """One slice per group: the weighted sum of its members' slices, computed in float32."""
+    merged = []
+    for group in groups:
+        if len(group.members) == 1:
+            merged.append(tensor[group.members[0]])
+            continue
+        weights = torch.tensor(group.weights, dtype=torch.float32, device=tensor.device)
+        members = tensor[group.members].float()
+        merged.append(torch.tensordot(weights, members, dims=1).to(tensor.dtype))
+    return torch.stack(merged)
+
+
+def dominant_rows(tensor: torch.Tensor, groups: list[Group]) -> torch.Tensor:
+    """The slice of each group's most frequently routed member (lowest index on ties)."""
+    rows = []
+    for group in groups:
+        best = max(range(len(group.members)), key=lambda i: (group.frequencies[i], -group.members[i]))
+        rows.append(tensor[group.members[best]])
+    return torch.stack(rows)
+
+
+def fitted_router_rows(weight: torch.Tensor, groups: list[Group], inputs: torch.Tensor) -> torch.Tensor:
+    """Least-squares rows w_g with X w_g ~ logsumexp over members j of X w_j (float64 normal equations)."""
+    if inputs.numel() == 0:
+        raise UserError("the lsq router needs calibration inputs; re-run calibration or use --router average")
+    x = inputs.double()
+    w = weight.detach().double().cpu()
+    logits = x @ w.T  # [N, E]
+    gram = x.T @ x
+    ridge = RIDGE * gram.diagonal().mean()
+    system = gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64)
+    rows = []
+    for group in groups:
+        if len(group.members) == 1:
+            rows.append(weight[group.members[0]])
+            continue
+        target = torch.logsumexp(logits[:, group.members], dim=1)  # [N]
+        prior = (torch.tensor(group.weights, dtype=torch.float64) @ w[group.members])  # pull toward the average
+        solution = torch.linalg.solve(system, x.T @ target + ridge * prior)
+        rows.append(solution.to(weight.dtype).to(weight.device))
+    return torch.stack(rows)
+
+
+def neurons_first(gate_up: torch.Tensor, down: torch.Tensor, architecture: Architecture):
+    """One expert's weights with the intermediate neuron as the leading axis: [I, 2, H] and [I, H]."""
+    if architecture.transposed:
+        gate_up, down = gate_up.T, down.T
+    if architecture.gate_up_interleaved:
+        pairs = gate_up.reshape(-1, 2, gate_up.shape[-1])
+    else:
+        pairs = gate_up.reshape(2, -1, gate_up.shape[-1]).transpose(0, 1)
+    return pairs, down.T
+
+
+def neurons_back(pairs: torch.Tensor, down_columns: torch.Tensor, architecture: Architecture):
+    """Inverse of neurons_first."""
+    if architecture.gate_up_interleaved:
+        gate_up = pairs.reshape(-1, pairs.shape[-1])
+    else:
+        gate_up = pairs.transpose(0, 1).reshape(-1, pairs.shape[-1])
+    down = down_columns.T
+    if architecture.transposed:
+        gate_up, down = gate_up.T, down.T
+    return gate_up, down
+
+
+def routed_inputs(stats: LayerStats, members: list[int], top_k: int) -> torch.Tensor:
+    """Calibration inputs that the original router sent to at least one member (all inputs if none)."""
+    x = stats.router_inputs
+    chosen = (x @ stats.router_weight.T).topk(top_k, dim=-1).indices
+    hit = torch.isin(chosen, torch.tensor(members)).any(-1)
+    return x[hit] if int(hit.sum()) >= 2 else x
+
+
+def standardized(a: torch.Tensor) -> torch.Tensor:
+    return (a - a.mean(0)) / a.std(0).clamp(min=1e-6)
+
+
+def fix_dom_expert(moe: MoELayer, architecture: Architecture, group: Group, stats: LayerStats, top_k: int):
+    """ZipIt-style fix-dom merge of one group into its most-used member's neuron layout.
+
+    Every neuron of every other member is matched to the dominant neuron whose activation (act(gate) * up
+    on the tokens routed to the group) it correlates with most. A dominant neuron's gate/up rows become the
+    merge-weighted average of its own and its matched neurons' rows; its down column becomes the
+    merge-weighted sum of them, so the group's weighted-average output is kept where matched activations agree.
+    """
+    members, weights = group.members, group.weights
+    dominant = max(range(len(members)), key=lambda i: (group.frequencies[i], -members[i]))
+    x = routed_inputs(stats, members, top_k).to(moe.experts.gate_up_proj.device)
+    activations = expert_intermediate(moe.experts, architecture, x)[members]  # [m, n, I]
+    reference = standardized(activations[dominant])
+    dom_pairs, dom_down = neurons_first(moe.experts.gate_up_proj[members[dominant]].float(),
+                                        moe.experts.down_proj[members[dominant]].float(), architecture)
+    pair_sum = weights[dominant] * dom_pairs
+    pair_weight = torch.full((dom_pairs.shape[0],), weights[dominant], dtype=torch.float32)
+    down_sum = weights[dominant] * dom_down
+    for position, (expert, weight) in enumerate(zip(members, weights)):
+        if position == dominant:
+            continue
+        correlation = reference.T @ standardized(activations[position]) / x.shape[0]  # [I_dom, I_member]
+        match = correlation.argmax(dim=0)  # dominant neuron for each member neuron
+        pairs, down = neurons_first(moe.experts.gate_up_proj[expert].float(), moe.experts.down_proj[expert].float(),
+                                    architecture)
+        pair_sum.index_add_(0, match, weight * pairs)
+        pair_weight.index_add_(0, match, torch.full((len(match),), weight))
+        down_sum.index_add_(0, match, weight * down)
+    gate_up, down = neurons_back(pair_sum / pair_weight.view(-1, 1, 1), down_sum, architecture)
+    return gate_up.to(moe.experts.gate_up_proj.dtype), down.to(moe.experts.down_proj.dtype)
+
+
+def fix_dom_merge(moe: MoELayer, architecture: Architecture, groups: list[Group], stats: LayerStats | None,
+                  top_k: int) -> None:
+    """Replace gate_up_proj and down_proj by fix-dom merges (other per-expert tensors: weighted merge)."""
+    if stats is None or stats.router_weight is None or stats.router_inputs.numel() == 0:
+        raise UserError("fix-dom merging needs calibration statistics with router inputs")
+    gate_up, down = [], []
+    for group in groups:
+        if len(group.members) == 1:
+            gate_up.append(moe.experts.gate_up_proj[group.members[0]])
+            down.append(moe.experts.down_proj[group.members[0]])
+        else:
+            merged = fix_dom_expert(moe, architecture, group, stats, top_k)
+            gate_up.append(merged[0])
+            down.append(merged[1])
+    _replace(moe.experts, "gate_up_proj", torch.stack(gate_up))
+    _replace(moe.experts, "down_proj", torch.stack(down))
+
+
+def router_rows(name: str, tensor: torch.Tensor, groups: list[Group], method: str, stats: LayerStats | None) -> torch.Tensor:
+    if method == "dominant":
+        return dominant_rows(tensor, groups)
+    if method == "lsq" and name == "weight" and tensor.ndim == 2:
+        if stats is None:
+            raise UserError("the lsq router needs calibration statistics; use --router average to apply a plan alone")
+        return fitted_router_rows(tensor, groups, stats.router_inputs)
+    return merge_rows(tensor, groups)
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(name, value.contiguous())
+
+
+def apply_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, plan: Plan,
+                stats: LayerStats | None, top_k: int) -> None:
+    """Shrink one MoE block in place to one expert and one router row per group."""
+    e = moe.num_experts
+    if layer_plan.num_experts != e:
+        raise UserError(f"plan layer {layer_plan.layer} is for {layer_plan.num_experts} experts, the model has {e}")
+    groups, router_method = layer_plan.groups, plan.router
+    with torch.no_grad():
+        fixed = {}
+        if plan.merge == "fix-dom":
+            fix_dom_merge(moe, architecture, groups, stats, top_k)
+            fixed = {"gate_up_proj", "down_proj"}
+        for name, tensor in expert_parameters(moe.experts, e).items():
+            if name not in fixed:
+                _replace(moe.experts, name, merge_rows(tensor.data, groups))
+        for name, tensor in expert_parameters(moe.router, e).items():
+            _replace(moe.router, name, router_rows(name, tensor.data, groups, router_method, stats))
+    for module in (moe.experts, moe.router):
+        if hasattr(module, "num_experts"):
+            module.num_experts = len(groups)
+    if hasattr(moe.block, "num_experts"):
+        moe.block.num_experts = len(groups)
+
+
+def apply_plan(
+    model: nn.Module,
+    architecture: Architecture,
+    layers: list[MoELayer],
+    plan: Plan,
+    stats: list[LayerStats] | None = None,
+    progress: bool = True,
+) -> None:
+    """Apply a plan to a loaded model in place; every MoE layer must have a layer plan."""
+    plan.validate()
+    by_index = {lp.layer: lp for lp in plan.layers}
+    stats_by_index = {s.layer: s for s in stats or []}
+    missing = [m.index for m in layers if m.index not in by_index]
+    if missing:
+        raise UserError(f"the plan has no entry for MoE layers {missing}")
+    sizes = {len(by_index[m.index].groups) for m in layers}
+    if len(sizes) != 1:
+        raise UserError(f"the plan keeps different expert counts per layer ({sorted(sizes)}); the config allows one")
+    top_k = int(getattr(model.config, architecture.top_k_key))
+    for moe in tqdm(layers, desc="merging", unit="layer", disable=not progress):
+        apply_layer(moe, architecture, by_index[moe.index], plan, stats_by_index.get(moe.index), top_k)
+    set_expert_count(model.config, architecture, sizes.pop())
+
+
+def apply_plan_keeping_router(model: nn.Module, architecture: Architecture, layers: list[MoELayer], plan: Plan) -> None:
+    """The paper's original behaviour, for comparison only: all E router rows stay and every expert slot
+    holds its group's merged expert (the model is no smaller; it shows what a K-row router costs or gains)."""
+    by_index = {lp.layer: lp for lp in plan.layers}
+    with torch.no_grad():
+        for moe in layers:
+            groups = by_index[moe.index].groups
+            slot_group = {member: g for g, group in enumerate(groups) for member in group.members}
+            if len(slot_group) != moe.num_experts:
+                raise UserError("keeping the full router needs a merging plan (every expert in a group)")
+            slots = torch.tensor([slot_group[e] for e in range(moe.num_experts)])
+            for name, tensor in expert_parameters(moe.experts, moe.num_experts).items():
+                _replace(moe.experts, name, merge_rows(tensor.data, groups)[slots])

@@ -1,0 +1,223 @@
+"""The `compress` and `inspect` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from hcsmoe.errors import UserError
+
+COMPRESS_DEFAULTS = {
+    "experts": None,
+    "ratio": None,
+    "out": None,
+    "method": "hc-smoe",
+    "linkage": "average",
+    "metric": "euclidean",
+    "merge": "frequency",
+    "representation": "expert-output",
+    "max_subsets": 10000,
+    "router": "lsq",
+    "calibration": "wiki:en",
+    "blocks": 32,
+    "block_size": 2048,
+    "batch_size": 4,
+    "device": "cpu",
+    "dtype": None,
+    "seed": 0,
+    "plan": None,
+    "stats": None,
+    "save_stats": None,
+    "overwrite": False,
+    "eval": True,
+    "eval_languages": "en,fr,es",
+    "eval_tokens": None,
+}
+
+
+def add_compress_parser(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="merge the experts of an MoE checkpoint and save a smaller one",
+        description="Compress MODEL (default: the bundled reference MoE) to K experts per MoE layer.",
+    )
+    p.add_argument("model", nargs="?", help="Hugging Face checkpoint directory (default: bundled reference model)")
+    p.add_argument("--config", help="YAML recipe with any of the options below (command-line flags win)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--experts", "-k", type=int, help="experts to keep per MoE layer (K)")
+    size.add_argument("--ratio", type=float, help="fraction of experts to remove per layer, in (0, 1) [0.5]")
+    p.add_argument("--out", "-o", help="output directory [./<model>-hcsmoe-<K>e]")
+    p.add_argument("--method", help="planner: hc-smoe (default), kmeans, m-smoe, f-prune, s-prune, o-prune, reap, ean, random")
+    p.add_argument("--linkage", help="hierarchical clustering linkage: average (default), single, complete, ward")
+    p.add_argument("--metric", help="distance between expert outputs: euclidean (default) or cosine")
+    p.add_argument("--merge", help="merge inside a group: frequency (default), average or fix-dom (ZipIt-style)")
+    p.add_argument("--representation", help="what hc-smoe clusters: expert-output (default), router-logits, weights")
+    p.add_argument("--max-subsets", type=int, help="o-prune: most subsets searched per layer [10000]")
+    p.add_argument("--router", help="new router rows: lsq (default), average or dominant")
+    p.add_argument("--calibration", help="calibration text: wiki:en (default), wiki:en,fr,es, a .txt/.jsonl file or a dataset name")
+    p.add_argument("--blocks", type=int, help="calibration blocks [32]")
+    p.add_argument("--block-size", type=int, help="tokens per block, capped at the model's context [2048]")
+    p.add_argument("--batch-size", type=int, help="blocks per forward pass during calibration [4]")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", help="dtype of the saved weights: float32, bfloat16, float16 [the checkpoint's]")
+    p.add_argument("--seed", type=int, help="seed for every random choice [0]")
+    p.add_argument("--plan", help="apply this hcsmoe_plan.json instead of planning")
+    p.add_argument("--stats", help="statistics file from --save-stats: re-plan without calibrating")
+    p.add_argument("--save-stats", help="write calibration statistics here for later re-planning")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
+    p.add_argument("--no-eval", dest="eval", action="store_false", default=None,
+                   help="skip the before/after evaluation on the validation text")
+    p.add_argument("--eval-languages", help="validation languages to evaluate [en,fr,es]")
+    p.add_argument("--eval-tokens", type=int, help="evaluate at most this many tokens per language [all]")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_compress)
+
+
+def read_recipe(path: str) -> dict:
+    """Options from a YAML recipe; keys are the long option names (dashes or underscores)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe {path} not found")
+    except yaml.YAMLError as error:
+        raise UserError(f"recipe {path} is not valid YAML ({str(error).splitlines()[0]})")
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of option: value")
+    recipe = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(recipe) - set(COMPRESS_DEFAULTS) - {"model"})
+    if unknown:
+        raise UserError(f"recipe {path}: unknown options {', '.join(unknown)}")
+    return recipe
+
+
+def resolve_options(args: argparse.Namespace) -> dict:
+    """Defaults, overridden by the recipe, overridden by flags given on the command line."""
+    options = dict(COMPRESS_DEFAULTS, model=None)
+    if args.config:
+        options.update(read_recipe(args.config))
+    options.update({key: value for key, value in vars(args).items() if key in options and value is not None})
+    return options
+
+
+def default_output(model: str | None, k: int) -> Path:
+    name = Path(model).resolve().name if model else "reference"
+    return Path(f"{name}-hcsmoe-{k}e")
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from hcsmoe.adapters import architecture_for, expert_count
+    from hcsmoe.calibrate import Statistics
+    from hcsmoe.pipeline import compress, experts_to_keep
+    from hcsmoe.loading import load_config, model_dir
+    from hcsmoe.plan import Plan
+    from hcsmoe.save import check_output_dir
+
+    o = resolve_options(args)
+    source = model_dir(o["model"])
+    config = load_config(source)
+    architecture = architecture_for(config)
+    plan = Plan.load(o["plan"]) if o["plan"] else None
+    e = expert_count(config, architecture)
+    k = len(plan.layers[0].groups) if plan else experts_to_keep(e, o["experts"], o["ratio"])
+    if k >= e:
+        raise UserError(f"keeping {k} of {e} experts compresses nothing; choose --experts below {e}")
+    out = Path(o["out"]) if o["out"] else default_output(o["model"], k)
+    check_output_dir(out, source, bool(o["overwrite"]))
+    stats = Statistics.load(o["stats"]) if o["stats"] else None
+    if o["save_stats"] and Path(o["save_stats"]).exists() and not o["overwrite"]:
+        raise UserError(f"statistics file {o['save_stats']} exists; choose another path or pass --overwrite")
+
+    result = compress(
+        source, num_experts=k, method=o["method"], linkage=o["linkage"], metric=o["metric"], merge=o["merge"],
+        representation=o["representation"], max_subsets=o["max_subsets"], router=o["router"], calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
+        batch_size=o["batch_size"], stats=stats, plan=plan, dtype=o["dtype"], device=o["device"], seed=o["seed"],
+        progress=not args.quiet,
+    )
+    if o["save_stats"]:
+        result.stats.save(o["save_stats"])
+    saved = result.save(out, overwrite=bool(o["overwrite"]))
+    if o["eval"]:
+        evaluation = evaluate_before_after(source, saved, o)
+        result.write_card(saved, evaluation)
+        print(evaluation["table"])
+    summary = {"out": str(saved), "experts": f"{result.info['experts_before']} -> {result.info['experts_after']}",
+               "seconds": result.info["seconds"]}
+    print(json.dumps(summary), file=sys.stderr if args.quiet else sys.stdout)
+    return 0
+
+
+def evaluate_before_after(source: Path, compressed: Path, options: dict) -> dict:
+    """Evaluate the saved compressed checkpoint, as a user would load it, against the original."""
+    from hcsmoe.evaluate import evaluate, format_table
+    from hcsmoe.loading import load_model, load_tokenizer
+
+    languages = tuple(lang.strip() for lang in options["eval_languages"].split(",") if lang.strip())
+    tokenizer = load_tokenizer(source)
+    original = load_model(source, "float32", options["device"])
+    smaller = load_model(compressed, "float32", options["device"])
+    after = evaluate(smaller, tokenizer, reference=original, languages=languages, max_tokens=options["eval_tokens"])
+    before = after.pop("reference")
+    table = format_table([("original", before), (compressed.name, after)])
+    return {"before": before, "after": after, "table": table}
+
+
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="show the MoE layout of a checkpoint", description="Show MODEL's MoE layout.")
+    p.add_argument("model", nargs="?", help="Hugging Face checkpoint directory (default: bundled reference model)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=run_inspect)
+
+
+def describe(model_path: str | None) -> dict:
+    """Architecture, MoE layers, experts, top-k, shared parts and size, read from config and weights only."""
+    from hcsmoe.adapters import architecture_for, expert_count, top_k
+    from hcsmoe.loading import load_config, model_dir
+
+    source = model_dir(model_path)
+    config = load_config(source)
+    architecture = architecture_for(config)
+    weight_files = sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin"))
+    return {
+        "path": str(source),
+        "architecture": architecture.name,
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "moe_layers": moe_layer_indices(source, config, architecture),
+        "experts_per_layer": expert_count(config, architecture),
+        "top_k": top_k(config, architecture),
+        "expert_count_keys": list(architecture.count_keys),
+        "shared_modules": list(architecture.shared),
+        "hidden_size": config.hidden_size,
+        "dtype": str(getattr(config, "dtype", None) or "unknown").removeprefix("torch."),
+        "size_bytes": sum(f.stat().st_size for f in weight_files),
+    }
+
+
+def moe_layer_indices(source: Path, config, architecture) -> list[int]:
+    """MoE layers found by building the model skeleton on the meta device (no weights are read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hcsmoe.adapters import moe_layers
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return [m.index for m in moe_layers(skeleton, architecture)]
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info = describe(args.model)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for key, value in info.items():
+        if key == "size_bytes":
+            value = f"{value / 2**20:.1f} MiB on disk"
+        elif key == "moe_layers":
+            value = f"{len(value)} of {info['layers']}: {value}"
+        print(f"{key.replace('_', ' '):>20}: {value}")
+    return 0

@@ -1,0 +1,196 @@
+"""The pipeline in one call: calibrate -> plan -> apply -> (save)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from hcsmoe import __version__
+from hcsmoe.adapters import Architecture, architecture_for, moe_layers, top_k
+from hcsmoe.apply import apply_plan
+from hcsmoe.calibrate import Statistics, calibrate
+from hcsmoe.data import load_texts, token_blocks
+from hcsmoe.errors import UserError
+from hcsmoe.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype
+from hcsmoe.plan import Plan, check_k, make_planner, plan_model
+from hcsmoe.save import atomic_directory, check_output_dir, plot_dendrograms, write_expert_counts
+
+
+@dataclass
+class CompressionResult:
+    """The compressed model with everything needed to save, inspect or re-plan it."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    plan: Plan
+    stats: Statistics
+    architecture: Architecture
+    source: Path | None
+    info: dict = field(default_factory=dict)
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write an ordinary checkpoint plus plan, dendrograms and model card; atomically."""
+        target = check_output_dir(out, self.source, overwrite)
+        with atomic_directory(target) as directory:
+            self.model.save_pretrained(directory)
+            write_expert_counts(directory, self.architecture.count_keys, self.info["experts_after"])
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+            self.plan.save(directory / "hcsmoe_plan.json")
+            plot_dendrograms(self.plan, directory / "dendrograms.png")
+            self.write_card(directory)
+        return target
+
+    def write_card(self, directory: Path, evaluation: dict | None = None) -> None:
+        """(Re)write the model card, replacing it in one rename."""
+        partial = directory / ".README.md.partial"
+        partial.write_text(model_card(self, (directory / "dendrograms.png").exists(), evaluation))
+        partial.replace(directory / "README.md")
+
+
+def experts_to_keep(num_experts: int, k: int | None, ratio: float | None) -> int:
+    """K from --experts, or from --ratio (the fraction of experts to remove); half by default."""
+    if k is not None and ratio is not None:
+        raise UserError("give either --experts or --ratio, not both")
+    if k is not None:
+        return int(k)
+    ratio = 0.5 if ratio is None else float(ratio)
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"--ratio is the fraction of experts to remove and must lie in (0, 1), got {ratio}")
+    return num_experts - round(ratio * num_experts)
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint was saved in (float32 when the config does not say)."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return parse_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def calibration_blocks(tokenizer, source: str, num_blocks: int, block_size: int, context: int) -> torch.Tensor:
+    if num_blocks <= 0 or block_size <= 1:
+        raise UserError("calibration needs at least one block of at least two tokens")
+    return token_blocks(tokenizer, load_texts(source), min(block_size, context), num_blocks, source)
+
+
+def compress(
+    model_or_path: PreTrainedModel | str | Path | None = None,
+    *,
+    num_experts: int | None = None,
+    ratio: float | None = None,
+    method: str = "hc-smoe",
+    linkage: str = "average",
+    metric: str = "euclidean",
+    merge: str = "frequency",
+    representation: str = "expert-output",
+    router: str = "lsq",
+    max_subsets: int = 10000,
+    output_samples: int | None = None,
+    calibration: str = "wiki:en",
+    num_blocks: int = 32,
+    block_size: int = 2048,
+    batch_size: int = 4,
+    tokenizer=None,
+    stats: Statistics | None = None,
+    plan: Plan | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> CompressionResult:
+    """Compress an MoE model to K experts per layer with HC-SMoE (or another planner).
+
+    `model_or_path` is a checkpoint directory (None: the bundled reference model) or a loaded model,
+    which is copied, never modified. Computation runs in float32; the result is cast to `dtype`
+    (default: the checkpoint's own dtype). Pass `stats` to skip calibration, `plan` to skip planning.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    if isinstance(model_or_path, PreTrainedModel):
+        source = None
+        original_dtype = next(model_or_path.parameters()).dtype
+        model = copy.deepcopy(model_or_path).float().eval()
+        if tokenizer is None and stats is None:
+            raise UserError("pass tokenizer= with a model object (needed to tokenize calibration text)")
+    else:
+        source = model_dir(model_or_path)
+        original_dtype = checkpoint_dtype(load_config(source))
+        model = load_model(source, "float32", device)
+        tokenizer = tokenizer or load_tokenizer(source)
+    output_dtype = parse_dtype(dtype) if dtype else original_dtype
+    architecture = architecture_for(model.config)
+    layers = moe_layers(model, architecture)
+    e, k_route = layers[0].num_experts, top_k(model.config, architecture)
+    k = experts_to_keep(e, num_experts, ratio)
+    check_k(k, e, k_route)
+    norm_topk_prob = bool(getattr(layers[0].router, "norm_topk_prob", True))
+    planner = make_planner(method, linkage=linkage, metric=metric, merge=merge, representation=representation,
+                           seed=seed, max_subsets=max_subsets, top_k=k_route, norm_topk_prob=norm_topk_prob)
+    timings["load"] = time.perf_counter() - start
+
+    if stats is None and plan is None:
+        mark = time.perf_counter()
+        context = int(getattr(model.config, "max_position_embeddings", block_size))
+        blocks = calibration_blocks(tokenizer, calibration, num_blocks, block_size, context)
+        if output_samples is None:
+            output_samples = 512 if getattr(planner, "needs_output_samples", False) else 0
+        layer_stats = calibrate(model, architecture, layers, blocks, batch_size=batch_size,
+                                output_samples=output_samples, progress=progress)
+        stats = Statistics(layer_stats, k_route, {"calibration": calibration, "blocks": list(blocks.shape),
+                                                  "tokens": int(blocks.numel()), "norm_topk_prob": norm_topk_prob})
+        timings["calibrate"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    if plan is None:
+        plan = plan_model(stats.layers, k, k_route, planner, router)
+    timings["plan"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    apply_plan(model, architecture, layers, plan, stats.layers if stats else None, progress=progress)
+    model.to(output_dtype)
+    timings["apply"] = time.perf_counter() - mark
+
+    info = {
+        "source": str(source) if source else None,
+        "architecture": architecture.name,
+        "experts_before": e,
+        "experts_after": len(plan.layers[0].groups),
+        "top_k": k_route,
+        "dtype": str(output_dtype).removeprefix("torch."),
+        "seed": seed,
+        "seconds": {name: round(value, 3) for name, value in timings.items()},
+        "hcsmoe_version": __version__,
+    }
+    return CompressionResult(model, tokenizer, plan, stats, architecture, source, info)
+
+
+def model_card(result: CompressionResult, has_dendrograms: bool, evaluation: dict | None) -> str:
+    """A README saying what this checkpoint is and exactly how it was made."""
+    info, plan = result.info, result.plan
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [mixture-of-experts, hcsmoe, expert-merging]",
+        "---",
+        f"# {info['architecture']} compressed from {info['experts_before']} to {info['experts_after']} experts per layer",
+        "",
+        f"Made by hcsmoe {info['hcsmoe_version']} from `{info['source'] or 'an in-memory model'}`.",
+        f"Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(this_directory)`.",
+        "",
+        "## How",
+        f"- method: `{plan.method}` with options `{json.dumps(plan.options)}`; router rows: `{plan.router}`",
+        f"- calibration: `{json.dumps(result.stats.info) if result.stats else 'plan applied without statistics'}`",
+        f"- top-k routing unchanged ({info['top_k']}); weights saved as {info['dtype']}; seed {info['seed']}",
+        "- `hcsmoe_plan.json`: per layer, which original experts form each merged expert, with their routing"
+        " frequencies and merge weights (re-apply or edit it with `hcsmoe compress --plan`).",
+    ]
+    if has_dendrograms:
+        lines.append("- `dendrograms.png`: the clustering tree of every layer.")
+    if evaluation:
+        lines += ["", "## Evaluation", "", "```", evaluation.get("table", ""), "```"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,93 @@
+"""Step 4: write the smaller model as an ordinary checkpoint, atomically.
+
+Everything is written to a hidden temporary directory beside the target and renamed into place
+only when complete, so an interrupted run never leaves a half-written model under the name asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from hcsmoe.errors import UserError
+
+
+def check_output_dir(out: str | Path, source: Path | None, overwrite: bool) -> Path:
+    """Refuse an output that would clobber data or land inside the input model, before any work."""
+    out = Path(out).resolve()
+    if source is not None:
+        source = source.resolve()
+        if out == source or source in out.parents:
+            raise UserError(f"output {out} is inside the input model {source}; choose a directory outside it")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"output {out} exists and is a file; choose another --out")
+        if any(out.iterdir()) and not overwrite:
+            raise UserError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
+    return out
+
+
+@contextmanager
+def atomic_directory(out: Path):
+    """Yield a temporary directory that becomes `out` only if the block finishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.parent / f".{out.name}.hcsmoe-partial-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if out.exists():
+        retired = out.parent / f".{out.name}.hcsmoe-old-{os.getpid()}"
+        out.rename(retired)
+        temporary.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        temporary.rename(out)
+
+
+def write_expert_counts(directory: Path, keys: tuple[str, ...], count: int) -> None:
+    """Write every expert-count key the family's config classes read (old and new transformers)."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    for key in keys:
+        config[key] = count
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def plot_dendrograms(plan, path: Path) -> bool:
+    """One figure with the merge tree of every layer; False when the method builds no tree."""
+    trees = [(lp.layer, lp.details.get("linkage_matrix"), len(lp.groups)) for lp in plan.layers]
+    trees = [t for t in trees if t[1]]
+    if not trees:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy.cluster.hierarchy import dendrogram
+
+    columns = min(4, len(trees))
+    rows = (len(trees) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
+    for ax, (layer, tree, k) in zip(axes.flat, trees):
+        tree = np.asarray(tree)
+        n = tree.shape[0] + 1
+        cut = tree[n - k - 1, 2] if k < n else 0.0  # height of the last merge that was made
+        dendrogram(tree, ax=ax, color_threshold=cut + 1e-12, leaf_font_size=6)
+        ax.set_title(f"layer {layer}: {n} -> {k} experts", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(trees):]:
+        ax.axis("off")
+    figure.suptitle(f"{plan.method} ({plan.options.get('linkage', '')} linkage): merges below each colour cut", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

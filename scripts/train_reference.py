@@ -1,0 +1,165 @@
+"""Train the bundled reference MoE: a small Qwen3-MoE on English, French and Spanish Wikipedia.
+
+Seeded and deterministic on the CPU. Writes a normal Hugging Face checkpoint (bf16 safetensors),
+its byte-level BPE tokenizer and a model card with validation perplexity and expert usage.
+
+    python scripts/train_reference.py --out hcsmoe/reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from hcsmoe.data import LANGUAGES, token_stream, wiki_texts
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the training text, wrapped so AutoTokenizer loads it offline."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+def model_config(args, vocab_size: int, eos_id: int) -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        moe_intermediate_size=args.expert_dim,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 2,
+        head_dim=args.hidden // args.heads,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        max_position_embeddings=args.context,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        router_aux_loss_coef=args.aux_coef,
+        output_router_logits=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        initializer_range=0.02,
+    )
+
+
+def batches(stream: torch.Tensor, context: int, batch_size: int, steps: int, seed: int):
+    """Random windows of the token stream, reproducible from the seed."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, stream.numel() - context - 1, (batch_size,), generator=generator)
+        yield torch.stack([stream[s : s + context] for s in starts.tolist()])
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(model, stream, args) -> list[dict]:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    log = []
+    start = time.time()
+    model.train()
+    for step, batch in enumerate(batches(stream, args.context, args.batch, args.steps, args.seed)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        out = model(input_ids=batch, labels=batch, output_router_logits=True)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 25 == 0 or step == args.steps - 1:
+            entry = {"step": step, "loss": round(out.loss.item(), 4), "aux": round(out.aux_loss.item(), 4),
+                     "seconds": round(time.time() - start, 1)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    model.eval()
+    return log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="hcsmoe/reference")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--expert-dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--aux-coef", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    began = time.time()
+
+    texts = {lang: wiki_texts(lang, "train") for lang in LANGUAGES}
+    all_texts = [t for lang in LANGUAGES for t in texts[lang]]
+    tokenizer = train_tokenizer(all_texts, args.vocab)
+    shuffled = list(all_texts)
+    random.Random(args.seed).shuffle(shuffled)
+    stream = token_stream(tokenizer, shuffled)
+    print(f"tokenizer trained; {stream.numel()} training tokens ({time.time() - began:.0f} s)", flush=True)
+
+    config = model_config(args, len(tokenizer), tokenizer.eos_token_id)
+    model = Qwen3MoeForCausalLM(config)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
+    log = train(model, stream, args)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.model_max_length = args.context
+    tokenizer.save_pretrained(out)
+    recipe = {k: v for k, v in vars(args).items() if k != "out"}
+    recipe["training_tokens_seen"] = args.steps * args.batch * args.context
+    recipe["corpus_tokens"] = int(stream.numel())
+    recipe["train_seconds"] = round(time.time() - began, 1)
+    (out / "training_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1) + "\n")
+    print(f"saved to {out} after {time.time() - began:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The command line: every bad input is one line on stderr, a non-zero exit and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from hcsmoe.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse usage errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str) -> None:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+
+
+@pytest.fixture
+def dense_model(tmp_path) -> Path:
+    directory = tmp_path / "llama"
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(directory)
+    return directory
+
+
+def bad_inputs(tiny: Path, tmp_path: Path, dense: Path) -> dict[str, list[str]]:
+    short = tmp_path / "short.txt"
+    inside = tiny / "compressed"
+    return {
+        "K equal to E": [str(tiny), "-k", "8"],
+        "K above E": [str(tiny), "-k", "9"],
+        "K below top-k": [str(tiny), "-k", "1"],
+        "K zero": [str(tiny), "-k", "0"],
+        "K negative": [str(tiny), "-k", "-2"],
+        "ratio one": [str(tiny), "--ratio", "1"],
+        "ratio zero": [str(tiny), "--ratio", "0"],
+        "ratio not a number": [str(tiny), "--ratio", "half"],
+        "unknown method": [str(tiny), "-k", "4", "--method", "magic"],
+        "unknown linkage": [str(tiny), "-k", "4", "--linkage", "median"],
+        "ward with cosine": [str(tiny), "-k", "4", "--linkage", "ward", "--metric", "cosine"],
+        "unknown router": [str(tiny), "-k", "4", "--router", "best"],
+        "calibration shorter than a block": [str(tiny), "-k", "4", "--calibration", str(short)],
+        "calibration file missing": [str(tiny), "-k", "4", "--calibration", str(tmp_path / "none.txt")],
+        "model missing": [str(tmp_path / "no-such-model"), "-k", "4"],
+        "not a MoE model": [str(dense), "-k", "4"],
+        "output inside input": [str(tiny), "-k", "4", "--out", str(inside)],
+    }
+
+
+CASES = list(bad_inputs(Path("t"), Path("t"), Path("t")))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_compress_input(capsys, tiny_models, tmp_path, dense_model, case):
+    tiny = tiny_models["qwen3_moe"]
+    (tmp_path / "short.txt").write_text("Only a few words.")
+    before = sorted(p.name for p in tiny.iterdir())
+    argv = bad_inputs(tiny, tmp_path, dense_model)[case]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code, _, err = run_cli(capsys, "compress", *argv, "--no-eval", "-q", "--blocks", "2", "--block-size", "32")
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tiny.iterdir()) == before
+    assert not any(p.name.startswith(".") for p in list(tmp_path.iterdir()) + list(tiny.iterdir()))
+
+
+def test_nonempty_output_needs_overwrite(capsys, tiny_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    args = ["compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--out", str(out), "--no-eval", "-q",
+            "--blocks", "2", "--block-size", "32"]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    code, _, _ = run_cli(capsys, *args, "--overwrite")
+    assert code == 0 and (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_recipe_yaml_and_flags(capsys, tiny_models, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_models['olmoe']}\nexperts: 3\nlinkage: complete\nblocks: 2\nblock-size: 32\neval: false\n")
+    code, _, err = run_cli(capsys, "compress", "--config", str(recipe), "--out", str(tmp_path / "o"), "-q", "--linkage", "single")
+    assert code == 0, err
+    plan = json.loads((tmp_path / "o" / "hcsmoe_plan.json").read_text())
+    assert plan["options"]["linkage"] == "single" and len(plan["layers"][0]["groups"]) == 3
+    recipe.write_text("experts: 3\ncolour: blue\n")
+    code, _, err = run_cli(capsys, "compress", "--config", str(recipe), "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err)
+
+
+def test_inspect_shows_layout(capsys, tiny_models):
+    code, out, _ = run_cli(capsys, "inspect", str(tiny_models["qwen2_moe"]), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["experts_per_layer"] == 8 and info["top_k"] == 2 and info["moe_layers"] == [0, 1]
+    assert info["shared_modules"] == ["shared_expert", "shared_expert_gate"]
+
+
+def test_unsupported_architecture_names_the_supported_list(capsys, dense_model):
+    code, _, err = run_cli(capsys, "inspect", str(dense_model))
+    assert_one_line_error(code, err)
+    assert "llama" in err and "Mixtral" in err and "Qwen3-MoE" in err
+
+
+def test_real_process_prints_no_traceback(tiny_models, tmp_path):
+    process = subprocess.run(
+        [sys.executable, "-m", "hcsmoe.cli", "compress", str(tiny_models["mixtral"]), "-k", "99", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert process.returncode == 2
+    assert_one_line_error(process.returncode, process.stderr)

@@ -1,0 +1,145 @@
+"""The HC-SMoE pipeline on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.cluster.hierarchy import fcluster, linkage
+from transformers import AutoModelForCausalLM
+
+from hcsmoe.adapters import architecture_for, moe_layers
+from hcsmoe.apply import merge_rows
+from hcsmoe.calibrate import LayerStats
+from hcsmoe.pipeline import compress
+from hcsmoe.plan import HCSMoE, Group, Plan, groups_from_linkage
+from tests.conftest import ARCHITECTURES
+
+INPUT = torch.arange(40).remainder(997).mul(37).remainder(8000).view(2, 20)
+FAST = dict(num_blocks=4, block_size=64, progress=False)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT).logits
+
+
+def expert_params(model) -> int:
+    arch = architecture_for(model.config)
+    return sum(p.numel() for m in moe_layers(model, arch) for p in list(m.experts.parameters()) + list(m.router.parameters()))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_keeping_every_expert_is_bit_identical(tiny_models, arch):
+    original = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+    result = compress(tiny_models[arch], num_experts=8, **FAST)
+    assert all(len(lp.groups) == 8 for lp in result.plan.layers)
+    assert torch.equal(logits(result.model), logits(original))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_saved_model_reloads_identically_and_is_smaller(tiny_models, arch, tmp_path):
+    source = tiny_models[arch]
+    original = AutoModelForCausalLM.from_pretrained(source)
+    result = compress(source, num_experts=5, **FAST)
+    out = result.save(tmp_path / "out")
+    expected = logits(result.model)
+
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)\n"
+        "assert not info['missing_keys'] and not info['unexpected_keys'], info\n"
+        "with torch.no_grad(): torch.save(m(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+    )
+    torch.save(INPUT, tmp_path / "input.pt")
+    subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "input.pt"), str(tmp_path / "logits.pt")],
+                   check=True, capture_output=True)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    per_expert = expert_params(original) // (8 * len(result.plan.layers))
+    removed = 3 * len(result.plan.layers)
+    assert sum(p.numel() for p in original.parameters()) - sum(p.numel() for p in reloaded.parameters()) == removed * per_expert
+    config = json.loads((out / "config.json").read_text())
+    assert all(config[key] == 5 for key in result.architecture.count_keys)
+    keys = load_file(str(out / "model.safetensors")).keys()
+    assert any(".experts.4." in k for k in keys) and not any(".experts.5." in k for k in keys)
+    assert (out / "hcsmoe_plan.json").is_file() and (out / "dendrograms.png").is_file() and (out / "README.md").is_file()
+
+
+def test_shared_expert_is_untouched(tiny_models):
+    original = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2_moe"])
+    result = compress(tiny_models["qwen2_moe"], num_experts=4, **FAST)
+    before = {k: v for k, v in original.state_dict().items() if "shared_expert" in k}
+    after = result.model.state_dict()
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def stats_from_outputs(outputs: np.ndarray, counts=None) -> LayerStats:
+    e = outputs.shape[0]
+    counts = torch.ones(e) if counts is None else torch.tensor(counts, dtype=torch.float32)
+    return LayerStats(0, torch.tensor(outputs, dtype=torch.float32), counts, torch.full((e,), 1 / e), torch.zeros(0))
+
+
+@pytest.mark.parametrize("method", ["average", "single", "complete", "ward"])
+def test_clustering_matches_scipy_and_returns_exactly_k(method):
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(c, 0.1, size=(4, 3)) for c in (0.0, 5.0, 10.0)])
+    tree = linkage(points, method=method)
+    plan = HCSMoE(linkage=method).plan_layer(stats_from_outputs(points), 3)
+    assert np.allclose(plan.details["linkage_matrix"], tree)
+    labels = fcluster(tree, 3, criterion="maxclust")
+    assert sorted(sorted(np.flatnonzero(labels == c).tolist()) for c in set(labels)) == [g.members for g in plan.groups]
+    for k in range(1, 13):
+        assert len(HCSMoE(linkage=method).plan_layer(stats_from_outputs(points), k).groups) == k
+
+
+def test_exactly_k_even_when_distances_tie():
+    points = np.zeros((6, 2))  # every distance is zero: fcluster's criterion would return one cluster
+    tree = linkage(points, method="average")
+    assert len(set(fcluster(tree, 4, criterion="maxclust"))) != 4
+    assert len(groups_from_linkage(tree, 6, 4)) == 4
+
+
+def test_frequency_weights_sum_to_one_and_follow_frequency():
+    points = np.array([[0.0], [0.1], [5.0], [5.2]])
+    plan = HCSMoE().plan_layer(stats_from_outputs(points, counts=[3, 1, 0, 0]), 2)
+    first, second = plan.groups
+    assert first.members == [0, 1] and first.weights == pytest.approx([0.75, 0.25])
+    assert second.weights == pytest.approx([0.5, 0.5])  # never routed: plain average
+    assert all(sum(g.weights) == pytest.approx(1.0) for g in plan.groups)
+
+
+def test_merging_identical_experts_gives_that_expert():
+    expert = torch.randn(1, 6, 4)
+    tensor = torch.cat([expert, expert, expert, torch.randn(1, 6, 4)])
+    merged = merge_rows(tensor, [Group([0, 1, 2], [0.2, 0.3, 0.5], [0.2, 0.3, 0.5]), Group([3], [1.0], [1.0])])
+    assert torch.allclose(merged[0], expert[0], atol=1e-7) and torch.equal(merged[1], tensor[3])
+
+
+def test_same_seed_same_groups_and_bit_identical_weights(tiny_models):
+    a = compress(tiny_models["qwen3_moe"], num_experts=4, seed=3, **FAST)
+    b = compress(tiny_models["qwen3_moe"], num_experts=4, seed=3, **FAST)
+    assert a.plan.to_dict() == b.plan.to_dict()
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_plan_round_trips_through_json(tiny_models, tmp_path):
+    result = compress(tiny_models["mixtral"], num_experts=4, **FAST)
+    result.plan.save(tmp_path / "plan.json")
+    reapplied = compress(tiny_models["mixtral"], plan=Plan.load(tmp_path / "plan.json"), stats=result.stats, progress=False)
+    assert torch.equal(logits(reapplied.model), logits(result.model))
+
+
+@pytest.mark.parametrize("router", ["lsq", "average", "dominant"])
+def test_router_has_one_row_per_group(tiny_models, router):
+    result = compress(tiny_models["olmoe"], num_experts=3, router=router, **FAST)
+    for moe in moe_layers(result.model, result.architecture):
+        assert moe.router.weight.shape[0] == 3 and moe.experts.gate_up_proj.shape[0] == 3

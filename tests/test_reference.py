@@ -1,0 +1,97 @@
+"""The bundled reference model: loads with plain transformers, matches its card, has no dead experts,
+and HC-SMoE at half the experts beats dropping experts at random."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hcsmoe.data import LANGUAGES, token_stream, wiki_texts
+from hcsmoe.evaluate import evaluate
+from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
+from hcsmoe.pipeline import compress
+from hcsmoe.usage import routing_counts, share_of_uniform
+
+CARD = json.loads((REFERENCE_MODEL / "card.json").read_text())
+
+# An independent perplexity: plain transformers in a fresh process, a hand-written loop over
+# non-overlapping windows, nothing from hcsmoe but the text files.
+FRESH_PROCESS_PPL = """
+import gzip, json, math, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, corpus = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+window = model.config.max_position_embeddings
+ids = []
+for line in gzip.open(corpus, "rt", encoding="utf-8"):
+    ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+nll, count = 0.0, 0
+with torch.no_grad():
+    for start in range(0, len(ids), window):
+        chunk = torch.tensor([ids[start:start + window]])
+        if chunk.shape[1] < 2:
+            continue
+        logp = torch.log_softmax(model(input_ids=chunk).logits[0, :-1].double(), dim=-1)
+        nll -= logp.gather(1, chunk[0, 1:, None]).sum().item()
+        count += chunk.shape[1] - 1
+print(json.dumps({"ppl": math.exp(nll / count), "tokens": count}))
+"""
+
+
+def test_architecture_is_fine_grained_qwen3_moe():
+    model = load_model(REFERENCE_MODEL)
+    c = model.config
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert c.num_experts >= 16 and c.num_experts_per_tok >= 2 and 4 <= c.num_hidden_layers <= 8
+    size = sum(f.stat().st_size for f in REFERENCE_MODEL.glob("*.safetensors"))
+    assert size <= 25 * 10**6
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_fresh_process_reproduces_card_perplexity(lang):
+    from hcsmoe.data import wiki_path
+
+    process = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_PPL, str(REFERENCE_MODEL), str(wiki_path(lang, "validation"))],
+        capture_output=True, text=True, check=True,
+    )
+    measured = json.loads(process.stdout.strip().splitlines()[-1])
+    card = CARD["validation"][lang]
+    assert measured["tokens"] == card["tokens"]
+    assert measured["ppl"] == pytest.approx(card["ppl"], rel=0.01)
+
+
+def test_no_dead_experts_on_validation_text_of_all_languages():
+    model, tokenizer = load_model(REFERENCE_MODEL), load_tokenizer(REFERENCE_MODEL)
+    context = model.config.max_position_embeddings
+    totals: dict[int, torch.Tensor] = {}
+    for lang in LANGUAGES:
+        stream = token_stream(tokenizer, wiki_texts(lang, "validation"))
+        blocks = stream[: stream.numel() // context * context].view(-1, context)
+        for layer, counts in routing_counts(model, blocks).items():
+            totals[layer] = totals.get(layer, 0) + counts
+    assert len(totals) == model.config.num_hidden_layers
+    for layer, counts in totals.items():
+        assert share_of_uniform(counts).min() >= 0.2, (layer, counts.tolist())
+
+
+def test_hc_smoe_at_half_the_experts_beats_random_pruning():
+    tokenizer = load_tokenizer(REFERENCE_MODEL)
+    half = load_model(REFERENCE_MODEL).config.num_experts // 2
+
+    def english_ppl(result) -> float:
+        return evaluate(result.model.float(), tokenizer, languages=("en",))["languages"]["en"]["ppl"]
+
+    hc = compress(REFERENCE_MODEL, num_experts=half, progress=False)
+    hc_ppl = english_ppl(hc)
+    random_ppls = [english_ppl(compress(REFERENCE_MODEL, num_experts=half, method="random", seed=seed,
+                                        stats=hc.stats, progress=False)) for seed in range(3)]
+    print(f"\nEnglish validation perplexity at {half} experts: hc-smoe {hc_ppl:.2f}, "
+          f"random {[round(p, 2) for p in random_ppls]} (original {CARD['validation']['en']['ppl']:.2f})")
+    assert hc_ppl < sum(random_ppls) / len(random_ppls)
+    assert hc_ppl > CARD["validation"]["en"]["ppl"]  # compression costs something: the test can fail both ways
