@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -133,11 +132,12 @@ def run_compress(args: argparse.Namespace) -> int:
 
     result = compress(
         source, num_experts=k, method=o["method"], linkage=o["linkage"], metric=o["metric"], merge=o["merge"],
-        representation=o["representation"], max_subsets=o["max_subsets"], router=o["router"], calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
+        representation=o["representation"], max_subsets=o["max_subsets"], router=o["router"],
+        calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
         batch_size=o["batch_size"], stats=stats, plan=plan, dtype=o["dtype"], device=o["device"], seed=o["seed"],
         progress=not args.quiet,
     )
-    if o["save_stats"]:
+    if o["save_stats"] and result.stats is not None:
         result.stats.save(o["save_stats"])
     saved = result.save(out, overwrite=bool(o["overwrite"]))
     if o["eval"]:
@@ -146,7 +146,7 @@ def run_compress(args: argparse.Namespace) -> int:
         print(evaluation["table"])
     summary = {"out": str(saved), "experts": f"{result.info['experts_before']} -> {result.info['experts_after']}",
                "seconds": result.info["seconds"]}
-    print(json.dumps(summary), file=sys.stderr if args.quiet else sys.stdout)
+    print(json.dumps(summary))
     return 0
 
 

@@ -28,6 +28,14 @@ def wiki_texts(lang: str, split: str) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
+def interleave(collections: list[list[str]]) -> list[str]:
+    """Round-robin over several languages, so that any prefix of the result mixes them evenly."""
+    mixed = []
+    for index in range(max(len(c) for c in collections)):
+        mixed.extend(c[index] for c in collections if index < len(c))
+    return mixed
+
+
 def _jsonl_texts(lines: list[str], where: str) -> list[str]:
     texts = []
     for number, line in enumerate(lines, 1):
@@ -61,7 +69,7 @@ def _hub_dataset_texts(name: str, split: str = "train") -> list[str]:
 def load_texts(source: str) -> list[str]:
     """Texts from a source: 'wiki:LANG[,LANG...]' (bundled train text), a .txt, a .jsonl(.gz), or a dataset name."""
     if source.startswith("wiki:"):
-        return [t for lang in source[5:].split(",") for t in wiki_texts(lang.strip(), "train")]
+        return interleave([wiki_texts(lang.strip(), "train") for lang in source[5:].split(",")])
     path = Path(source)
     if path.is_dir():
         raise UserError(f"calibration source {source} is a directory; give a .txt or .jsonl file")

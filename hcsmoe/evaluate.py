@@ -54,14 +54,6 @@ def check_same_vocab(model, reference) -> None:
         )
 
 
-def windows(token_ids: torch.Tensor, window: int) -> list[torch.Tensor]:
-    """Non-overlapping windows of the stream; a last partial window is kept when it predicts at least one token."""
-    pieces = list(token_ids.split(window))
-    if pieces and pieces[-1].numel() < 2:
-        pieces.pop()
-    return pieces
-
-
 def _batches(token_ids: torch.Tensor, window: int, batch_size: int) -> Iterator[torch.Tensor]:
     """The windows stacked batch_size at a time ([B, window]); the shorter last window comes alone."""
     full = token_ids.numel() // window
@@ -90,7 +82,7 @@ def _score(model, token_ids: torch.Tensor, window: int, batch_size: int, referen
         check_window(reference, window)
         check_same_vocab(model, reference)
     if token_ids.numel() < 2 or batch_size < 1:
-        raise UserError(f"nothing to score: {token_ids.numel()} tokens, batch size {batch_size}")
+        raise UserError(f"cannot score {token_ids.numel()} tokens in batches of {batch_size} windows; need 2 and 1")
     totals = {"tokens": 0, "nll": 0.0, "reference_nll": 0.0, "kl": 0.0, "agree": 0}
     with torch.inference_mode():
         for batch in _batches(token_ids, window, batch_size):
@@ -119,7 +111,11 @@ def compare(model, reference, token_ids: torch.Tensor, window: int, batch_size: 
     perplexity: mean KL(reference || model) in nats per predicted token, and the fraction of positions
     where both models' most likely next token is the same (top-1 agreement)."""
     totals = _score(model, token_ids, window, batch_size, reference)
-    return {"tokens": totals["tokens"], "kl": totals["kl"] / totals["tokens"], "top1": totals["agree"] / totals["tokens"]}
+    return {"tokens": totals["tokens"]} | _drift(totals)
+
+
+def _drift(totals: dict) -> dict:
+    return {"kl": totals["kl"] / totals["tokens"], "top1": totals["agree"] / totals["tokens"]}
 
 
 def predicted_bytes(tokenizer, token_ids: torch.Tensor, window: int) -> int:
@@ -129,7 +125,7 @@ def predicted_bytes(tokenizer, token_ids: torch.Tensor, window: int) -> int:
     where a window starts inside a multi-byte character, which then decodes as U+FFFD (3 bytes)."""
     return sum(
         len(tokenizer.decode(piece[1:].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False).encode())
-        for piece in windows(token_ids, window)
+        for piece in token_ids.split(window)
     )
 
 
@@ -158,15 +154,21 @@ def _task_manager(with_builtin: bool):
     return TaskManager(include_path=str(TASK_DIR), include_defaults=with_builtin)
 
 
+def check_tasks(tasks: Sequence[str]):
+    """The lm-eval TaskManager that knows every requested task; an unknown name is a UserError."""
+    manager = _task_manager(with_builtin=any(t not in _task_manager(False).all_tasks for t in tasks))
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown task {unknown[0]!r}; bundled tasks: {', '.join(BUNDLED_TASKS)}, or any lm-eval task")
+    return manager
+
+
 def run_tasks(model, tokenizer, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8) -> dict:
     """Zero-shot accuracy on lm-eval tasks: the bundled hcsmoe_* tasks read local files; any other name is
     an lm-eval task whose data lm-eval downloads. Returns {task: {"n", "acc", "acc_stderr"[, "acc_norm",
     "acc_norm_stderr"]}} for every task (and group) that reports accuracy."""
     lm_eval, HFLM, _ = _lm_eval()
-    manager = _task_manager(with_builtin=any(t not in _task_manager(False).all_tasks for t in tasks))
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise UserError(f"unknown task {unknown[0]!r}; bundled tasks: {', '.join(BUNDLED_TASKS)}, or any lm-eval task")
+    manager = check_tasks(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=context_length(model))
     try:
         output = lm_eval.simple_evaluate(
@@ -211,8 +213,6 @@ def evaluate(
     start = time.perf_counter()
     window = window or context_length(model)
     check_window(model, window)
-    if reference is not None:
-        check_same_vocab(model, reference)
     sources = dict(texts) if texts is not None else {lang: wiki_texts(lang, split) for lang in languages}
     result: dict = {"languages": {}, "tasks": {}}
     original: dict = {"languages": {}, "tasks": {}}
@@ -224,7 +224,7 @@ def evaluate(
         totals = _score(model, token_ids, window, batch_size, reference)
         result["languages"][name] = _text_metrics(totals["nll"], totals["tokens"], n_bytes)
         if reference is not None:
-            result["languages"][name] |= {"kl": totals["kl"] / totals["tokens"], "top1": totals["agree"] / totals["tokens"]}
+            result["languages"][name] |= _drift(totals)
             original["languages"][name] = _text_metrics(totals["reference_nll"], totals["tokens"], n_bytes)
     if tasks:
         result["tasks"] = run_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
@@ -261,17 +261,15 @@ def _widths(columns: list[tuple[str, str, str, str]], cells: list[list[str]]) ->
     return widths
 
 
+def _cell(result: dict, kind: str, section: str, metric: str) -> str:
+    value = result.get(kind, {}).get(section, {}).get(metric)
+    return "-" if value is None else (TEXT_COLUMNS | TASK_COLUMNS)[metric][1].format(value)
+
+
 def format_table(rows: list[tuple[str, dict]]) -> str:
     """Fixed-width table, one row per model (e.g. original and compressed), grouped by language and task."""
     columns = _columns(rows)
-    formats = TEXT_COLUMNS | TASK_COLUMNS
-    cells = [
-        [
-            formats[metric][1].format(value) if (value := result.get(kind, {}).get(section, {}).get(metric)) is not None else "-"
-            for section, kind, metric, _ in columns
-        ]
-        for _, result in rows
-    ]
+    cells = [[_cell(result, kind, section, metric) for section, kind, metric, _ in columns] for _, result in rows]
     widths = _widths(columns, cells)
     name_width = max(len("model"), *(len(name) for name, _ in rows))
     group_line, label_line = " " * name_width, "model".ljust(name_width)
@@ -297,15 +295,20 @@ def add_eval_parser(sub) -> None:
         "optionally against the original model (--reference) and on multiple-choice tasks (--tasks).",
     )
     p.add_argument("model", nargs="?", help="Hugging Face checkpoint directory (default: bundled reference model)")
-    p.add_argument("--reference", help="original checkpoint: adds KL(reference || model) and top-1 agreement")
-    p.add_argument("--languages", help=f"bundled validation languages [{','.join(LANGUAGES)}; none with --text]")
-    p.add_argument("--text", action="append", help="evaluate this .txt (paragraphs) or .jsonl ('text' field) file; repeatable")
-    p.add_argument("--window", type=_positive, help="tokens per scored window [the model's context]")
-    p.add_argument("--max-tokens", type=_positive, help="evaluate at most this many tokens per text [all]")
-    p.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass [8]")
-    p.add_argument("--tasks", help=f"comma-separated lm-eval tasks, e.g. {','.join(BUNDLED_TASKS)} (needs hcsmoe[eval])")
-    p.add_argument("--limit", type=_positive, help="questions per task, for a quick run [all]")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--reference", metavar="ORIGINAL",
+                   help="original checkpoint: adds KL(reference || model) and top-1 agreement")
+    p.add_argument("--languages", metavar="LANGS",
+                   help=f"bundled validation languages [{','.join(LANGUAGES)}; none with --text]")
+    p.add_argument("--text", action="append", metavar="FILE",
+                   help="evaluate this .txt (paragraphs) or .jsonl ('text' field) file instead; repeatable")
+    p.add_argument("--window", type=_positive, metavar="N", help="tokens per scored window [the model's context]")
+    p.add_argument("--max-tokens", type=_positive, metavar="N", help="evaluate at most this many tokens per text [all]")
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="N",
+                   help="windows (or task requests) per forward pass [8]")
+    p.add_argument("--tasks", metavar="TASKS",
+                   help=f"comma-separated lm-eval tasks, e.g. {','.join(BUNDLED_TASKS)} (needs hcsmoe[eval])")
+    p.add_argument("--limit", type=_positive, metavar="N", help="questions per task, for a quick run [all]")
+    p.add_argument("--json", metavar="OUT.json", help="also write the results to this JSON file")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.set_defaults(run=run_eval)
@@ -322,7 +325,7 @@ def _split_list(value: str | None) -> list[str]:
 
 
 def _texts_to_evaluate(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Documents per name: the chosen bundled languages, then each --text file under its file name."""
+    """Documents per name: the chosen bundled languages, then each --text file under its path as given."""
     if args.languages is not None:
         languages = _split_list(args.languages)
     else:
@@ -331,13 +334,17 @@ def _texts_to_evaluate(args: argparse.Namespace) -> dict[str, list[str]]:
     for file in args.text or []:
         if not Path(file).is_file():
             raise UserError(f"text file {file} not found; give a .txt or .jsonl file")
-        texts[Path(file).name] = load_texts(file)
+        texts[file] = load_texts(file)
     return texts
 
 
 def _check_output(path: str | None) -> None:
     """Fail before the slow part rather than after it."""
-    if path is not None and not Path(path).resolve().parent.is_dir():
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise UserError(f"--json {path} is a directory; give a file name")
+    if not Path(path).resolve().parent.is_dir():
         raise UserError(f"cannot write {path}: directory {Path(path).resolve().parent} does not exist")
 
 
@@ -351,9 +358,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if not texts and not tasks:
         raise UserError("nothing to evaluate: give --languages, --text or --tasks")
     if tasks:
-        _lm_eval()
-    tokenizer = load_tokenizer(args.model)
+        check_tasks(tasks)
     model = load_model(args.model, args.dtype, args.device)
+    tokenizer = load_tokenizer(args.model)
     reference = load_model(args.reference, args.dtype, args.device) if args.reference else None
     result = evaluate(
         model, tokenizer, reference=reference, texts=texts, window=args.window, max_tokens=args.max_tokens,

@@ -134,7 +134,7 @@ def compress(
                            seed=seed, max_subsets=max_subsets, top_k=k_route, norm_topk_prob=norm_topk_prob)
     timings["load"] = time.perf_counter() - start
 
-    if stats is None and plan is None:
+    if stats is None and (plan is None or plan.router == "lsq" or plan.merge == "fix-dom"):
         mark = time.perf_counter()
         context = int(getattr(model.config, "max_position_embeddings", block_size))
         blocks = calibration_blocks(tokenizer, calibration, num_blocks, block_size, context)

@@ -100,7 +100,8 @@ The `validation` split was never trained on.
 Tokenizer: byte-level BPE trained with `tokenizers` on the training text. Model: AdamW (β 0.9/0.95,
 weight decay 0.1), peak learning rate {recipe['lr']}, {recipe['warmup']} warm-up steps then cosine decay to 10%,
 {recipe['steps']} steps of {recipe['batch']} × {recipe['context']} tokens ({recipe['training_tokens_seen']:,} tokens seen),
-router load-balancing loss coefficient {recipe['aux_coef']}, gradient clipping 1.0, seed {recipe['seed']},
+per-layer Switch load-balancing loss (coefficient {recipe['aux_coef']}; transformers' built-in loss pools all
+layers and left dead experts in each), gradient clipping 1.0, seed {recipe['seed']},
 {recipe['threads']} CPU threads. Wall time of the whole script on 2 CPU cores: {recipe['train_seconds'] / 60:.1f} minutes.
 
 ## Validation perplexity (non-overlapping windows of {context} tokens, float32)

@@ -80,6 +80,21 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style load balancing, per layer, averaged over layers (1.0 when perfectly balanced).
+
+    transformers' built-in loss pools all layers' tokens before balancing, which lets each layer keep
+    dead experts as long as the layers together look balanced; balancing each layer avoids that.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        experts = probs.shape[-1]
+        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, experts).sum(1).float()
+        losses.append(experts * (chosen.mean(0) / top_k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def train(model, stream, args) -> list[dict]:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -90,17 +105,19 @@ def train(model, stream, args) -> list[dict]:
     )
     log = []
     start = time.time()
+    model.router_aux_loss_coef = 0.0  # replaced by the per-layer balance_loss below
     model.train()
     for step, batch in enumerate(batches(stream, args.context, args.batch, args.steps, args.seed)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         out = model(input_ids=batch, labels=batch, output_router_logits=True)
+        balance = balance_loss(out.router_logits, args.top_k)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        (out.loss + args.aux_coef * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % 25 == 0 or step == args.steps - 1:
-            entry = {"step": step, "loss": round(out.loss.item(), 4), "aux": round(out.aux_loss.item(), 4),
+            entry = {"step": step, "loss": round(out.loss.item(), 4), "balance": round(balance.item(), 4),
                      "seconds": round(time.time() - start, 1)}
             log.append(entry)
             print(json.dumps(entry), flush=True)

@@ -122,3 +122,10 @@ def test_real_process_prints_no_traceback(tiny_models, tmp_path):
     )
     assert process.returncode == 2
     assert_one_line_error(process.returncode, process.stderr)
+
+
+def test_example_recipe_is_valid():
+    from hcsmoe.commands import read_recipe
+
+    recipe = read_recipe(str(Path(__file__).parent.parent / "examples" / "recipe.yaml"))
+    assert recipe["method"] == "hc-smoe" and recipe["ratio"] == 0.5 and recipe["block_size"] == 2048

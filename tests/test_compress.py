@@ -143,3 +143,53 @@ def test_router_has_one_row_per_group(tiny_models, router):
     result = compress(tiny_models["olmoe"], num_experts=3, router=router, **FAST)
     for moe in moe_layers(result.model, result.architecture):
         assert moe.router.weight.shape[0] == 3 and moe.experts.gate_up_proj.shape[0] == 3
+
+
+def file_digests(directory) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_input_checkpoint_is_never_modified(tiny_models, tmp_path):
+    source = tiny_models["qwen2_moe"]
+    before = file_digests(source)
+    compress(source, num_experts=4, **FAST).save(tmp_path / "out")
+    assert file_digests(source) == before
+
+
+def test_interrupted_save_leaves_nothing_under_the_requested_name(tiny_models, tmp_path, monkeypatch):
+    import hcsmoe.pipeline
+
+    result = compress(tiny_models["qwen3_moe"], num_experts=4, **FAST)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hcsmoe.pipeline, "plot_dendrograms", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        result.save(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_a_previous_output_whole(tiny_models, tmp_path):
+    first = compress(tiny_models["olmoe"], num_experts=4, **FAST).save(tmp_path / "out")
+    (first / "stale.txt").write_text("from an earlier run")
+    compress(tiny_models["olmoe"], num_experts=3, **FAST).save(tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "stale.txt").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_statistics_file_round_trips_and_replans_at_another_k(tiny_models, tmp_path):
+    from hcsmoe.calibrate import TENSOR_FIELDS, Statistics
+
+    first = compress(tiny_models["qwen3_moe"], num_experts=6, output_samples=16, **FAST)
+    first.stats.save(tmp_path / "stats.safetensors")
+    loaded = Statistics.load(tmp_path / "stats.safetensors")
+    for a, b in zip(first.stats.layers, loaded.layers):
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in TENSOR_FIELDS if getattr(a, f) is not None)
+    direct = compress(tiny_models["qwen3_moe"], num_experts=3, **FAST)
+    replanned = compress(tiny_models["qwen3_moe"], num_experts=3, stats=loaded, progress=False)
+    assert replanned.plan.to_dict() == direct.plan.to_dict()
+    assert torch.equal(logits(replanned.model), logits(direct.model))

@@ -55,7 +55,8 @@ class FixedLogits(torch.nn.Module):
 
 def random_model(seed: int, vocab: int = V) -> FixedLogits:
     generator = torch.Generator().manual_seed(seed)
-    return FixedLogits(torch.randn(vocab, vocab, generator=generator) * 3, torch.randn(CONTEXT, vocab, generator=generator))
+    bigram = torch.randn(vocab, vocab, generator=generator) * 3
+    return FixedLogits(bigram, torch.randn(CONTEXT, vocab, generator=generator))
 
 
 def uniform_model(vocab: int = V) -> FixedLogits:
@@ -170,13 +171,21 @@ def test_window_longer_than_the_context_is_refused():
         perplexity(uniform_model(), stream(40), CONTEXT + 1, 2)
 
 
+def test_text_with_nothing_to_predict_is_refused():
+    with pytest.raises(UserError, match="too short"):
+        evaluate(uniform_model(), byte_tokenizer(), texts={"t": ["x"]})  # predicts only the end-of-text token
+
+
 def test_models_with_different_vocabularies_are_not_compared():
     with pytest.raises(UserError, match="vocabulary"):
         compare(uniform_model(), uniform_model(V + 1), stream(20), CONTEXT, 2)
 
 
 def test_table_has_one_aligned_row_per_model():
-    original = {"languages": {"en": {"ppl": 12.3456, "bpb": 1.23456, "tokens": 9}}, "tasks": {"hcsmoe_strategyqa": {"acc": 0.5}}}
+    original = {
+        "languages": {"en": {"ppl": 12.3456, "bpb": 1.23456, "tokens": 9}},
+        "tasks": {"hcsmoe_strategyqa": {"acc": 0.5}},
+    }
     compressed = {
         "languages": {"en": {"ppl": 14.0, "bpb": 1.3, "tokens": 9, "kl": 0.123456, "top1": 0.9}},
         "tasks": {"hcsmoe_strategyqa": {"acc": 0.625, "acc_norm": 0.75}},
@@ -227,27 +236,27 @@ def test_tiny_moe_perplexity_matches_prefix_by_prefix_float64_loop(tiny_moe):
     assert result["nll"] == pytest.approx(nll, rel=1e-4)
 
 
-def test_cli_eval_prints_the_table_and_writes_json(capsys, tiny_moe_dir, tmp_path):
-    text = tmp_path / "notes.txt"
-    text.write_text("First paragraph of a small file.\n\nSecond paragraph, a little longer than the first one.\n")
-    out = tmp_path / "result.json"
-    code = main(["eval", str(tiny_moe_dir), "--reference", str(tiny_moe_dir), "--text", str(text), "--json", str(out)])
+def test_cli_eval_prints_the_table_and_writes_json(capsys, tiny_moe_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("First paragraph of a small file.\n\nSecond paragraph, longer than the first.\n")
+    model = str(tiny_moe_dir)
+    code = main(["eval", model, "--reference", model, "--text", "notes.txt", "--json", "r.json"])
     printed = capsys.readouterr().out
     assert code == 0
-    result = json.loads(out.read_text())
+    result = json.loads(Path("r.json").read_text())
     assert list(result["languages"]) == ["notes.txt"]
-    assert result["languages"]["notes.txt"]["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert result["languages"]["notes.txt"]["top1"] == 1.0
-    ppl = result["languages"]["notes.txt"]["ppl"]
-    assert result["reference"]["languages"]["notes.txt"]["ppl"] == pytest.approx(ppl)
-    assert f"{ppl:.2f}" in printed and "(reference)" in printed and "notes.txt" in printed
+    metrics = result["languages"]["notes.txt"]
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and metrics["top1"] == 1.0
+    assert result["reference"]["languages"]["notes.txt"]["ppl"] == pytest.approx(metrics["ppl"])
+    assert f"{metrics['ppl']:.2f}" in printed and "(reference)" in printed and "notes.txt" in printed
 
 
 def bad_eval_inputs(tmp_path: Path, model: Path) -> dict[str, tuple[list[str], str]]:
     """argv after `eval` and a phrase the error must contain, per bad input."""
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "bert")
+    bert = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    bert.save_pretrained(tmp_path / "bert")
     (tmp_path / "plain").mkdir()
     return {
         "not a model": ([str(tmp_path / "plain")], "not a model"),
@@ -287,8 +296,14 @@ def test_bad_eval_input_in_a_real_process_prints_one_line(case, tmp_path, tiny_m
 # ----------------------------------------------------------------------------- multiple choice (optional lm-eval)
 
 
+def test_tasks_without_lm_eval_ask_for_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now fails as if not installed
+    with pytest.raises(UserError, match=r"install hcsmoe\[eval\]"):
+        run_tasks(uniform_model(), byte_tokenizer(), ["hcsmoe_strategyqa"])
+
+
 def test_bundled_multiple_choice_task_matches_hand_scoring(tiny_moe):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval.models.huggingface")  # lm-eval with its [hf] extra (accelerate)
     tokenizer = byte_tokenizer()
     questions = [json.loads(line) for line in MC_FILE.read_text().splitlines()[1:5]]  # line 0 is the canary
     correct = correct_norm = 0

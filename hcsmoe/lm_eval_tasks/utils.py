@@ -18,6 +18,7 @@ def _questions(name: str) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(questions)})
 
 
+# lm-eval calls a task's custom_dataset with the task metadata as keyword arguments; none is needed here.
 def strategyqa(**metadata) -> datasets.DatasetDict:
     return _questions("strategyqa")
 
