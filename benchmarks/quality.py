@@ -85,7 +85,7 @@ def full_router_row(k: int, stats: Statistics, tokenizer, original, max_tokens) 
     start = time.perf_counter()
     model = copy.deepcopy(original)
     architecture = architecture_for(model.config)
-    plan = plan_model(stats.layers, k, stats.top_k, make_planner("hc-smoe"), "lsq")
+    plan = plan_model(stats.layers, k, stats.top_k, make_planner("hc-smoe"), "average")
     apply_plan_keeping_router(model, architecture, moe_layers(model, architecture), plan)
     seconds = time.perf_counter() - start
     return scores(model, tokenizer, original, max_tokens) | {"seconds": seconds}

@@ -20,7 +20,7 @@ COMPRESS_DEFAULTS = {
     "merge": "frequency",
     "representation": "expert-output",
     "max_subsets": 10000,
-    "router": "lsq",
+    "router": "average",
     "calibration": "wiki:en",
     "blocks": 32,
     "block_size": 2048,
@@ -56,7 +56,7 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--merge", help="merge inside a group: frequency (default), average or fix-dom (ZipIt-style)")
     p.add_argument("--representation", help="what hc-smoe clusters: expert-output (default), router-logits, weights")
     p.add_argument("--max-subsets", type=int, help="o-prune: most subsets searched per layer [10000]")
-    p.add_argument("--router", help="new router rows: lsq (default), average or dominant")
+    p.add_argument("--router", help="new router rows: average (default), dominant or lsq")
     p.add_argument("--calibration", help="calibration text: wiki:en (default), wiki:en,fr,es, a .txt/.jsonl file or a dataset name")
     p.add_argument("--blocks", type=int, help="calibration blocks [32]")
     p.add_argument("--block-size", type=int, help="tokens per block, capped at the model's context [2048]")

@@ -88,7 +88,7 @@ def compress(
     metric: str = "euclidean",
     merge: str = "frequency",
     representation: str = "expert-output",
-    router: str = "lsq",
+    router: str = "average",
     max_subsets: int = 10000,
     output_samples: int | None = None,
     calibration: str = "wiki:en",

@@ -29,7 +29,7 @@ PLAN_FORMAT = "hcsmoe-plan/1"
 LINKAGES = ("average", "single", "complete", "ward")
 METRICS = ("euclidean", "cosine")
 MERGES = ("frequency", "average", "fix-dom")
-ROUTERS = ("lsq", "dominant", "average")
+ROUTERS = ("average", "dominant", "lsq")
 REPRESENTATIONS = ("expert-output", "router-logits", "weights")
 
 
@@ -406,7 +406,7 @@ def make_planner(method: str, **options):
     return PLANNERS[method](**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
-def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, router: str = "lsq") -> Plan:
+def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, router: str = "average") -> Plan:
     """Apply one planner to every layer with the same target k."""
     if router not in ROUTERS:
         raise UserError(f"unknown router method {router!r}; choose one of: {', '.join(ROUTERS)}")
