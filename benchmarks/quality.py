@@ -21,11 +21,11 @@ from transformers.utils import logging
 
 from hcsmoe.adapters import architecture_for, moe_layers
 from hcsmoe.apply import apply_plan_keeping_router
-from hcsmoe.calibrate import Statistics, calibrate
+from hcsmoe.calibrate import Statistics
 from hcsmoe.data import LANGUAGES
 from hcsmoe.evaluate import evaluate
 from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
-from hcsmoe.pipeline import calibration_blocks, compress
+from hcsmoe.pipeline import calibration_statistics, compress
 from hcsmoe.plan import make_planner, plan_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,13 +52,11 @@ METHODS: list[tuple[str, dict]] = [
 MIXED_METHODS = [METHODS[0], ("reap", {"method": "reap"})]
 
 
-def statistics(model, tokenizer, source: str, top_k: int) -> Statistics:
+def statistics(model, tokenizer, source: str) -> Statistics:
     """Calibrate once, with every optional statistic (o-prune's output samples included)."""
     architecture = architecture_for(model.config)
-    blocks = calibration_blocks(tokenizer, source, 32, 2048, model.config.max_position_embeddings)
-    layers = calibrate(model, architecture, moe_layers(model, architecture), blocks, output_samples=512, progress=False)
-    norm = bool(getattr(moe_layers(model, architecture)[0].router, "norm_topk_prob", True))
-    return Statistics(layers, top_k, {"calibration": source, "tokens": int(blocks.numel()), "norm_topk_prob": norm})
+    layers = moe_layers(model, architecture)
+    return calibration_statistics(model, architecture, layers, tokenizer, source, output_samples=512, progress=False)
 
 
 def scores(model, tokenizer, original, max_tokens: int | None) -> dict:
@@ -116,10 +114,10 @@ def main() -> None:
     torch.set_num_threads(2)
     begin = time.perf_counter()
     tokenizer, original = load_tokenizer(args.model), load_model(args.model)
-    e, top_k = original.config.num_experts, original.config.num_experts_per_tok
+    e = original.config.num_experts
 
     mark = time.perf_counter()
-    stats = statistics(original, tokenizer, "wiki:en", top_k)
+    stats = statistics(original, tokenizer, "wiki:en")
     calibration_seconds = time.perf_counter() - mark
     base = evaluate(original, tokenizer, languages=LANGUAGES, max_tokens=max_tokens)["languages"]
     rows = [{"experts": e, "method": "original", **{f"{l}/ppl": m["ppl"] for l, m in base.items()}}]
@@ -134,7 +132,7 @@ def main() -> None:
         rows.append({"experts": k, "method": "hc-smoe keeping all router rows (reference only, not smaller)",
                      **full_router_row(k, stats, tokenizer, original, max_tokens)})
 
-    mixed = statistics(original, tokenizer, "wiki:en,fr,es", top_k)
+    mixed = statistics(original, tokenizer, "wiki:en,fr,es")
     for k in (e * 3 // 4, e // 2):
         for label, options in MIXED_METHODS:
             mixed_rows.append({"experts": k, "method": label + " [en+fr+es calibration]",

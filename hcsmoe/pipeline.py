@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hcsmoe import __version__
-from hcsmoe.adapters import Architecture, architecture_for, moe_layers, top_k
+from hcsmoe.adapters import Architecture, MoELayer, architecture_for, moe_layers, top_k
 from hcsmoe.apply import apply_plan
 from hcsmoe.calibrate import Statistics, calibrate
 from hcsmoe.data import load_texts, token_blocks
@@ -78,6 +78,34 @@ def calibration_blocks(tokenizer, source: str, num_blocks: int, block_size: int,
     return token_blocks(tokenizer, load_texts(source), min(block_size, context), num_blocks, source)
 
 
+def normalizes_top_k(layers: list[MoELayer]) -> bool:
+    """Whether the routers renormalise the top-k weights (Mixtral's always do and have no flag)."""
+    return bool(getattr(layers[0].router, "norm_topk_prob", True))
+
+
+def calibration_statistics(
+    model: PreTrainedModel,
+    architecture: Architecture,
+    layers: list[MoELayer],
+    tokenizer,
+    source: str,
+    *,
+    num_blocks: int = 32,
+    block_size: int = 2048,
+    batch_size: int = 4,
+    output_samples: int = 0,
+    progress: bool = True,
+) -> Statistics:
+    """Calibrate every MoE layer on `source` text, recording how the statistics were made."""
+    context = int(getattr(model.config, "max_position_embeddings", block_size))
+    blocks = calibration_blocks(tokenizer, source, num_blocks, block_size, context)
+    layer_stats = calibrate(model, architecture, layers, blocks, batch_size=batch_size,
+                            output_samples=output_samples, progress=progress)
+    info = {"calibration": source, "blocks": list(blocks.shape), "tokens": int(blocks.numel()),
+            "norm_topk_prob": normalizes_top_k(layers)}
+    return Statistics(layer_stats, top_k(model.config, architecture), info)
+
+
 def compress(
     model_or_path: PreTrainedModel | str | Path | None = None,
     *,
@@ -129,21 +157,17 @@ def compress(
     e, k_route = layers[0].num_experts, top_k(model.config, architecture)
     k = experts_to_keep(e, num_experts, ratio)
     check_k(k, e, k_route)
-    norm_topk_prob = bool(getattr(layers[0].router, "norm_topk_prob", True))
     planner = make_planner(method, linkage=linkage, metric=metric, merge=merge, representation=representation,
-                           seed=seed, max_subsets=max_subsets, top_k=k_route, norm_topk_prob=norm_topk_prob)
+                           seed=seed, max_subsets=max_subsets, top_k=k_route, norm_topk_prob=normalizes_top_k(layers))
     timings["load"] = time.perf_counter() - start
 
     if stats is None and (plan is None or plan.router == "lsq" or plan.merge == "fix-dom"):
         mark = time.perf_counter()
-        context = int(getattr(model.config, "max_position_embeddings", block_size))
-        blocks = calibration_blocks(tokenizer, calibration, num_blocks, block_size, context)
         if output_samples is None:
             output_samples = 512 if getattr(planner, "needs_output_samples", False) else 0
-        layer_stats = calibrate(model, architecture, layers, blocks, batch_size=batch_size,
-                                output_samples=output_samples, progress=progress)
-        stats = Statistics(layer_stats, k_route, {"calibration": calibration, "blocks": list(blocks.shape),
-                                                  "tokens": int(blocks.numel()), "norm_topk_prob": norm_topk_prob})
+        stats = calibration_statistics(model, architecture, layers, tokenizer, calibration, num_blocks=num_blocks,
+                                       block_size=block_size, batch_size=batch_size, output_samples=output_samples,
+                                       progress=progress)
         timings["calibrate"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -180,7 +204,7 @@ def model_card(result: CompressionResult, has_dendrograms: bool, evaluation: dic
         f"# {info['architecture']} compressed from {info['experts_before']} to {info['experts_after']} experts per layer",
         "",
         f"Made by hcsmoe {info['hcsmoe_version']} from `{info['source'] or 'an in-memory model'}`.",
-        f"Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(this_directory)`.",
+        "Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(this_directory)`.",
         "",
         "## How",
         f"- method: `{plan.method}` with options `{json.dumps(plan.options)}`; router rows: `{plan.router}`",
