@@ -1,12 +1,15 @@
 """Step 3: weight surgery. Each group of a plan becomes one expert and one router row.
 
-Every per-expert parameter of the fused experts module (gate_up_proj, down_proj, biases) is merged
-with the group's weights, in float32, and cast back. The router gets exactly one row per group:
-  - "dominant": the row of the group's most-used member;
-  - "average":  the merge-weighted average of the members' rows;
-  - "lsq":      a least-squares fit, on calibration inputs, of the log-sum-exp of the members'
-                logits, so that each new expert keeps the routing mass its members had.
-A group of one keeps its member's row exactly, so a plan with K = E reproduces the model bit for bit.
+Every per-expert parameter of the fused experts module (gate_up_proj, down_proj, GPT-OSS's biases) is
+merged with the group's weights, in float32, and cast back. Every per-expert entry of the router (weight
+rows, GPT-OSS's bias, DeepSeek-V3's e_score_correction_bias) gets exactly one entry per group:
+  - "dominant": the entries of the group's most-used member;
+  - "average":  the merge-weighted average of the members' entries;
+  - "lsq":      weight rows fitted by least squares, on calibration inputs, to the log-sum-exp of the
+                members' logits, so that each new expert keeps the routing mass its members had; the
+                bias and score correction are averaged as with "average" (the fit ignores them).
+A group of one keeps its member's entries exactly, so a plan with K = E reproduces the model bit for bit.
+Shared experts, their gates and dense layers are not touched.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from hcsmoe.errors import UserError
 from hcsmoe.plan import Group, LayerPlan, Plan
 
 RIDGE = 1e-4  # relative to the mean diagonal of X^T X; keeps the fit well posed for rare experts
+# Module attributes caching the routed-expert count in every supported family: num_experts (one-hot sizes,
+# DeepSeek's group views, grouped_mm bins) and out_features (Phi-MoE's and Llama 4's nn.Linear routers).
+COUNT_ATTRIBUTES = ("num_experts", "out_features")
 
 
 def merge_rows(tensor: torch.Tensor, groups: list[Group]) -> torch.Tensor:
@@ -30,10 +36,18 @@ def merge_rows(tensor: torch.Tensor, groups: list[Group]) -> torch.Tensor:
         if len(group.members) == 1:
             merged.append(tensor[group.members[0]])
             continue
-        weights = torch.tensor(group.weights, dtype=torch.float32, device=tensor.device)
-        members = tensor[group.members].float()
-        merged.append(torch.tensordot(weights, members, dims=1).to(tensor.dtype))
+        merged.append(weighted_sum((tensor[j] for j in group.members), group.weights).to(tensor.dtype))
     return torch.stack(merged)
+
+
+def weighted_sum(slices, weights: list[float]) -> torch.Tensor:
+    """sum_i w_i * slice_i in float32, one member at a time in member order: the same bits whether the
+    members come from a loaded model or are read one by one from disk (a large group never sits in memory)."""
+    total = None
+    for piece, weight in zip(slices, weights):
+        term = piece.float() * torch.tensor(weight, dtype=torch.float32)
+        total = term if total is None else total.add_(term)
+    return total
 
 
 def dominant_rows(tensor: torch.Tensor, groups: list[Group]) -> torch.Tensor:
@@ -91,7 +105,11 @@ def neurons_back(pairs: torch.Tensor, down_columns: torch.Tensor, architecture: 
 
 
 def routed_inputs(stats: LayerStats, members: list[int], top_k: int) -> torch.Tensor:
-    """Calibration inputs that the original router sent to at least one member (all inputs if none)."""
+    """Calibration inputs that the original router sent to at least one member (all inputs if none).
+
+    The choice is the top-k of the plain logits x @ W^T: close to, not exactly, the routing of families
+    with a router bias, score correction or group limit; it only selects the tokens that align neurons.
+    """
     x = stats.router_inputs
     chosen = (x @ stats.router_weight.T).topk(top_k, dim=-1).indices
     hit = torch.isin(chosen, torch.tensor(members)).any(-1)
@@ -109,13 +127,14 @@ def fix_dom_expert(moe: MoELayer, architecture: Architecture, group: Group, stat
     on the tokens routed to the group) it correlates with most. A dominant neuron's gate/up rows become the
     merge-weighted average of its own and its matched neurons' rows; its down column becomes the
     merge-weighted sum of them, so the group's weighted-average output is kept where matched activations agree.
+    Returns float32 gate_up (with its bias column when the family has one, see gate_up_with_bias) and down.
     """
     members, weights = group.members, group.weights
     dominant = max(range(len(members)), key=lambda i: (group.frequencies[i], -members[i]))
     x = routed_inputs(stats, members, top_k).to(moe.experts.gate_up_proj.device)
     activations = expert_intermediate(moe.experts, architecture, x)[members]  # [m, n, I]
     reference = standardized(activations[dominant])
-    dom_pairs, dom_down = neurons_first(moe.experts.gate_up_proj[members[dominant]].float(),
+    dom_pairs, dom_down = neurons_first(gate_up_with_bias(moe.experts, members[dominant], architecture),
                                         moe.experts.down_proj[members[dominant]].float(), architecture)
     pair_sum = weights[dominant] * dom_pairs
     pair_weight = torch.full((dom_pairs.shape[0],), weights[dominant], dtype=torch.float32)
@@ -125,31 +144,51 @@ def fix_dom_expert(moe: MoELayer, architecture: Architecture, group: Group, stat
             continue
         correlation = reference.T @ standardized(activations[position]) / x.shape[0]  # [I_dom, I_member]
         match = correlation.argmax(dim=0)  # dominant neuron for each member neuron
-        pairs, down = neurons_first(moe.experts.gate_up_proj[expert].float(), moe.experts.down_proj[expert].float(),
-                                    architecture)
+        pairs, down = neurons_first(gate_up_with_bias(moe.experts, expert, architecture),
+                                    moe.experts.down_proj[expert].float(), architecture)
         pair_sum.index_add_(0, match, weight * pairs)
         pair_weight.index_add_(0, match, torch.full((len(match),), weight))
         down_sum.index_add_(0, match, weight * down)
     gate_up, down = neurons_back(pair_sum / pair_weight.view(-1, 1, 1), down_sum, architecture)
-    return gate_up.to(moe.experts.gate_up_proj.dtype), down.to(moe.experts.down_proj.dtype)
+    return gate_up, down
+
+
+def gate_up_with_bias(experts: nn.Module, expert: int, architecture: Architecture) -> torch.Tensor:
+    """One expert's gate_up weights in float32, its gate_up bias (GPT-OSS) appended as one more input column,
+    so that aligning and averaging neurons moves each neuron's bias with its weights."""
+    weight = experts.gate_up_proj[expert].float()
+    bias = getattr(experts, "gate_up_proj_bias", None)
+    if bias is None:
+        return weight
+    column = bias[expert].float()
+    return torch.cat([weight, column[None, :]]) if architecture.transposed else torch.cat([weight, column[:, None]], 1)
 
 
 def fix_dom_merge(moe: MoELayer, architecture: Architecture, groups: list[Group], stats: LayerStats | None,
-                  top_k: int) -> None:
-    """Replace gate_up_proj and down_proj by fix-dom merges (other per-expert tensors: weighted merge)."""
+                  top_k: int) -> set[str]:
+    """Replace gate_up_proj (with its bias) and down_proj by fix-dom merges; returns the names replaced
+    (the other per-expert tensors, e.g. down_proj_bias, get the weighted merge)."""
     if stats is None or stats.router_weight is None or stats.router_inputs.numel() == 0:
         raise UserError("fix-dom merging needs calibration statistics with router inputs")
-    gate_up, down = [], []
+    experts, gate_up, down = moe.experts, [], []
     for group in groups:
         if len(group.members) == 1:
-            gate_up.append(moe.experts.gate_up_proj[group.members[0]])
-            down.append(moe.experts.down_proj[group.members[0]])
+            gate_up.append(gate_up_with_bias(experts, group.members[0], architecture))
+            down.append(experts.down_proj[group.members[0]])
         else:
             merged = fix_dom_expert(moe, architecture, group, stats, top_k)
             gate_up.append(merged[0])
-            down.append(merged[1])
-    _replace(moe.experts, "gate_up_proj", torch.stack(gate_up))
-    _replace(moe.experts, "down_proj", torch.stack(down))
+            down.append(merged[1].to(experts.down_proj.dtype))
+    stacked = torch.stack(gate_up)
+    replaced = {"gate_up_proj", "down_proj"}
+    if getattr(experts, "gate_up_proj_bias", None) is not None:
+        bias = stacked[:, -1] if architecture.transposed else stacked[..., -1]
+        stacked = stacked[:, :-1] if architecture.transposed else stacked[..., :-1]
+        _replace(experts, "gate_up_proj_bias", bias.to(experts.gate_up_proj_bias.dtype))
+        replaced.add("gate_up_proj_bias")
+    _replace(experts, "gate_up_proj", stacked.to(experts.gate_up_proj.dtype))
+    _replace(experts, "down_proj", torch.stack(down))
+    return replaced
 
 
 def router_rows(name: str, tensor: torch.Tensor, groups: list[Group], method: str, stats: LayerStats | None) -> torch.Tensor:
@@ -178,20 +217,22 @@ def apply_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan
         raise UserError(f"plan layer {layer_plan.layer} is for {layer_plan.num_experts} experts, the model has {e}")
     groups, router_method = layer_plan.groups, plan.router
     with torch.no_grad():
-        fixed = {}
-        if plan.merge == "fix-dom":
-            fix_dom_merge(moe, architecture, groups, stats, top_k)
-            fixed = {"gate_up_proj", "down_proj"}
+        fixed = fix_dom_merge(moe, architecture, groups, stats, top_k) if plan.merge == "fix-dom" else set()
         for name, tensor in expert_parameters(moe.experts, e).items():
             if name not in fixed:
                 _replace(moe.experts, name, merge_rows(tensor.data, groups))
         for name, tensor in expert_parameters(moe.router, e).items():
             _replace(moe.router, name, router_rows(name, tensor.data, groups, router_method, stats))
-    for module in (moe.experts, moe.router):
-        if hasattr(module, "num_experts"):
-            module.num_experts = len(groups)
-    if hasattr(moe.block, "num_experts"):
-        moe.block.num_experts = len(groups)
+    set_count_attributes(moe, len(groups))
+
+
+def set_count_attributes(moe: MoELayer, count: int) -> None:
+    """Keep the modules' cached expert counts in step with the new K, so the model in memory runs exactly
+    like the saved one reloaded (GPT-OSS one-hots over num_experts, DeepSeek views scores by num_experts)."""
+    for module in (moe.block, moe.router, moe.experts):
+        for name in COUNT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, count)
 
 
 def apply_plan(

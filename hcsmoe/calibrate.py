@@ -9,13 +9,13 @@ the layer's inputs for fitting the smaller router later.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from hcsmoe.adapters import (
     Architecture,
@@ -23,6 +23,7 @@ from hcsmoe.adapters import (
     expert_intermediate,
     expert_output_from_intermediate,
     expert_parameters,
+    route,
 )
 from hcsmoe.errors import UserError
 
@@ -40,7 +41,7 @@ class LayerStats:
     layer: int
     mean_output: torch.Tensor  # [E, H]: mean of E_j(x) over all calibration tokens (HC-SMoE)
     counts: torch.Tensor  # [E]: how often each expert was among the top-k
-    mean_router_prob: torch.Tensor  # [E]: softmax over all experts, averaged over tokens (S-prune)
+    mean_router_prob: torch.Tensor  # [E]: the family's score (softmax, or sigmoid) over all experts, token mean (S-prune)
     router_inputs: torch.Tensor  # [N, H]: a sample of the layer's inputs (router fit, router-logit features)
     router_weight: torch.Tensor | None = None  # [E, H]: the original router rows
     reap: torch.Tensor | None = None  # [E]: mean over routed tokens of gate weight x ||E_j(x)|| (REAP)
@@ -110,123 +111,166 @@ class Statistics:
         return cls(layers=layers, top_k=meta["top_k"], info=meta["info"])
 
 
-def weight_gram(experts: nn.Module, num_experts: int) -> torch.Tensor:
-    """Gram matrix of the experts' flattened weights: distances in weight space without storing them twice."""
+ExpertChunk = tuple[int, nn.Module]  # (index of its first expert, a view of the experts module holding a few experts)
+
+
+def expert_view(experts: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The experts module with its per-expert tensors replaced by `tensors` (a slice of the experts).
+
+    Everything else (activation, GPT-OSS's alpha and limit, ...) is shared, so the adapters' expert
+    arithmetic runs unchanged on a chunk of experts read from memory or from disk.
+    """
+    view = object.__new__(type(experts))
+    view.__dict__.update(experts.__dict__)
+    view.__dict__["_parameters"] = dict(tensors)
+    view.__dict__["_buffers"] = {}
+    return view
+
+
+def experts_per_chunk(experts: nn.Module, num_experts: int, budget_bytes: int) -> int:
+    """How many experts' float32 weights fit in `budget_bytes` (at least one)."""
+    per_expert = sum(t[0].numel() * 4 for t in expert_parameters(experts, num_experts).values())
+    return max(1, min(num_experts, budget_bytes // max(per_expert, 1)))
+
+
+def weight_gram(chunks: Callable[[], Iterable[ExpertChunk]], num_experts: int) -> torch.Tensor:
+    """Gram matrix of the experts' flattened weights, block by block: weight-space distances without
+    holding a whole layer (only needed by the weight-feature planner)."""
     gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
-    for tensor in expert_parameters(experts, num_experts).values():
-        flat = tensor.detach().reshape(num_experts, -1).double().cpu()
-        gram += flat @ flat.T
+    for first_a, view_a in chunks():
+        flat_a = _flat_weights(view_a)
+        for first_b, view_b in chunks():
+            if first_b > first_a:
+                break
+            block = flat_a @ (flat_a if first_b == first_a else _flat_weights(view_b)).T
+            n_a, n_b = block.shape
+            gram[first_a : first_a + n_a, first_b : first_b + n_b] = block
+            gram[first_b : first_b + n_b, first_a : first_a + n_a] = block.T
     return gram
 
 
-class _LayerAccumulator:
-    """Running sums for one MoE layer, fed by a forward pre-hook on its block."""
+def _flat_weights(view: nn.Module) -> torch.Tensor:
+    tensors = list(view._parameters.values())
+    return torch.cat([t.reshape(t.shape[0], -1).double() for t in tensors], dim=1)
 
-    def __init__(self, moe: MoELayer, architecture: Architecture, max_router_inputs: int, token_chunk: int,
-                 output_samples: int):
+
+class LayerAccumulator:
+    """Running sums for one MoE layer: routing per token chunk, expert activations per expert chunk."""
+
+    def __init__(self, moe: MoELayer, architecture: Architecture, tokens: int, max_router_inputs: int = 8192,
+                 output_samples: int = 0, token_chunk: int = 2048):
+        e = moe.num_experts
         self.moe = moe
         self.architecture = architecture
+        self.tokens = tokens
         self.max_router_inputs = max_router_inputs
+        self.output_samples = min(output_samples, tokens)
         self.token_chunk = token_chunk
-        self.output_samples = output_samples
-        self.tokens = 0
-        e = moe.num_experts
-        self.intermediate_sum: torch.Tensor | None = None
         self.counts = torch.zeros(e, dtype=torch.float64)
         self.prob_sum = torch.zeros(e, dtype=torch.float64)
         self.reap_sum = torch.zeros(e, dtype=torch.float64)
         self.norm_sum = torch.zeros(e, dtype=torch.float64)
-        self.inputs: list[torch.Tensor] = []
-        self.samples: list[torch.Tensor] = []
-        self.kept_inputs = 0
-        self.kept_samples = 0
+        self.intermediate_sum: dict[int, torch.Tensor] = {}  # first expert of a chunk -> [n, I]
+        self.mean_output: torch.Tensor | None = None
+        self.samples: torch.Tensor | None = None
+        self.inputs = torch.zeros(0)
 
-    @torch.no_grad()
-    def add(self, hidden: torch.Tensor) -> None:
-        for x in hidden.reshape(-1, hidden.shape[-1]).split(self.token_chunk):
-            self._add_chunk(x)
+    def add_routing(self, probs: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> None:
+        """Top-k shares and scores from the family's own router, and a sample of inputs for router fits."""
+        self.counts += torch.bincount(indices.reshape(-1).cpu(), minlength=self.moe.num_experts).double()
+        self.prob_sum += probs.double().sum(0).cpu()
+        self.inputs = x[: self.max_router_inputs].float().cpu().clone()
 
-    def _add_chunk(self, x: torch.Tensor) -> None:
-        e = self.moe.num_experts
-        logits, scores, indices = self.moe.router(x)
-        self.counts += torch.bincount(indices.reshape(-1).cpu(), minlength=e).double()
-        self.prob_sum += torch.softmax(logits.float(), dim=-1).sum(0).double().cpu()
-        h = expert_intermediate(self.moe.experts, self.architecture, x)  # [E, t, I]
-        self.intermediate_sum = h.sum(1) if self.intermediate_sum is None else self.intermediate_sum + h.sum(1)
-        self._add_routed_norms(h, scores, indices)
-        self._keep_samples(x, h)
-        self.tokens += x.shape[0]
-
-    def _add_routed_norms(self, h: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor) -> None:
-        """REAP/EAN sums: output norms only on the tokens each expert was routed to."""
-        for expert in indices.unique().tolist():
-            token, slot = (indices == expert).nonzero(as_tuple=True)
-            out = expert_output_from_intermediate(self.moe.experts, self.architecture, h[expert : expert + 1, token], [expert])
-            norms = out[0].norm(dim=-1).double().cpu()
-            self.norm_sum[expert] += norms.sum()
-            self.reap_sum[expert] += (norms * scores[token, slot].double().cpu()).sum()
-
-    def _keep_samples(self, x: torch.Tensor, h: torch.Tensor) -> None:
-        room = self.max_router_inputs - self.kept_inputs
+    def add_intermediate(self, first: int, view: nn.Module, h: torch.Tensor, first_token: int) -> None:
+        """h [n, t, I]: the activations of experts first.. on tokens first_token.. (all of them, routed or not)."""
+        sums = h.sum(1)
+        self.intermediate_sum[first] = self.intermediate_sum[first] + sums if first in self.intermediate_sum else sums
+        room = self.output_samples - first_token
         if room > 0:
-            self.inputs.append(x[:room].float().cpu())
-            self.kept_inputs += self.inputs[-1].shape[0]
-        room = self.output_samples - self.kept_samples
-        if room > 0:
-            out = expert_output_from_intermediate(self.moe.experts, self.architecture, h[:, :room])
-            self.samples.append(out.float().cpu())
-            self.kept_samples += out.shape[1]
+            out = expert_output_from_intermediate(view, self.architecture, h[:, :room]).float().cpu()
+            if self.samples is None:
+                self.samples = torch.zeros(self.moe.num_experts, self.output_samples, out.shape[-1])
+            self.samples[first : first + out.shape[0], first_token : first_token + out.shape[1]] = out
 
-    @torch.no_grad()
-    def result(self) -> LayerStats:
-        e = self.moe.num_experts
-        mean_h = self.intermediate_sum / self.tokens  # [E, I]: outputs are linear in h
-        mean_output = expert_output_from_intermediate(self.moe.experts, self.architecture, mean_h.unsqueeze(1))
+    def add_routed(self, expert: int, outputs: torch.Tensor, gates: torch.Tensor) -> None:
+        """REAP/EAN sums: output norms on the tokens routed to `expert`, REAP weighted by the gate weight."""
+        norms = outputs.norm(dim=-1).double().cpu()
+        self.norm_sum[expert] += norms.sum()
+        self.reap_sum[expert] += (norms * gates.double().cpu()).sum()
+
+    def finish_chunk(self, first: int, view: nn.Module) -> None:
+        """Mean outputs of a chunk's experts: outputs are affine in the activation, so down(mean h)."""
+        mean_h = self.intermediate_sum.pop(first) / self.tokens
+        out = expert_output_from_intermediate(view, self.architecture, mean_h.unsqueeze(1)).squeeze(1).float().cpu()
+        if self.mean_output is None:
+            self.mean_output = torch.zeros(self.moe.num_experts, out.shape[-1])
+        self.mean_output[first : first + out.shape[0]] = out
+
+    def result(self, gram: torch.Tensor | None = None) -> LayerStats:
         routed = self.counts.clamp(min=1)
         return LayerStats(
             layer=self.moe.index,
-            mean_output=mean_output.squeeze(1).float().cpu(),
+            mean_output=self.mean_output,
             counts=self.counts.float(),
             mean_router_prob=(self.prob_sum / self.tokens).float(),
-            router_inputs=torch.cat(self.inputs) if self.inputs else torch.zeros(0),
+            router_inputs=self.inputs,
             router_weight=self.moe.router.weight.detach().float().cpu().clone(),
             reap=(self.reap_sum / routed).float(),
             ean=(self.norm_sum / routed).float(),
-            weight_gram=weight_gram(self.moe.experts, e),
-            sample_outputs=torch.cat(self.samples, dim=1) if self.samples else None,
+            weight_gram=gram,
+            sample_outputs=self.samples,
             tokens=self.tokens,
         )
 
 
 @torch.no_grad()
-def calibrate(
-    model: nn.Module,
-    architecture: Architecture,
-    layers: list[MoELayer],
-    blocks: torch.Tensor,
-    *,
-    batch_size: int = 4,
-    max_router_inputs: int = 8192,
-    output_samples: int = 0,
-    token_chunk: int = 2048,
-    progress: bool = True,
-) -> list[LayerStats]:
-    """Statistics of every MoE layer, from the original model run on `blocks` [N, L] of token ids.
+def route_tokens(moe: MoELayer, architecture: Architecture, x: torch.Tensor, token_chunk: int = 2048):
+    """The model's own routing of x [T, H], a chunk of tokens at a time: (scores [T, E], weights, indices)."""
+    parts = [route(moe, architecture, chunk) for chunk in x.split(token_chunk)]
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
-    `output_samples` > 0 also keeps every expert's output on that many tokens (O-prune needs them).
+
+@torch.no_grad()
+def expert_pass(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    chunks: Iterable[ExpertChunk],
+    architecture: Architecture,
+    accumulator: LayerAccumulator | None = None,
+    token_chunk: int = 2048,
+    gate_on_input: bool = False,
+) -> torch.Tensor:
+    """The routed-expert output of tokens x [T, H] (float32), a few experts at a time, with statistics.
+
+    Every chunk of experts runs on every token in batched matrix products (HC-SMoE needs each expert's
+    mean output over all tokens); the down projection runs only on the tokens routed to each expert,
+    which gives the layer's real output and the REAP/EAN norms. Nothing per token is kept.
+    `gate_on_input`: the family scales an expert's input by its gate instead of its output (Llama 4).
     """
-    accumulators = [_LayerAccumulator(m, architecture, max_router_inputs, token_chunk, output_samples)
-                    for m in layers]
-    hooks = [
-        acc.moe.block.register_forward_pre_hook(lambda module, args, acc=acc: acc.add(args[0]))
-        for acc in accumulators
-    ]
-    device = next(model.parameters()).device
-    body = getattr(model, "base_model", model)  # the decoder without the LM head
-    try:
-        for batch in tqdm(blocks.split(batch_size), desc="calibrating", unit="batch", disable=not progress):
-            body(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [acc.result() for acc in accumulators]
+    out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    for first, view in chunks:
+        count = view.down_proj.shape[0]
+        for first_token in range(0, x.shape[0], token_chunk):
+            xt = x[first_token : first_token + token_chunk]
+            h = expert_intermediate(view, architecture, xt)  # [n, t, I]
+            if accumulator is not None:
+                accumulator.add_intermediate(first, view, h, first_token)
+            chosen = indices[first_token : first_token + token_chunk]
+            for local in range(count):
+                token, slot = (chosen == first + local).nonzero(as_tuple=True)
+                if token.numel() == 0:
+                    continue
+                y = expert_output_from_intermediate(view, architecture, h[local : local + 1, token], [local])[0]
+                gates = weights[first_token : first_token + token_chunk][token, slot].float()
+                if gate_on_input:
+                    one = expert_view(view, {n: t[local : local + 1] for n, t in view._parameters.items()})
+                    scaled = expert_intermediate(one, architecture, xt[token] * gates.unsqueeze(-1))
+                    out.index_add_(0, token + first_token, expert_output_from_intermediate(one, architecture, scaled)[0])
+                else:
+                    out.index_add_(0, token + first_token, y * gates.unsqueeze(-1))
+                if accumulator is not None:
+                    accumulator.add_routed(first + local, y, gates)
+        if accumulator is not None:
+            accumulator.finish_chunk(first, view)
+    return out

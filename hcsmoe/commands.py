@@ -19,9 +19,10 @@ COMPRESS_DEFAULTS = {
     "metric": "euclidean",
     "merge": "frequency",
     "representation": "expert-output",
+    "max_group_size": None,
     "max_subsets": 10000,
-    "router": "average",
-    "calibration": "wiki:en",
+    "router": "dominant",
+    "calibration": "wiki:en,fr,es",
     "blocks": 32,
     "block_size": 2048,
     "batch_size": 4,
@@ -32,6 +33,8 @@ COMPRESS_DEFAULTS = {
     "stats": None,
     "save_stats": None,
     "overwrite": False,
+    "stream": False,
+    "sequential": False,
     "eval": True,
     "eval_languages": "en,fr,es",
     "eval_tokens": None,
@@ -55,9 +58,11 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--metric", help="distance between expert outputs: euclidean (default) or cosine")
     p.add_argument("--merge", help="merge inside a group: frequency (default), average or fix-dom (ZipIt-style)")
     p.add_argument("--representation", help="what hc-smoe clusters: expert-output (default), router-logits, weights")
+    p.add_argument("--max-group-size", type=int,
+                   help="hc-smoe: at most this many experts merged into one (capped agglomerative clustering)")
     p.add_argument("--max-subsets", type=int, help="o-prune: most subsets searched per layer [10000]")
-    p.add_argument("--router", help="new router rows: average (default), dominant or lsq")
-    p.add_argument("--calibration", help="calibration text: wiki:en (default), wiki:en,fr,es, a .txt/.jsonl file or a dataset name")
+    p.add_argument("--router", help="new router rows: dominant (default), average or lsq")
+    p.add_argument("--calibration", help="calibration text: wiki:en,fr,es (default), wiki:en, a .txt/.jsonl file or a dataset name")
     p.add_argument("--blocks", type=int, help="calibration blocks [32]")
     p.add_argument("--block-size", type=int, help="tokens per block, capped at the model's context [2048]")
     p.add_argument("--batch-size", type=int, help="blocks per forward pass during calibration [4]")
@@ -68,6 +73,10 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--stats", help="statistics file from --save-stats: re-plan without calibrating")
     p.add_argument("--save-stats", help="write calibration statistics here for later re-planning")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
+    p.add_argument("--stream", action="store_true", default=None,
+                   help="read, compress and write one layer at a time (models larger than memory)")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="calibrate each layer on the outputs of the already-compressed layers before it")
     p.add_argument("--no-eval", dest="eval", action="store_false", default=None,
                    help="skip the before/after evaluation on the validation text")
     p.add_argument("--eval-languages", help="validation languages to evaluate [en,fr,es]")
@@ -132,14 +141,17 @@ def run_compress(args: argparse.Namespace) -> int:
 
     result = compress(
         source, num_experts=k, method=o["method"], linkage=o["linkage"], metric=o["metric"], merge=o["merge"],
-        representation=o["representation"], max_subsets=o["max_subsets"], router=o["router"],
+        representation=o["representation"], max_group_size=o["max_group_size"], max_subsets=o["max_subsets"],
+        router=o["router"],
         calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
-        batch_size=o["batch_size"], stats=stats, plan=plan, dtype=o["dtype"], device=o["device"], seed=o["seed"],
-        progress=not args.quiet,
+        batch_size=o["batch_size"], stats=stats, plan=plan, sequential=bool(o["sequential"]),
+        stream_to=out if o["stream"] else None, keep_samples=bool(o["save_stats"]), overwrite=bool(o["overwrite"]),
+        dtype=o["dtype"],
+        device=o["device"], seed=o["seed"], progress=not args.quiet,
     )
     if o["save_stats"] and result.stats is not None:
         result.stats.save(o["save_stats"])
-    saved = result.save(out, overwrite=bool(o["overwrite"]))
+    saved = result.saved or result.save(out, overwrite=bool(o["overwrite"]))
     if o["eval"]:
         evaluation = evaluate_before_after(source, saved, o)
         result.write_card(saved, evaluation)
@@ -173,40 +185,92 @@ def add_inspect_parser(sub) -> None:
 
 
 def describe(model_path: str | None) -> dict:
-    """Architecture, MoE layers, experts, top-k, shared parts and size, read from config and weights only."""
-    from hcsmoe.adapters import architecture_for, expert_count, top_k
+    """Architecture, expert layout, routing, shared parts and size, read from config and weights only."""
+    from hcsmoe.adapters import architecture_for, dense_layers, expert_count, moe_layers, top_k
     from hcsmoe.loading import load_config, model_dir
 
     source = model_dir(model_path)
     config = load_config(source)
     architecture = architecture_for(config)
+    skeleton = meta_skeleton(config)
     weight_files = sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin"))
     return {
         "path": str(source),
         "architecture": architecture.name,
         "model_type": config.model_type,
         "layers": config.num_hidden_layers,
-        "moe_layers": moe_layer_indices(source, config, architecture),
+        "moe_layers": [m.index for m in moe_layers(skeleton, architecture)],
+        "dense_layers": dense_layers(skeleton, architecture),
         "experts_per_layer": expert_count(config, architecture),
         "top_k": top_k(config, architecture),
+        "routing": routing_summary(config, architecture),
+        "valid_k": valid_k_summary(config, architecture),
         "expert_count_keys": list(architecture.count_keys),
-        "shared_modules": list(architecture.shared),
+        **expert_layout(skeleton, architecture),
         "hidden_size": config.hidden_size,
         "dtype": str(getattr(config, "dtype", None) or "unknown").removeprefix("torch."),
         "size_bytes": sum(f.stat().st_size for f in weight_files),
     }
 
 
-def moe_layer_indices(source: Path, config, architecture) -> list[int]:
-    """MoE layers found by building the model skeleton on the meta device (no weights are read)."""
+def meta_skeleton(config):
+    """The model built on the meta device: its module tree and shapes, without reading or allocating weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hcsmoe.adapters import moe_layers
-
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return [m.index for m in moe_layers(skeleton, architecture)]
+        return AutoModelForCausalLM.from_config(config)
+
+
+ROUTING_SUMMARIES = {
+    "softmax": "the router's own top-k; experts scored by a softmax over all of them",
+    "sigmoid": "top-k of sigmoid scores plus e_score_correction_bias; experts scored by sigmoid",
+    "llama4": "top-k logits, each chosen expert's input scaled by the sigmoid of its logit",
+}
+
+
+def routing_summary(config, architecture) -> str:
+    """How the family scores and picks experts, including a group limit that restricts K."""
+    from hcsmoe.adapters import group_limits
+
+    summary = f"{architecture.routing}: {ROUTING_SUMMARIES[architecture.routing]}"
+    limits = group_limits(config, architecture)
+    if limits is not None:
+        summary += f"; group-limited: each token picks {limits[1]} of {limits[0]} expert groups"
+    return summary
+
+
+def valid_k_summary(config, architecture) -> str:
+    """The expert counts compress accepts for this model (a group limit allows only some)."""
+    from hcsmoe.adapters import group_limits, valid_expert_counts
+
+    valid = valid_expert_counts(config, architecture)
+    if group_limits(config, architecture) is None:
+        return f"{valid[0]} to {valid[-1]}"
+    return ", ".join(map(str, valid))
+
+
+def expert_layout(skeleton, architecture) -> dict:
+    """Where the routed experts, router and shared parts were found, with every per-expert tensor's shape
+    (from the first MoE layer; paths relative to a decoder layer)."""
+    from hcsmoe.adapters import moe_layers, shared_modules
+
+    moe = moe_layers(skeleton, architecture)[0]
+    prefix = f"{architecture.moe_block}."
+    experts = {f"{prefix}{architecture.experts}.{n}": list(t.shape)
+               for n, t in [*moe.experts.named_parameters(recurse=False), *moe.experts.named_buffers(recurse=False)]}
+    router = {f"{prefix}{architecture.router}.{n}": list(t.shape)
+              for n, t in [*moe.router.named_parameters(recurse=False), *moe.router.named_buffers(recurse=False)]}
+    gate_up = "[E, H, 2I] (transposed)" if architecture.transposed else "[E, 2I, H]"
+    order = "interleaved g0, u0, g1, u1, ..." if architecture.gate_up_interleaved else "concatenated [gate; up]"
+    found = shared_modules(skeleton, architecture)
+    shared = [path for path in architecture.shared if any(name.endswith(f".{path}") for name in found)]
+    return {
+        "expert_layout": f"gate_up_proj {gate_up}, {order}; activation {architecture.activation}",
+        "expert_tensors": experts,
+        "router_tensors": router,
+        "shared_modules": shared,
+    }
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -219,5 +283,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             value = f"{value / 2**20:.1f} MiB on disk"
         elif key == "moe_layers":
             value = f"{len(value)} of {info['layers']}: {value}"
+        elif isinstance(value, dict):
+            value = "".join(f"\n{'':>22}{name} {shape}" for name, shape in value.items())
         print(f"{key.replace('_', ' '):>20}: {value}")
     return 0

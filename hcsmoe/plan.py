@@ -195,28 +195,83 @@ class HCSMoE:
     name = "hc-smoe"
 
     def __init__(self, linkage: str = "average", metric: str = "euclidean", merge: str = "frequency",
-                 representation: str = "expert-output"):
+                 representation: str = "expert-output", max_group_size: int | None = None):
         if linkage not in LINKAGES:
             raise UserError(f"unknown linkage {linkage!r}; choose one of: {', '.join(LINKAGES)}")
         check_merge_options(merge, metric, representation)
         if linkage == "ward" and metric != "euclidean":
             raise UserError("ward linkage needs the euclidean distance; use --metric euclidean")
+        if max_group_size is not None and max_group_size < 1:
+            raise UserError(f"--max-group-size must be at least 1, got {max_group_size}")
         self.linkage, self.metric, self.merge, self.representation = linkage, metric, merge, representation
+        self.max_group_size = max_group_size
 
     def options(self) -> dict:
         return {"linkage": self.linkage, "metric": self.metric, "merge": self.merge,
-                "representation": self.representation}
+                "representation": self.representation, "max_group_size": self.max_group_size}
 
     def plan_layer(self, stats: LayerStats, k: int) -> LayerPlan:
         distances = expert_distances(stats, self.representation, self.metric)
-        tree = scipy_linkage(distances, method=self.linkage)
-        groups = groups_from_linkage(tree, stats.num_experts, k)
+        n = stats.num_experts
+        if self.max_group_size is None or self.max_group_size >= n - k + 1:
+            tree = scipy_linkage(distances, method=self.linkage)
+        else:
+            tree = capped_linkage(distances, n, self.linkage, self.max_group_size, k)
+        groups = groups_from_linkage(tree, n, k)
         return LayerPlan(
             layer=stats.layer,
             num_experts=stats.num_experts,
             groups=[make_group(g, stats, self.merge) for g in groups],
             details={"linkage_matrix": tree.tolist(), "distances": squareform(distances).round(6).tolist()},
         )
+
+
+def capped_linkage(distances: np.ndarray, n: int, method: str, cap: int, k: int) -> np.ndarray:
+    """Agglomerative clustering as scipy does it, except that none of the first n - k merges may make a
+    group of more than `cap` experts: the closest allowed pair merges next. The remaining merges (beyond
+    the k groups, for the dendrogram only) are unconstrained. Returns a scipy-format linkage matrix.
+
+    Why: on expert outputs, average linkage can chain half a layer into one group whose single merged
+    expert then replaces experts that carried most of the routing.
+    """
+    if cap * k < n:
+        raise UserError(f"{k} groups of at most {cap} experts cannot hold {n} experts; raise --max-group-size")
+    square = squareform(distances).astype(np.float64)
+    if method == "ward":
+        square = square**2
+    np.fill_diagonal(square, np.inf)
+    sizes = np.ones(n, dtype=np.int64)
+    active = np.ones(n, dtype=bool)
+    ids = np.arange(n)
+    rows = []
+    for step in range(n - 1):
+        limit = cap if step < n - k else n
+        allowed = active[:, None] & active[None, :] & (sizes[:, None] + sizes[None, :] <= limit)
+        candidates = np.where(np.triu(allowed, 1), square, np.inf)
+        a, b = np.unravel_index(np.argmin(candidates), candidates.shape)
+        d_ab = square[a, b]
+        square[a, :] = square[:, a] = _lance_williams(method, square[a], square[b], d_ab, sizes[a], sizes[b], sizes)
+        square[a, a] = np.inf
+        square[b, :] = square[:, b] = np.inf
+        rows.append([min(ids[a], ids[b]), max(ids[a], ids[b]), np.sqrt(d_ab) if method == "ward" else d_ab,
+                     sizes[a] + sizes[b]])
+        sizes[a] += sizes[b]
+        active[b] = False
+        ids[a] = n + step
+    return np.array(rows, dtype=np.float64)
+
+
+def _lance_williams(method: str, d_a: np.ndarray, d_b: np.ndarray, d_ab: float, n_a: int, n_b: int,
+                    sizes: np.ndarray) -> np.ndarray:
+    """Distance from the merged group a+b to every other group (ward on squared distances)."""
+    if method == "single":
+        return np.minimum(d_a, d_b)
+    if method == "complete":
+        return np.maximum(d_a, d_b)
+    if method == "average":
+        return (n_a * d_a + n_b * d_b) / (n_a + n_b)
+    total = n_a + n_b + sizes
+    return ((n_a + sizes) * d_a + (n_b + sizes) * d_b - sizes * d_ab) / total
 
 
 class KMeans:
@@ -406,7 +461,7 @@ def make_planner(method: str, **options):
     return PLANNERS[method](**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
-def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, router: str = "average") -> Plan:
+def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, router: str = "dominant") -> Plan:
     """Apply one planner to every layer with the same target k."""
     if router not in ROUTERS:
         raise UserError(f"unknown router method {router!r}; choose one of: {', '.join(ROUTERS)}")

@@ -106,7 +106,8 @@ def test_inspect_shows_layout(capsys, tiny_models):
     code, out, _ = run_cli(capsys, "inspect", str(tiny_models["qwen2_moe"]), "--json")
     info = json.loads(out)
     assert code == 0 and info["experts_per_layer"] == 8 and info["top_k"] == 2 and info["moe_layers"] == [0, 1]
-    assert info["shared_modules"] == ["shared_expert", "shared_expert_gate"]
+    assert info["shared_modules"] == ["mlp.shared_expert", "mlp.shared_expert_gate"]
+    assert info["expert_tensors"] == {"mlp.experts.gate_up_proj": [8, 32, 32], "mlp.experts.down_proj": [8, 32, 16]}
 
 
 def test_unsupported_architecture_names_the_supported_list(capsys, dense_model):

@@ -24,8 +24,17 @@ INPUT = torch.arange(40).remainder(997).mul(37).remainder(8000).view(2, 20)
 FAST = dict(num_blocks=4, block_size=64, progress=False)
 
 
+# torch's CPU grouped_mm (transformers' default experts kernel) rounds differently depending on the weights'
+# address mod 16 bytes when it gets them transposed, and a checkpoint's tensors load as views into the file at
+# arbitrary 8-byte offsets. Logits are therefore compared with every tensor moved to freshly allocated
+# (64-byte aligned) memory: equal weights then give equal logits, whatever the load path.
+FRESH_MEMORY = "for t in [*m.parameters(), *m.buffers()]: t.data = t.data.clone()"
+
+
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
         return model(input_ids=INPUT).logits
 
 
@@ -39,6 +48,8 @@ def test_keeping_every_expert_is_bit_identical(tiny_models, arch):
     original = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
     result = compress(tiny_models[arch], num_experts=8, **FAST)
     assert all(len(lp.groups) == 8 for lp in result.plan.layers)
+    before, after = original.state_dict(), result.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(logits(result.model), logits(original))
 
 
@@ -46,7 +57,7 @@ def test_keeping_every_expert_is_bit_identical(tiny_models, arch):
 def test_saved_model_reloads_identically_and_is_smaller(tiny_models, arch, tmp_path):
     source = tiny_models[arch]
     original = AutoModelForCausalLM.from_pretrained(source)
-    result = compress(source, num_experts=5, **FAST)
+    result = compress(source, num_experts=6, **FAST)  # 6: valid for DeepSeek's 2 expert groups too
     out = result.save(tmp_path / "out")
     expected = logits(result.model)
 
@@ -55,6 +66,7 @@ def test_saved_model_reloads_identically_and_is_smaller(tiny_models, arch, tmp_p
         "from transformers import AutoModelForCausalLM\n"
         "m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)\n"
         "assert not info['missing_keys'] and not info['unexpected_keys'], info\n"
+        f"{FRESH_MEMORY}\n"
         "with torch.no_grad(): torch.save(m(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])\n"
     )
     torch.save(INPUT, tmp_path / "input.pt")
@@ -64,12 +76,16 @@ def test_saved_model_reloads_identically_and_is_smaller(tiny_models, arch, tmp_p
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     per_expert = expert_params(original) // (8 * len(result.plan.layers))
-    removed = 3 * len(result.plan.layers)
+    removed = 2 * len(result.plan.layers)
     assert sum(p.numel() for p in original.parameters()) - sum(p.numel() for p in reloaded.parameters()) == removed * per_expert
     config = json.loads((out / "config.json").read_text())
-    assert all(config[key] == 5 for key in result.architecture.count_keys)
-    keys = load_file(str(out / "model.safetensors")).keys()
-    assert any(".experts.4." in k for k in keys) and not any(".experts.5." in k for k in keys)
+    assert all(config[key] == 6 for key in result.architecture.count_keys)
+    saved, before = load_file(str(out / "model.safetensors")), load_file(str(source / "model.safetensors"))
+    dropped = set(before) - set(saved)  # per-expert naming (Qwen, Mixtral, OLMoE, DeepSeek, Phi-MoE): experts 6, 7
+    shrunk = {k for k in saved if saved[k].shape != before[k].shape}  # fused [E, ...] tensors (GPT-OSS, Granite, Llama 4)
+    assert set(saved) <= set(before) and (dropped or shrunk)
+    assert all(".experts.6." in k or ".experts.7." in k for k in dropped)
+    assert all(before[k].shape[0] == 8 and saved[k].shape == (6, *before[k].shape[1:]) for k in shrunk)
     assert (out / "hcsmoe_plan.json").is_file() and (out / "dendrograms.png").is_file() and (out / "README.md").is_file()
 
 
@@ -77,7 +93,7 @@ def test_shared_expert_is_untouched(tiny_models):
     original = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2_moe"])
     result = compress(tiny_models["qwen2_moe"], num_experts=4, **FAST)
     before = {k: v for k, v in original.state_dict().items() if "shared_expert" in k}
-    after = result.model.state_dict()
+    after = result.model.state_dict()  # shared_expert_gate included
     assert before and all(torch.equal(after[k], v) for k, v in before.items())
 
 

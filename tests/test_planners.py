@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
+from scipy.cluster.hierarchy import linkage as scipy_linkage
+from scipy.spatial.distance import pdist
 from transformers import AutoModelForCausalLM
 
 from hcsmoe.adapters import MoELayer, architecture_for, moe_layers
 from hcsmoe.apply import apply_plan_keeping_router, fix_dom_expert
-from hcsmoe.calibrate import LayerStats, calibrate
+from hcsmoe.calibrate import LayerStats
+from hcsmoe.errors import UserError
+from hcsmoe.layerwise import calibrate_model
 from hcsmoe.loading import load_model, load_tokenizer
 from hcsmoe.pipeline import calibration_blocks, compress
-from hcsmoe.plan import PLANNERS, EAN, REAP, FrequencyPrune, Group, HCSMoE, KMeans, MSMoE, OPrune, SoftPrune
+from hcsmoe.plan import (
+    EAN,
+    PLANNERS,
+    REAP,
+    FrequencyPrune,
+    Group,
+    HCSMoE,
+    KMeans,
+    MSMoE,
+    OPrune,
+    SoftPrune,
+    capped_linkage,
+)
 
 FAST = dict(num_blocks=4, block_size=64, progress=False)
 
@@ -143,8 +160,9 @@ def test_reap_scores_match_an_independent_computation_and_rank_a_dead_expert_las
     arch = architecture_for(model.config)
     layers = moe_layers(model, arch)
     layers[0] = MoELayer(0, layers[0].block, NeverRoutesTo(layers[0].router, 3), layers[0].experts)
+    layers[0].block.gate = layers[0].router  # the model itself routes around expert 3
     blocks = calibration_blocks(load_tokenizer(tiny_models["qwen3_moe"]), "wiki:en", 2, 32, 64)
-    stats = calibrate(model, arch, layers, blocks, progress=False)[0]
+    stats = calibrate_model(model, arch, blocks, progress=False)[0]
     assert stats.counts[3] == 0 and stats.reap[3] == 0
     assert 3 not in kept(REAP().plan_layer(stats, 7))
 
@@ -208,3 +226,23 @@ def test_keeping_the_full_router_aliases_group_members(tiny_models):
     for g, group in enumerate(result.plan.layers[0].groups):
         for member in group.members:
             assert torch.equal(moe.experts.gate_up_proj[member], merged.experts.gate_up_proj[g].float())
+
+
+@pytest.mark.parametrize("method", ["average", "single", "complete", "ward"])
+def test_capped_linkage_is_scipys_when_the_cap_never_binds(method):
+    points = np.random.default_rng(1).normal(size=(24, 6))
+    distances = pdist(points)
+    assert np.allclose(capped_linkage(distances, 24, method, cap=24, k=6), scipy_linkage(distances, method=method))
+
+
+def test_a_group_size_cap_is_respected_and_still_gives_exactly_k():
+    """Points on a line with one dense clump: uncapped average linkage swallows the clump in one group."""
+    points = np.concatenate([np.linspace(0, 0.1, 12), np.linspace(5, 50, 8)])[:, None]
+    stats = hand_made(e=20, h=1, mean_output=torch.tensor(points, dtype=torch.float32))
+    free = HCSMoE().plan_layer(stats, 8)
+    capped = HCSMoE(max_group_size=3).plan_layer(stats, 8)
+    assert max(len(g.members) for g in free.groups) > 3
+    assert len(capped.groups) == 8 and max(len(g.members) for g in capped.groups) <= 3
+    assert sorted(m for g in capped.groups for m in g.members) == list(range(20))
+    with pytest.raises(UserError, match="max-group-size"):
+        HCSMoE(max_group_size=2).plan_layer(stats, 8)

@@ -81,8 +81,8 @@ def test_no_dead_experts_on_validation_text_of_all_languages():
 
 
 def test_hc_smoe_at_half_the_experts_beats_random_pruning():
-    """Measured on all three validation languages (8,192 tokens each, mean perplexity): on English alone,
-    with English calibration, HC-SMoE at 16 experts does NOT beat random pruning on this model (see README)."""
+    """Default HC-SMoE at 16 of 32 experts: English validation perplexity (whole split) better than random
+    pruning (mean of 3 seeds), and better on French and Spanish too (first 8,192 tokens of each)."""
     tokenizer = load_tokenizer(REFERENCE_MODEL)
     half = load_model(REFERENCE_MODEL).config.num_experts // 2
 
@@ -91,12 +91,14 @@ def test_hc_smoe_at_half_the_experts_beats_random_pruning():
         return {lang: m["ppl"] for lang, m in scores.items()}
 
     hc = compress(REFERENCE_MODEL, num_experts=half, progress=False)
+    randoms = [compress(REFERENCE_MODEL, num_experts=half, method="random", seed=seed, stats=hc.stats, progress=False)
+               for seed in range(3)]
     english = ppl(hc, languages=("en",))["en"]
+    random_english = sum(ppl(r, languages=("en",))["en"] for r in randoms) / len(randoms)
     hc_ppl = ppl(hc, max_tokens=8192)
-    random_ppls = [ppl(compress(REFERENCE_MODEL, num_experts=half, method="random", seed=seed, stats=hc.stats,
-                                progress=False), max_tokens=8192) for seed in range(3)]
-    random_mean = {lang: sum(r[lang] for r in random_ppls) / 3 for lang in LANGUAGES}
-    print(f"\nEnglish validation perplexity at {half} experts: hc-smoe {english:.2f} "
+    random_ppls = [ppl(r, max_tokens=8192) for r in randoms]
+    random_mean = {lang: sum(r[lang] for r in random_ppls) / len(random_ppls) for lang in LANGUAGES}
+    print(f"\nEnglish validation perplexity at {half} experts: hc-smoe {english:.2f}, random {random_english:.2f} "
           f"(original {CARD['validation']['en']['ppl']:.2f}); first 8192 tokens: hc-smoe {hc_ppl}, random {random_mean}")
-    assert english > CARD["validation"]["en"]["ppl"]  # compression costs something: the test can fail both ways
-    assert sum(hc_ppl.values()) < sum(random_mean.values())
+    assert CARD["validation"]["en"]["ppl"] < english < random_english  # compression costs something, less than chance
+    assert all(hc_ppl[lang] < random_mean[lang] for lang in LANGUAGES)

@@ -1,0 +1,272 @@
+"""Run the calibration text through the model one decoder layer at a time.
+
+The hidden states of every calibration block are kept between layers; each decoder layer runs on them
+with the per-layer arguments (position embeddings, masks) the model itself computed. In an MoE layer
+the routed experts are not run by the model: their inputs are captured, every expert's statistics and
+the layer's routed output come from one chunked pass over all tokens (`calibrate.expert_pass`), and
+the output is replayed into the layer. Weights come from a `TensorSource`: the loaded model, or a
+checkpoint read lazily from disk, so a model larger than memory is calibrated a layer at a time, and
+both give the same numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, get_path, moe_layers
+from hcsmoe.calibrate import (
+    ExpertChunk,
+    LayerAccumulator,
+    expert_pass,
+    expert_view,
+    experts_per_chunk,
+    route_tokens,
+    weight_gram,
+)
+from hcsmoe.checkpoint import CheckpointReader
+
+CHUNK_BYTES = 128 * 2**20  # float32 expert weights held at once
+
+
+class TensorSource:
+    """Float32 parameters by model name, optionally only rows start:stop of the leading (expert) axis."""
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MemorySource(TensorSource):
+    """The parameters of a model already in memory."""
+
+    def __init__(self, model: nn.Module):
+        self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+
+    def read(self, name, start=None, stop=None):
+        tensor = self.tensors[name].detach()
+        return (tensor if start is None else tensor[start:stop]).float()
+
+
+class CheckpointSource(TensorSource):
+    """Parameters read from a safetensors checkpoint on demand, moved to `device` (one layer's worth at a time)."""
+
+    def __init__(self, reader: CheckpointReader, device: str | torch.device = "cpu"):
+        self.reader = reader
+        self.device = torch.device(device)
+
+    def read(self, name, start=None, stop=None):
+        return self.reader.tensor(name, start, stop).to(self.device, torch.float32)
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError("module not in model")
+
+
+def expert_chunks(model: nn.Module, moe: MoELayer, source: TensorSource,
+                  budget: int = CHUNK_BYTES) -> Callable[[], Iterator[ExpertChunk]]:
+    """A re-iterable series of (first expert, view holding a few experts' float32 weights)."""
+    prefix = module_name(model, moe.experts)
+    e = moe.num_experts
+    names = list(expert_parameters(moe.experts, e))
+    size = experts_per_chunk(moe.experts, e, budget)
+
+    def chunks() -> Iterator[ExpertChunk]:
+        for first in range(0, e, size):
+            stop = min(e, first + size)
+            yield first, expert_view(moe.experts, {n: source.read(f"{prefix}.{n}", first, stop) for n in names})
+
+    return chunks
+
+
+@dataclass
+class LayerInputs:
+    """What each decoder layer receives, per calibration batch."""
+
+    hidden: list[torch.Tensor]  # [B, L, H] per batch: the input of the next layer to run
+    arguments: list[list[dict]]  # per decoder layer, per batch: keyword arguments the model passes it
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records what the model passes it and returns the hidden states unchanged."""
+
+    def __init__(self, layer: nn.Module, store: list[dict]):
+        super().__init__()
+        self.__dict__["_layer"] = layer
+        self.__dict__["_store"] = store
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to get keyword arguments besides the hidden states")
+        self.__dict__["_store"].append({"hidden": hidden_states, **kwargs})
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, architecture: Architecture, blocks: torch.Tensor,
+                         batch_size: int) -> LayerInputs:
+    """Embed every block and record each decoder layer's arguments, running no decoder layer."""
+    layers = decoder_layers(model, architecture)
+    originals = list(layers)
+    stores: list[list[dict]] = [[] for _ in originals]
+    for index, layer in enumerate(originals):
+        layers[index] = _Recorder(layer, stores[index])
+    body = getattr(model, "base_model", model)
+    device = _device_of(body)
+    try:
+        for batch in blocks.split(batch_size):
+            body(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    hidden = [record["hidden"].float() for record in stores[0]]
+    arguments = [[{k: v for k, v in record.items() if k != "hidden"} for record in store] for store in stores]
+    return LayerInputs(hidden, arguments)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _layer_output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+@torch.no_grad()
+def run_dense_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.Tensor]:
+    return [_layer_output(layer(h, **a)) for h, a in zip(inputs.hidden, inputs.arguments[index])]
+
+
+@torch.no_grad()
+def run_moe_layer(
+    layer: nn.Module,
+    moe: MoELayer,
+    architecture: Architecture,
+    inputs: LayerInputs,
+    chunks: Callable[[], Iterator[ExpertChunk]],
+    accumulator: LayerAccumulator | None = None,
+) -> list[torch.Tensor]:
+    """Run one MoE decoder layer on every batch, its experts chunk by chunk; statistics go to `accumulator`.
+
+    Pass 1 runs the layer with the experts replaced by zeros, capturing the MoE block's inputs; one expert
+    pass then computes the routed output of all tokens; pass 2 replays that output into the layer.
+    """
+    captured: list[torch.Tensor] = []
+    hook = moe.block.register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    replay: list[torch.Tensor] = []
+    moe.experts.forward = lambda hidden_states, *args, **kwargs: _routed_output(hidden_states, replay)
+    try:
+        for h, a in zip(inputs.hidden, inputs.arguments[moe.index]):
+            layer(h, **a)
+        x = torch.cat(captured)
+        probs, weights, indices = route_tokens(moe, architecture, x)
+        if accumulator is not None:
+            accumulator.add_routing(probs, indices, x)
+        routed = expert_pass(x, indices, weights, chunks(), architecture, accumulator,
+                             gate_on_input=architecture.gate_on_input)
+        hook.remove()
+        replay.extend(routed.to(x.dtype).split([c.shape[0] for c in captured]))
+        return [_layer_output(layer(h, **a)) for h, a in zip(inputs.hidden, inputs.arguments[moe.index])]
+    finally:
+        hook.remove()
+        del moe.experts.forward
+
+
+def _routed_output(hidden_states: torch.Tensor, replay: list[torch.Tensor]) -> torch.Tensor:
+    """What the experts module returns: zeros while capturing, then the precomputed routed output.
+
+    Families that sum per-expert rows afterwards (Llama 4 passes [E*T, H]) get it in the first T rows."""
+    out = torch.zeros_like(hidden_states)
+    if replay:
+        routed = replay.pop(0)
+        out[: routed.shape[0]] = routed
+    return out
+
+
+def calibrate_layer(
+    model: nn.Module,
+    layer: nn.Module,
+    moe: MoELayer,
+    architecture: Architecture,
+    inputs: LayerInputs,
+    source: TensorSource,
+    *,
+    max_router_inputs: int = 8192,
+    output_samples: int = 0,
+    with_weight_gram: bool = False,
+):
+    """Statistics of one MoE layer on its inputs, and the layer's original outputs."""
+    tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+    accumulator = LayerAccumulator(moe, architecture, tokens, max_router_inputs, output_samples)
+    chunks = expert_chunks(model, moe, source)
+    outputs = run_moe_layer(layer, moe, architecture, inputs, chunks, accumulator)
+    gram = weight_gram(chunks, moe.num_experts) if with_weight_gram else None
+    return accumulator.result(gram), outputs
+
+
+def moe_layer_at(model: nn.Module, architecture: Architecture, index: int) -> MoELayer | None:
+    """The MoE handles of decoder layer `index`, or None for a dense layer."""
+    layer = decoder_layers(model, architecture)[index]
+    block = get_path(layer, architecture.moe_block)
+    router = get_path(block, architecture.router) if block is not None else None
+    experts = get_path(block, architecture.experts) if block is not None else None
+    if router is None or experts is None or not hasattr(experts, "gate_up_proj"):
+        return None
+    return MoELayer(index, block, router, experts)
+
+
+def calibrate_model(
+    model: nn.Module,
+    architecture: Architecture,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    max_router_inputs: int = 8192,
+    output_samples: int = 0,
+    with_weight_gram: bool = False,
+    after_layer: Callable[[MoELayer, object], bool] | None = None,
+    progress: bool = True,
+):
+    """Statistics of every MoE layer of a model in memory, computed layer by layer.
+
+    `after_layer(moe, stats)` may compress the layer in place and return True, in which case the next
+    layers see the compressed layer's outputs (sequential mode); by default they see the original's.
+    """
+    moe_layers(model, architecture)  # fails early with a clear message when there is none
+    source = MemorySource(model)
+    inputs = capture_layer_inputs(model, architecture, blocks, batch_size)
+    results = []
+    layers = decoder_layers(model, architecture)
+    for index in tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not progress):
+        layer = layers[index]
+        moe = moe_layer_at(model, architecture, index)
+        if moe is None:
+            inputs.hidden = run_dense_layer(layer, inputs, index)
+            continue
+        stats, outputs = calibrate_layer(model, layer, moe, architecture, inputs, source,
+                                         max_router_inputs=max_router_inputs, output_samples=output_samples,
+                                         with_weight_gram=with_weight_gram)
+        results.append(stats)
+        if after_layer is not None and after_layer(moe, stats):
+            source = MemorySource(model)
+            outputs = run_moe_layer(layer, moe_layer_at(model, architecture, index), architecture, inputs,
+                                    expert_chunks(model, moe_layer_at(model, architecture, index), source))
+        inputs.hidden = outputs
+    return results

@@ -1,0 +1,237 @@
+"""Compress a checkpoint larger than memory: read, calibrate, merge and write one decoder layer at a time.
+
+The model is built on the meta device (no memory); the embeddings run once to produce the calibration
+hidden states, then each decoder layer is read from the safetensors shards (its routed experts only a
+chunk at a time), calibrated, planned, merged and written to the output shards before the next one is
+read. Arithmetic is the in-memory path's, on the same float32 values, so the saved weights are
+bit-identical to `compress(...).save(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from tqdm.auto import tqdm
+
+from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, set_expert_count
+from hcsmoe.apply import router_rows, weighted_sum
+from hcsmoe.calibrate import LayerStats
+from hcsmoe.checkpoint import CheckpointReader, ShardWriter, checkpoint_names
+from hcsmoe.errors import UserError
+from hcsmoe.layerwise import (
+    CheckpointSource,
+    LayerInputs,
+    calibrate_layer,
+    capture_layer_inputs,
+    moe_layer_at,
+    module_name,
+    run_dense_layer,
+)
+from hcsmoe.plan import Group, LayerPlan, Plan
+
+GENERATION_FILES = ("generation_config.json",)
+MERGED_CHUNK_BYTES = 64 * 2**20  # merged experts (output dtype) written at once
+
+
+def skeleton(config) -> nn.Module:
+    """The model with every tensor on the meta device: structure and names, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout, no router jitter
+
+
+def materialize(model: nn.Module, module: nn.Module, source: CheckpointSource, skip: set[str] = frozenset()) -> None:
+    """Give `module` its float32 weights from the checkpoint (except names in `skip`), and recompute
+    buffers the checkpoint does not store (rotary frequencies) the way transformers initialises them."""
+    prefix = module_name(model, module)
+    persistent = set(model.state_dict())
+    for sub_name, sub in module.named_modules():
+        full = ".".join(p for p in (prefix, sub_name) if p)
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if f"{full}.{name}" not in skip:
+                sub._parameters[name] = nn.Parameter(source.read(f"{full}.{name}"), requires_grad=False)
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            if buffer is None or buffer.device.type != "meta" or f"{full}.{name}" in skip:
+                continue
+            if f"{full}.{name}" in persistent and f"{full}.{name}" in source.reader:
+                sub._buffers[name] = source.read(f"{full}.{name}")
+            else:
+                sub.to_empty(device=source.device, recurse=False)
+                model._init_weights(sub)
+                break
+
+
+def release(module: nn.Module) -> None:
+    """Drop a module's weights (back to the meta device) once it has been written."""
+    module.to("meta")
+
+
+def outside_layers(model: nn.Module, architecture: Architecture) -> list[nn.Module]:
+    """The base model's direct children other than the decoder layers (embeddings, final norm, rotary)."""
+    layers = decoder_layers(model, architecture)
+    body = getattr(model, "base_model", model)
+    return [child for child in body.children() if child is not layers]
+
+
+def shard_bytes_for(source_dir: Path) -> int:
+    """Output shards of about 1/32 of the input checkpoint (64 MiB to 2 GiB): a shard is held in memory
+    until written, so this keeps the writer's share of peak memory a fixed fraction of the model."""
+    size = sum(p.stat().st_size for p in source_dir.glob("*.safetensors"))
+    return min(2 * 2**30, max(64 * 2**20, size // 32))
+
+
+class StreamingCompressor:
+    """State of one streaming run: the skeleton, the reader and the writer."""
+
+    def __init__(self, source_dir: Path, config, architecture: Architecture, output_dtype: torch.dtype,
+                 directory: Path, device: str = "cpu", progress: bool = True):
+        self.model = skeleton(config)
+        self.architecture = architecture
+        self.reader = CheckpointReader(source_dir, self.model)
+        self.source = CheckpointSource(self.reader, device)
+        self.output_dtype = output_dtype
+        self.writer = ShardWriter(directory, shard_bytes_for(source_dir))
+        self.progress = progress
+        self.tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
+
+    def write(self, tensors: dict[str, torch.Tensor], first_expert: int = 0) -> None:
+        cast = {name: tensor.to(self.output_dtype) for name, tensor in tensors.items() if name not in self.tied}
+        self.writer.add(checkpoint_names(self.model, cast, first_expert))
+
+    def write_unchanged(self, prefix: str, module: nn.Module, skip: set[str] = frozenset()) -> None:
+        """Every stored tensor of a module, as read (only cast to the output dtype)."""
+        names = [f"{prefix}.{n}" for n, _ in module.state_dict().items()]
+        self.write({n: self.reader.tensor(n) for n in names if n not in skip and n in self.reader})
+
+    def capture_inputs(self, blocks: torch.Tensor, batch_size: int) -> LayerInputs:
+        parts = outside_layers(self.model, self.architecture)
+        for part in parts:
+            materialize(self.model, part, self.source)
+        inputs = capture_layer_inputs(self.model, self.architecture, blocks, batch_size)
+        for part in parts:
+            release(part)
+        return inputs
+
+    def write_outside_layers(self) -> None:
+        layers_prefix = module_name(self.model, decoder_layers(self.model, self.architecture))
+        names = [n for n in self.model.state_dict() if not n.startswith(layers_prefix + ".")]
+        self.write({n: self.reader.tensor(n) for n in names if n in self.reader})
+
+    def write_moe_layer(self, moe: MoELayer, layer_plan: LayerPlan, plan: Plan, stats: LayerStats | None) -> None:
+        """Router rows and merged experts of one layer, the experts a few groups at a time."""
+        layer_prefix = module_name(self.model, decoder_layers(self.model, self.architecture)[moe.index])
+        layer = decoder_layers(self.model, self.architecture)[moe.index]
+        router_prefix, experts_prefix = module_name(self.model, moe.router), module_name(self.model, moe.experts)
+        e = moe.num_experts
+        expert_names = {f"{experts_prefix}.{n}" for n in expert_parameters(moe.experts, e)}
+        router_names = {f"{router_prefix}.{n}" for n in expert_parameters(moe.router, e)}
+        self.write_unchanged(layer_prefix, layer, skip=expert_names | router_names)
+        router = {name: router_rows(name.rsplit(".", 1)[1], self.source.read(name), layer_plan.groups, plan.router,
+                                    stats) for name in router_names}
+        self.write(router)
+        for first, groups in self._group_chunks(layer_plan.groups, expert_names):
+            self.write({name: self._merged(name, groups) for name in expert_names}, first)
+
+    def _group_chunks(self, groups: list[Group], expert_names: set[str]):
+        """Groups merged and written together: 64 MB of merged experts, or all of them when the checkpoint
+        stores the experts fused (one tensor per layer cannot be written in pieces)."""
+        per_expert = all(self.reader.sources[n].converter is not None for n in expert_names)
+        itemsize = torch.empty(0, dtype=self.output_dtype).element_size()
+        per_group = sum(self.model.get_parameter(n)[0].numel() * itemsize for n in expert_names)
+        size = max(1, MERGED_CHUNK_BYTES // max(1, per_group))
+        if not per_expert:
+            size = len(groups)
+        for first in range(0, len(groups), size):
+            yield first, groups[first : first + size]
+
+    def _merged(self, name: str, groups: list[Group]) -> torch.Tensor:
+        """Each group's merge in the output dtype, its members read one at a time: the in-memory path's
+        float32 arithmetic, rounded once to the output dtype as the in-memory path rounds it on saving."""
+        merged = []
+        for group in groups:
+            members = (self.source.read(name, j, j + 1)[0] for j in group.members)
+            value = next(members) if len(group.members) == 1 else weighted_sum(members, group.weights)
+            merged.append(value.to(self.output_dtype))
+        return torch.stack(merged)
+
+
+def check_streamable(plan_merge: str, sequential: bool) -> None:
+    if plan_merge == "fix-dom":
+        raise UserError("fix-dom merging is not available when streaming; use --merge frequency or drop --stream")
+    if sequential:
+        raise UserError("sequential calibration is not available when streaming; drop --sequential or --stream")
+
+
+def run_streaming(
+    compressor: StreamingCompressor,
+    *,
+    k: int,
+    planner,
+    router: str,
+    blocks: torch.Tensor | None,
+    batch_size: int,
+    output_samples: int,
+    with_weight_gram: bool,
+    stats_in: list[LayerStats] | None,
+    plan_in: Plan | None,
+    keep_samples: bool = False,
+) -> tuple[Plan, list[LayerStats]]:
+    """The layer loop: calibrate (unless statistics or a plan make it unnecessary), plan, write.
+
+    Per-token samples (router inputs, output samples) of finished layers are dropped unless `keep_samples`,
+    so memory does not grow with the number of layers."""
+    model, architecture = compressor.model, compressor.architecture
+    layers = decoder_layers(model, architecture)
+    inputs = compressor.capture_inputs(blocks, batch_size) if blocks is not None else None
+    compressor.write_outside_layers()
+    stats_by_layer = {s.layer: s for s in stats_in or []}
+    plans_by_layer = {lp.layer: lp for lp in plan_in.layers} if plan_in else {}
+    layer_plans, all_stats = [], []
+    for index in tqdm(range(len(layers)), desc="streaming", unit="layer", disable=not compressor.progress):
+        layer = layers[index]
+        moe = moe_layer_at(model, architecture, index)
+        if moe is None:
+            if inputs is not None:
+                materialize(model, layer, compressor.source)
+                inputs.hidden = run_dense_layer(layer, inputs, index)
+            compressor.write_unchanged(module_name(model, layer), layer)
+            release(layer)
+            continue
+        expert_names = {f"{module_name(model, moe.experts)}.{n}" for n in expert_parameters(moe.experts, moe.num_experts)}
+        materialize(model, layer, compressor.source, skip=expert_names)
+        moe = moe_layer_at(model, architecture, index)
+        stats = stats_by_layer.get(index)
+        if inputs is not None:
+            stats, inputs.hidden = calibrate_layer(model, layer, moe, architecture, inputs, compressor.source,
+                                                   output_samples=output_samples, with_weight_gram=with_weight_gram)
+        if stats is not None:
+            all_stats.append(stats)
+        layer_plan = plans_by_layer.get(index) or planner.plan_layer(stats, k)
+        layer_plans.append(layer_plan)
+        plan = Plan(method=planner.name, options=planner.options(), router=router, layers=[layer_plan])
+        if plan_in is not None:
+            plan = Plan(method=plan_in.method, options=plan_in.options, router=plan_in.router, layers=[layer_plan],
+                        merge=plan_in.merge)
+        compressor.write_moe_layer(moe, layer_plan, plan, stats)
+        release(layer)
+        if stats is not None and not keep_samples:
+            all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
+    if plan_in is not None:
+        return plan_in, all_stats
+    merge = "fix-dom" if getattr(planner, "merge", None) == "fix-dom" else "weighted"
+    return Plan(method=planner.name, options=planner.options(), router=router, layers=layer_plans, merge=merge), all_stats
+
+
+def write_config(source_dir: Path, config, architecture: Architecture, k: int, dtype: torch.dtype,
+                 directory: Path) -> None:
+    """config.json with every expert-count key updated, and the generation config as it was."""
+    set_expert_count(config, architecture, k)
+    config.dtype = dtype
+    config.save_pretrained(directory)
+    for name in GENERATION_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy(source_dir / name, directory / name)
