@@ -1,7 +1,7 @@
 """End-to-end time and peak memory of compressing the reference model to half its experts.
 
-Runs the same steps as `hcsmoe compress --no-eval` (load, calibrate on 32 blocks of English train
-text, cluster, merge, save) and prints the time of each stage and the peak resident memory.
+Runs the same steps as `hcsmoe compress --no-eval` (load, calibrate on 32 blocks of the default
+calibration text, cluster, merge, save) and prints the time of each stage and the peak resident memory.
 
     python -m benchmarks.compress_speed   # writes benchmarks/results/compress_speed.json
 """

@@ -1,0 +1,217 @@
+"""Models larger than memory: peak memory of a streaming run, speed of the statistics pass, re-planning.
+
+    python -m benchmarks.streaming memory   # ~8 GB synthetic Qwen3-MoE checkpoint -> 64 experts, peak RSS
+    python -m benchmarks.streaming speed    # one real-shaped layer: statistics pass vs its bare matmuls
+    python -m benchmarks.streaming replan   # reference model: compress from a statistics file vs calibrating
+
+Each writes benchmarks/results/streaming-<name>.json and prints it. Numbers are ratios measured in one
+run (same machine, same threads), not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+# Real Qwen3-30B-A3B MoE shapes; vocabulary reduced (the bundled tokenizer has 8192 tokens).
+QWEN3_SHAPES = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                    num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                    vocab_size=32768, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def qwen3_config(layers: int):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(num_hidden_layers=layers, dtype="bfloat16", **QWEN3_SHAPES)
+
+
+def write_synthetic_checkpoint(directory: Path, layers: int, seed: int = 0) -> int:
+    """Random bf16 weights with real shapes, in the per-expert naming of Qwen3-MoE checkpoints, one layer
+    at a time (never the whole model in memory). Returns the checkpoint's size in bytes."""
+    from hcsmoe.checkpoint import ShardWriter, checkpoint_names
+    from hcsmoe.loading import REFERENCE_MODEL
+    from hcsmoe.streaming import skeleton
+
+    config = qwen3_config(layers)
+    model = skeleton(config)
+    generator = torch.Generator().manual_seed(seed)
+    directory.mkdir(parents=True)
+    writer = ShardWriter(directory, max_shard_bytes=2**30)
+    state = model.state_dict()
+    groups = [[n for n in state if not n.startswith("model.layers.")]]
+    groups += [[n for n in state if n.startswith(f"model.layers.{i}.")] for i in range(layers)]
+    for names in groups:
+        tensors = {n: random_weight(n, state[n].shape, generator) for n in names}
+        writer.add(checkpoint_names(model, tensors))
+    writer.finish()
+    config.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REFERENCE_MODEL / name, directory / name)
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def random_weight(name: str, shape, generator: torch.Generator) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+
+def memory(layers: int, blocks: int, block_size: int, keep: bool) -> dict:
+    """Stream-compress the synthetic checkpoint to 64 experts in a child process; its peak RSS vs size."""
+    root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
+    source, out = root / "qwen3-synthetic", root / "compressed"
+    start = time.perf_counter()
+    size = write_synthetic_checkpoint(source, layers)
+    generated = time.perf_counter() - start
+    arguments = ["compress", str(source), "--experts", "64", "--out", str(out), "--stream", "--no-eval", "--quiet",
+                 "--blocks", str(blocks), "--block-size", str(block_size), "--batch-size", "1"]
+    start = time.perf_counter()
+    peak = peak_resident_bytes(arguments)
+    seconds = time.perf_counter() - start
+    reload = reload_check(out)
+    out_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    if not keep:
+        shutil.rmtree(root)
+    return {"layers": layers, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
+            "peak_rss_over_checkpoint": round(peak / size, 4), "calibration_tokens": blocks * block_size,
+            "compress_seconds": round(seconds, 1), "generate_seconds": round(generated, 1), "reload": reload}
+
+
+def peak_resident_bytes(arguments: list[str]) -> int:
+    """Run `hcsmoe ARGUMENTS` in a fresh process and return its peak resident memory (VmHWM).
+
+    Read by the process itself at exit: rusage's maxrss would also count the pages a forked child
+    shared with this (large) parent before exec."""
+    code = ("import atexit, sys\n"
+            "def report():\n"
+            "    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "    print('VMHWM', int(line.split()[1]) * 1024, file=sys.stderr)\n"
+            "atexit.register(report)\n"
+            "from hcsmoe.cli import main\n"
+            f"sys.exit(main({arguments!r}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr)
+    return int(next(l for l in result.stderr.splitlines() if l.startswith("VMHWM")).split()[1])
+
+
+def reload_check(out: Path) -> dict:
+    """Load the output with plain transformers in a fresh process and run a forward pass."""
+    code = (
+        "import json, torch; from transformers import AutoModelForCausalLM as M;"
+        f"m, info = M.from_pretrained({str(out)!r}, output_loading_info=True);"
+        "y = m(torch.arange(16)[None]).logits;"
+        "print(json.dumps({'missing': len(info['missing_keys']), 'unexpected': len(info['unexpected_keys']),"
+        " 'experts': m.config.num_experts, 'finite': bool(torch.isfinite(y).all())}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def speed(tokens: int, repeats: int) -> dict:
+    """The statistics pass of one real-shaped layer vs the bare matrix products it needs, same threads."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    from hcsmoe.adapters import MoELayer, architecture_for
+    from hcsmoe.calibrate import LayerAccumulator, expert_pass, route_tokens
+    from hcsmoe.layerwise import MemorySource, expert_chunks
+
+    torch.manual_seed(0)
+    config = qwen3_config(1)
+    block = Qwen3MoeSparseMoeBlock(config).float().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    architecture = architecture_for(config)
+    moe = MoELayer(0, block, block.gate, block.experts)
+    x = torch.randn(tokens, config.hidden_size)
+    chunks = expert_chunks(block, moe, MemorySource(block))
+
+    def statistics_pass():
+        probs, weights, indices = route_tokens(moe, architecture, x)
+        accumulator = LayerAccumulator(moe, architecture, tokens)
+        accumulator.add_routing(probs, indices, x)
+        expert_pass(x, indices, weights, chunks(), architecture, accumulator)
+        return accumulator.result()
+
+    _, _, indices = route_tokens(moe, architecture, x)
+    routed = [(indices == e).any(-1).nonzero().squeeze(-1) for e in range(moe.num_experts)]
+
+    def bare_matmuls():
+        """x @ gate_up for every expert on every token, down_proj on each expert's routed tokens."""
+        for first, view in chunks():
+            h = torch.matmul(x.unsqueeze(0), view.gate_up_proj.transpose(1, 2))
+            for local in range(view.down_proj.shape[0]):
+                tokens_e = routed[first + local]
+                torch.matmul(h[local, tokens_e, : h.shape[-1] // 2], view.down_proj[local].T)
+
+    timings = {"statistics": [], "bare": []}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, run in (("statistics", statistics_pass), ("bare", bare_matmuls)):
+                start = time.perf_counter()
+                run()
+                timings[name].append(time.perf_counter() - start)
+    best = {name: min(values) for name, values in timings.items()}
+    return {"tokens": tokens, "experts": moe.num_experts, "hidden": config.hidden_size,
+            "expert_dim": config.moe_intermediate_size, "threads": torch.get_num_threads(),
+            "seconds": {k: [round(v, 2) for v in vs] for k, vs in timings.items()},
+            "ratio_statistics_over_bare": round(best["statistics"] / best["bare"], 3)}
+
+
+def replan() -> dict:
+    """Reference model, in one process: compress with calibration, then from the saved statistics at
+    another K; the second run plans and merges only."""
+    from hcsmoe.calibrate import Statistics
+    from hcsmoe.loading import REFERENCE_MODEL
+    from hcsmoe.pipeline import compress
+
+    root = Path(tempfile.mkdtemp(prefix="hcsmoe-replan-"))
+    start = time.perf_counter()
+    first = compress(REFERENCE_MODEL, num_experts=16, progress=False)
+    calibrated = time.perf_counter() - start
+    first.stats.save(root / "stats.safetensors")
+    start = time.perf_counter()
+    again = compress(REFERENCE_MODEL, num_experts=24, stats=Statistics.load(root / "stats.safetensors"),
+                     progress=False)
+    replanned = time.perf_counter() - start
+    shutil.rmtree(root)
+    return {"with_calibration_seconds": round(calibrated, 3), "stages": first.info["seconds"],
+            "from_statistics_file_seconds": round(replanned, 3), "stages_from_file": again.info["seconds"],
+            "ratio": round(replanned / calibrated, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("benchmark", choices=("memory", "speed", "replan"))
+    parser.add_argument("--layers", type=int, default=6, help="memory: decoder layers (6 make about 8 GB)")
+    parser.add_argument("--blocks", type=int, default=4, help="memory: calibration blocks")
+    parser.add_argument("--block-size", type=int, default=256, help="memory: tokens per block")
+    parser.add_argument("--tokens", type=int, default=2048, help="speed: tokens through the layer")
+    parser.add_argument("--repeats", type=int, default=2, help="speed: runs of each (the best is kept)")
+    parser.add_argument("--keep", action="store_true", help="memory: keep the synthetic checkpoint")
+    args = parser.parse_args()
+    torch.set_num_threads(min(os.cpu_count() or 1, 2))
+    if args.benchmark == "memory":
+        result = memory(args.layers, args.blocks, args.block_size, args.keep)
+    elif args.benchmark == "speed":
+        result = speed(args.tokens, args.repeats)
+    else:
+        result = replan()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"streaming-{args.benchmark}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
