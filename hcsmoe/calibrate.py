@@ -240,6 +240,7 @@ def expert_pass(
     accumulator: LayerAccumulator | None = None,
     token_chunk: int = 2048,
     gate_on_input: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The routed-expert output of tokens x [T, H] (float32), a few experts at a time, with statistics.
 
@@ -247,8 +248,10 @@ def expert_pass(
     mean output over all tokens); the down projection runs only on the tokens routed to each expert,
     which gives the layer's real output and the REAP/EAN norms. Nothing per token is kept.
     `gate_on_input`: the family scales an expert's input by its gate instead of its output (Llama 4).
+    `out`: a zeroed float32 [T, H] buffer to accumulate into (e.g. memory-mapped); allocated if None.
     """
-    out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
     for first, view in chunks:
         count = view.down_proj.shape[0]
         for first_token in range(0, x.shape[0], token_chunk):

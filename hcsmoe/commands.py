@@ -34,6 +34,7 @@ COMPRESS_DEFAULTS = {
     "save_stats": None,
     "overwrite": False,
     "stream": False,
+    "offload_dir": None,
     "sequential": False,
     "eval": True,
     "eval_languages": "en,fr,es",
@@ -75,6 +76,8 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
     p.add_argument("--stream", action="store_true", default=None,
                    help="read, compress and write one layer at a time (models larger than memory)")
+    p.add_argument("--offload-dir", help="keep calibration hidden states in memory-mapped files in this directory "
+                                          "(automatic with --stream when they would not fit)")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="calibrate each layer on the outputs of the already-compressed layers before it")
     p.add_argument("--no-eval", dest="eval", action="store_false", default=None,
@@ -145,7 +148,8 @@ def run_compress(args: argparse.Namespace) -> int:
         router=o["router"],
         calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
         batch_size=o["batch_size"], stats=stats, plan=plan, sequential=bool(o["sequential"]),
-        stream_to=out if o["stream"] else None, keep_samples=bool(o["save_stats"]), overwrite=bool(o["overwrite"]),
+        stream_to=out if o["stream"] else None, keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"],
+        overwrite=bool(o["overwrite"]),
         dtype=o["dtype"],
         device=o["device"], seed=o["seed"], progress=not args.quiet,
     )

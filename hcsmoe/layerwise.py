@@ -12,7 +12,10 @@ both give the same numbers bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -85,12 +88,38 @@ def expert_chunks(model: nn.Module, moe: MoELayer, source: TensorSource,
     return chunks
 
 
+class TokenStore:
+    """Where the per-token buffers (hidden states, MoE inputs, routed outputs) live: in memory, or in
+    memory-mapped files under `directory`, which the OS pages out, so a calibration set larger than memory
+    still runs. Each file is unlinked as soon as it is mapped: nothing is left behind, even on a crash."""
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory
+        self.count = 0
+
+    def zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        if self.directory is None or like.device.type != "cpu":
+            return torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"tokens-{os.getpid()}-{self.count}.bin"
+        self.count += 1
+        mapped = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=like.dtype).view(shape)
+        path.unlink()
+        return mapped
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.directory is None:
+            return tensor
+        return self.zeros(tuple(tensor.shape), tensor).copy_(tensor)
+
+
 @dataclass
 class LayerInputs:
     """What each decoder layer receives, per calibration batch."""
 
     hidden: list[torch.Tensor]  # [B, L, H] per batch: the input of the next layer to run
     arguments: list[list[dict]]  # per decoder layer, per batch: keyword arguments the model passes it
+    store: TokenStore = field(default_factory=TokenStore)
 
 
 class _Recorder(nn.Module):
@@ -116,7 +145,7 @@ class _Recorder(nn.Module):
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, architecture: Architecture, blocks: torch.Tensor,
-                         batch_size: int) -> LayerInputs:
+                         batch_size: int, store: TokenStore | None = None) -> LayerInputs:
     """Embed every block and record each decoder layer's arguments, running no decoder layer."""
     layers = decoder_layers(model, architecture)
     originals = list(layers)
@@ -131,9 +160,10 @@ def capture_layer_inputs(model: nn.Module, architecture: Architecture, blocks: t
     finally:
         for index, layer in enumerate(originals):
             layers[index] = layer
-    hidden = [record["hidden"].float() for record in stores[0]]
-    arguments = [[{k: v for k, v in record.items() if k != "hidden"} for record in store] for store in stores]
-    return LayerInputs(hidden, arguments)
+    store = store or TokenStore()
+    hidden = [store.keep(record["hidden"].float()) for record in stores[0]]
+    arguments = [[{k: v for k, v in record.items() if k != "hidden"} for record in kept] for kept in stores]
+    return LayerInputs(hidden, arguments, store)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -149,7 +179,7 @@ def _layer_output(result) -> torch.Tensor:
 
 @torch.no_grad()
 def run_dense_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.Tensor]:
-    return [_layer_output(layer(h, **a)) for h, a in zip(inputs.hidden, inputs.arguments[index])]
+    return [inputs.store.keep(_layer_output(layer(h, **a))) for h, a in zip(inputs.hidden, inputs.arguments[index])]
 
 
 @torch.no_grad()
@@ -168,22 +198,27 @@ def run_moe_layer(
     """
     captured: list[torch.Tensor] = []
     hook = moe.block.register_forward_pre_hook(
-        lambda module, args: captured.append(args[0].reshape(-1, args[0].shape[-1]))
+        lambda module, args: captured.append(inputs.store.keep(args[0].reshape(-1, args[0].shape[-1])))
     )
     replay: list[torch.Tensor] = []
     moe.experts.forward = lambda hidden_states, *args, **kwargs: _routed_output(hidden_states, replay)
     try:
         for h, a in zip(inputs.hidden, inputs.arguments[moe.index]):
             layer(h, **a)
-        x = torch.cat(captured)
+        sizes = [c.shape[0] for c in captured]
+        x = inputs.store.zeros((sum(sizes), captured[0].shape[-1]), captured[0])
+        torch.cat(captured, out=x)
+        captured.clear()
         probs, weights, indices = route_tokens(moe, architecture, x)
         if accumulator is not None:
             accumulator.add_routing(probs, indices, x)
+        out = inputs.store.zeros(tuple(x.shape), torch.empty(0, dtype=torch.float32, device=x.device))
         routed = expert_pass(x, indices, weights, chunks(), architecture, accumulator,
-                             gate_on_input=architecture.gate_on_input)
+                             gate_on_input=architecture.gate_on_input, out=out)
         hook.remove()
-        replay.extend(routed.to(x.dtype).split([c.shape[0] for c in captured]))
-        return [_layer_output(layer(h, **a)) for h, a in zip(inputs.hidden, inputs.arguments[moe.index])]
+        replay.extend(routed.split(sizes))
+        return [inputs.store.keep(_layer_output(layer(h, **a)))
+                for h, a in zip(inputs.hidden, inputs.arguments[moe.index])]
     finally:
         hook.remove()
         del moe.experts.forward
@@ -196,7 +231,7 @@ def _routed_output(hidden_states: torch.Tensor, replay: list[torch.Tensor]) -> t
     out = torch.zeros_like(hidden_states)
     if replay:
         routed = replay.pop(0)
-        out[: routed.shape[0]] = routed
+        out[: routed.shape[0]] = routed.to(out.dtype)
     return out
 
 
@@ -242,16 +277,18 @@ def calibrate_model(
     output_samples: int = 0,
     with_weight_gram: bool = False,
     after_layer: Callable[[MoELayer, object], bool] | None = None,
+    offload_dir: Path | None = None,
     progress: bool = True,
 ):
     """Statistics of every MoE layer of a model in memory, computed layer by layer.
 
     `after_layer(moe, stats)` may compress the layer in place and return True, in which case the next
     layers see the compressed layer's outputs (sequential mode); by default they see the original's.
+    `offload_dir`: keep the per-token buffers in memory-mapped files there instead of in memory.
     """
     moe_layers(model, architecture)  # fails early with a clear message when there is none
     source = MemorySource(model)
-    inputs = capture_layer_inputs(model, architecture, blocks, batch_size)
+    inputs = capture_layer_inputs(model, architecture, blocks, batch_size, TokenStore(offload_dir))
     results = []
     layers = decoder_layers(model, architecture)
     for index in tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not progress):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +119,15 @@ def calibration_statistics(
     output_samples: int = 0,
     with_weight_gram: bool = False,
     after_layer=None,
+    offload_dir: Path | None = None,
     progress: bool = True,
 ) -> Statistics:
     """Calibrate every MoE layer on `source` text, recording how the statistics were made."""
     context = int(getattr(model.config, "max_position_embeddings", block_size))
     blocks = calibration_blocks(tokenizer, source, num_blocks, block_size, context)
     layer_stats = calibrate_model(model, architecture, blocks, batch_size=batch_size, output_samples=output_samples,
-                                  with_weight_gram=with_weight_gram, after_layer=after_layer, progress=progress)
+                                  with_weight_gram=with_weight_gram, after_layer=after_layer,
+                                  offload_dir=offload_dir, progress=progress)
     info = {"calibration": source, "blocks": list(blocks.shape), "tokens": int(blocks.numel()),
             "norm_topk_prob": normalizes_top_k(layers)}
     return Statistics(layer_stats, top_k(model.config, architecture), info)
@@ -154,6 +157,7 @@ def compress(
     sequential: bool = False,
     stream_to: str | Path | None = None,
     keep_samples: bool = True,
+    offload_dir: str | Path | None = None,
     overwrite: bool = False,
     dtype: str | None = None,
     device: str = "cpu",
@@ -169,6 +173,8 @@ def compress(
     `stream_to`: read, compress and write one layer at a time straight into that directory (for models
     larger than memory); the result then holds no model and is already saved. `keep_samples=False` lets a
     streaming run drop each finished layer's per-token samples (its statistics can then not re-fit an lsq router).
+    `offload_dir`: keep the calibration's per-token buffers in memory-mapped files there (streaming does
+    this by itself, inside its output's temporary directory, when they would take over 1/4 of free memory).
     """
     if stream_to is not None:
         if isinstance(model_or_path, PreTrainedModel):
@@ -179,8 +185,8 @@ def compress(
             max_group_size=max_group_size, router=router,
             max_subsets=max_subsets, output_samples=output_samples, calibration=calibration, num_blocks=num_blocks,
             block_size=block_size, batch_size=batch_size, tokenizer=tokenizer, stats=stats, plan=plan,
-            sequential=sequential, keep_samples=keep_samples, dtype=dtype, device=device, seed=seed,
-            progress=progress)
+            sequential=sequential, keep_samples=keep_samples, offload_dir=offload_dir, dtype=dtype, device=device,
+            seed=seed, progress=progress)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -221,7 +227,7 @@ def compress(
         stats = calibration_statistics(model, architecture, layers, tokenizer, calibration, num_blocks=num_blocks,
                                        block_size=block_size, batch_size=batch_size, output_samples=output_samples,
                                        with_weight_gram=representation == "weights", after_layer=after_layer,
-                                       progress=progress)
+                                       offload_dir=Path(offload_dir) if offload_dir else None, progress=progress)
         stats.info["sequential"] = sequential
         if sequential:
             plan, applied = whole_plan(planner, router, layer_plans), True
@@ -274,10 +280,27 @@ def compress_layer_in_place(planner, k: int, router: str, architecture: Architec
     return after_layer
 
 
+def token_buffer_bytes(blocks: torch.Tensor, config) -> int:
+    """Memory the calibration's per-token buffers take during a layer: hidden states, the MoE block's
+    inputs, its routed output and the layer's outputs, float32."""
+    return 4 * blocks.numel() * int(config.hidden_size) * 4
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); unlimited where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62
+
+
 def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, method, linkage, metric, merge,
                        representation, max_group_size, router, max_subsets, output_samples, calibration,
-                       num_blocks, block_size, batch_size, tokenizer, stats, plan, sequential, keep_samples, dtype, device, seed,
-                       progress) -> CompressionResult:
+                       num_blocks, block_size, batch_size, tokenizer, stats, plan, sequential, keep_samples,
+                       offload_dir, dtype, device, seed, progress) -> CompressionResult:
     """The streaming path of `compress`: one decoder layer in memory at a time, written as it is done."""
     from hcsmoe.streaming import StreamingCompressor, check_streamable, run_streaming, write_config
 
@@ -310,10 +333,15 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
             blocks = calibration_blocks(tokenizer, calibration, num_blocks, block_size, context)
         if output_samples is None:
             output_samples = 512 if getattr(planner, "needs_output_samples", False) else 0
+        if offload_dir is None and blocks is not None and token_buffer_bytes(blocks, config) > available_memory() / 4:
+            offload_dir = directory / ".token-buffers"
         plan, layer_stats = run_streaming(
             compressor, k=k, planner=planner, router=router, blocks=blocks, batch_size=batch_size,
             output_samples=output_samples, with_weight_gram=representation == "weights",
-            stats_in=stats.layers if stats else None, plan_in=plan, keep_samples=keep_samples)
+            stats_in=stats.layers if stats else None, plan_in=plan, keep_samples=keep_samples,
+            offload_dir=Path(offload_dir) if offload_dir else None)
+        if offload_dir is not None and Path(offload_dir).parent == directory:
+            shutil.rmtree(offload_dir, ignore_errors=True)
         compressor.writer.finish()
         if calibrating:
             info = {"calibration": calibration, "blocks": list(blocks.shape), "tokens": int(blocks.numel()),

@@ -26,6 +26,7 @@ from hcsmoe.errors import UserError
 from hcsmoe.layerwise import (
     CheckpointSource,
     LayerInputs,
+    TokenStore,
     calibrate_layer,
     capture_layer_inputs,
     moe_layer_at,
@@ -107,11 +108,11 @@ class StreamingCompressor:
         names = [f"{prefix}.{n}" for n, _ in module.state_dict().items()]
         self.write({n: self.reader.tensor(n) for n in names if n not in skip and n in self.reader})
 
-    def capture_inputs(self, blocks: torch.Tensor, batch_size: int) -> LayerInputs:
+    def capture_inputs(self, blocks: torch.Tensor, batch_size: int, offload_dir: Path | None) -> LayerInputs:
         parts = outside_layers(self.model, self.architecture)
         for part in parts:
             materialize(self.model, part, self.source)
-        inputs = capture_layer_inputs(self.model, self.architecture, blocks, batch_size)
+        inputs = capture_layer_inputs(self.model, self.architecture, blocks, batch_size, TokenStore(offload_dir))
         for part in parts:
             release(part)
         return inputs
@@ -179,6 +180,7 @@ def run_streaming(
     stats_in: list[LayerStats] | None,
     plan_in: Plan | None,
     keep_samples: bool = False,
+    offload_dir: Path | None = None,
 ) -> tuple[Plan, list[LayerStats]]:
     """The layer loop: calibrate (unless statistics or a plan make it unnecessary), plan, write.
 
@@ -186,7 +188,7 @@ def run_streaming(
     so memory does not grow with the number of layers."""
     model, architecture = compressor.model, compressor.architecture
     layers = decoder_layers(model, architecture)
-    inputs = compressor.capture_inputs(blocks, batch_size) if blocks is not None else None
+    inputs = compressor.capture_inputs(blocks, batch_size, offload_dir) if blocks is not None else None
     compressor.write_outside_layers()
     stats_by_layer = {s.layer: s for s in stats_in or []}
     plans_by_layer = {lp.layer: lp for lp in plan_in.layers} if plan_in else {}

@@ -13,6 +13,7 @@ from hcsmoe.adapters import architecture_for, expert_parameters, moe_layers
 from hcsmoe.calibrate import Statistics
 from hcsmoe.checkpoint import CheckpointReader
 from hcsmoe.errors import UserError
+from hcsmoe.layerwise import TokenStore
 from hcsmoe.loading import load_model
 from hcsmoe.pipeline import compress
 from hcsmoe.streaming import StreamingCompressor, skeleton
@@ -121,3 +122,29 @@ def test_sequential_mode_sees_compressed_earlier_layers(tiny_models):
     assert sequential.model.config.num_experts == 3
     with pytest.raises(UserError, match="sequential"):
         compress(tiny_models["qwen3_moe"], num_experts=3, sequential=True, stream_to="/tmp/never", **SMALL)
+
+
+def test_offloaded_token_buffers_give_the_same_bits_and_leave_no_files(tiny_models, tmp_path):
+    offload = tmp_path / "buffers"
+    compress(tiny_models["qwen2_moe"], num_experts=4, **SMALL).save(tmp_path / "memory")
+    mapped = compress(tiny_models["qwen2_moe"], num_experts=4, offload_dir=offload, **SMALL)
+    mapped.save(tmp_path / "mapped")
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "mapped")
+    compress(tiny_models["qwen2_moe"], num_experts=4, offload_dir=offload, stream_to=tmp_path / "stream", **SMALL)
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    assert offload.is_dir() and list(offload.iterdir()) == []  # every buffer file is unlinked once mapped
+
+
+def test_streaming_offloads_by_itself_when_buffers_would_not_fit(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr("hcsmoe.pipeline.available_memory", lambda: 1)
+    mapped_files = []
+    original = TokenStore.zeros
+
+    def spy(self, shape, like):
+        mapped_files.append(self.directory)
+        return original(self, shape, like)
+
+    monkeypatch.setattr(TokenStore, "zeros", spy)
+    compress(tiny_models["qwen2_moe"], num_experts=4, stream_to=tmp_path / "stream", **SMALL)
+    assert mapped_files and all(d is not None and d.name == ".token-buffers" for d in mapped_files)
+    assert not (tmp_path / "stream" / ".token-buffers").exists()
