@@ -19,6 +19,7 @@ from hcsmoe.adapters import (
     architecture_for,
     check_k_for,
     expert_count,
+    group_limits,
     moe_layers,
     set_expert_count,
     top_k,
@@ -29,7 +30,7 @@ from hcsmoe.data import load_texts, token_blocks
 from hcsmoe.errors import UserError
 from hcsmoe.layerwise import calibrate_model
 from hcsmoe.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype
-from hcsmoe.plan import LayerPlan, Plan, check_k, make_planner, plan_model
+from hcsmoe.plan import LayerPlan, Plan, WithinRoutingGroups, check_k, make_planner, plan_model
 from hcsmoe.save import atomic_directory, check_output_dir, plot_dendrograms, write_expert_counts
 
 
@@ -211,6 +212,7 @@ def compress(
     planner = make_planner(method, linkage=linkage, metric=metric, merge=merge, representation=representation,
                            max_group_size=max_group_size, seed=seed, max_subsets=max_subsets, top_k=k_route,
                            norm_topk_prob=normalizes_top_k(layers))
+    planner = within_routing_groups(planner, model.config, architecture)
     timings["load"] = time.perf_counter() - start
 
     applied = False
@@ -245,6 +247,12 @@ def compress(
     timings["apply"] = time.perf_counter() - mark
     info = run_info(source, architecture, e, plan, k_route, output_dtype, seed, timings)
     return CompressionResult(model, tokenizer, plan, stats, architecture, source, info)
+
+
+def within_routing_groups(planner, config, architecture: Architecture):
+    """With group-limited routing (DeepSeek), plan each routing group on its own."""
+    limits = group_limits(config, architecture)
+    return WithinRoutingGroups(planner, limits[0]) if limits and limits[0] > 1 else planner
 
 
 def run_info(source, architecture: Architecture, e: int, plan: Plan, k_route: int, output_dtype: torch.dtype,
@@ -325,6 +333,7 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
         planner = make_planner(method, linkage=linkage, metric=metric, merge=merge, representation=representation,
                                max_group_size=max_group_size, seed=seed, max_subsets=max_subsets, top_k=k_route,
                                norm_topk_prob=normalizes_top_k(meta_layers))
+        planner = within_routing_groups(planner, config, architecture)
         check_streamable(plan.merge if plan else ("fix-dom" if merge == "fix-dom" else "weighted"), sequential)
         calibrating = stats is None and (plan is None or plan.router == "lsq")
         blocks = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import itertools
@@ -451,6 +451,48 @@ class RandomPrune:
 
 
 PLANNERS = {p.name: p for p in (HCSMoE, KMeans, MSMoE, FrequencyPrune, SoftPrune, OPrune, REAP, EAN, RandomPrune)}
+
+
+def stats_subset(stats: LayerStats, members: list[int]) -> LayerStats:
+    """The statistics of some experts of a layer, as if the layer had only those."""
+    index = torch.tensor(members)
+
+    def pick(tensor: torch.Tensor | None, square: bool = False) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        return tensor[index][:, index] if square else tensor[index]
+
+    return replace(stats, mean_output=pick(stats.mean_output), counts=pick(stats.counts),
+                   mean_router_prob=pick(stats.mean_router_prob), router_weight=pick(stats.router_weight),
+                   reap=pick(stats.reap), ean=pick(stats.ean), weight_gram=pick(stats.weight_gram, square=True),
+                   sample_outputs=pick(stats.sample_outputs))
+
+
+class WithinRoutingGroups:
+    """Any planner, run on each of a layer's routing groups alone (DeepSeek's n_group, k / n_group experts
+    kept per group), so that merged expert g lies in routing group g // (k / n_group) and is made of experts
+    that group-limited routing chose among together."""
+
+    def __init__(self, planner, groups: int):
+        self.planner, self.groups = planner, groups
+
+    def __getattr__(self, name):
+        return getattr(self.planner, name)
+
+    def options(self) -> dict:
+        return self.planner.options() | {"routing_groups": self.groups}
+
+    def plan_layer(self, stats: LayerStats, k: int) -> LayerPlan:
+        size, kept = stats.num_experts // self.groups, k // self.groups
+        frequency, groups, details = stats.frequency, [], []
+        for block in range(self.groups):
+            members = list(range(block * size, (block + 1) * size))
+            sub = self.planner.plan_layer(stats_subset(stats, members), kept)
+            for group in sub.groups:
+                original = [members[m] for m in group.members]
+                groups.append(Group(original, group.weights, [float(frequency[m]) for m in original]))
+            details.append({"experts": members, "details": sub.details})
+        return LayerPlan(stats.layer, stats.num_experts, groups, details={"routing_groups": details})
 
 
 def make_planner(method: str, **options):

@@ -61,10 +61,22 @@ def write_expert_counts(directory: Path, keys: tuple[str, ...], count: int) -> N
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def merge_trees(plan):
+    """(title, linkage matrix, groups kept) for every tree in a plan: one per layer, or one per routing
+    group where the layer was planned group by group (DeepSeek)."""
+    for lp in plan.layers:
+        if lp.details.get("linkage_matrix"):
+            yield f"layer {lp.layer}", lp.details["linkage_matrix"], len(lp.groups)
+        blocks = lp.details.get("routing_groups", [])
+        for number, block in enumerate(blocks):
+            if block["details"].get("linkage_matrix"):
+                yield (f"layer {lp.layer}, routing group {number}", block["details"]["linkage_matrix"],
+                       len(lp.groups) // len(blocks))
+
+
 def plot_dendrograms(plan, path: Path) -> bool:
     """One figure with the merge tree of every layer; False when the method builds no tree."""
-    trees = [(lp.layer, lp.details.get("linkage_matrix"), len(lp.groups)) for lp in plan.layers]
-    trees = [t for t in trees if t[1]]
+    trees = list(merge_trees(plan))
     if not trees:
         return False
     import matplotlib
@@ -77,12 +89,12 @@ def plot_dendrograms(plan, path: Path) -> bool:
     columns = min(4, len(trees))
     rows = (len(trees) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
-    for ax, (layer, tree, k) in zip(axes.flat, trees):
+    for ax, (title, tree, k) in zip(axes.flat, trees):
         tree = np.asarray(tree)
         n = tree.shape[0] + 1
         cut = tree[n - k - 1, 2] if k < n else 0.0  # height of the last merge that was made
         dendrogram(tree, ax=ax, color_threshold=cut + 1e-12, leaf_font_size=6)
-        ax.set_title(f"layer {layer}: {n} -> {k} experts", fontsize=9)
+        ax.set_title(f"{title}: {n} -> {k} experts", fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(trees):]:
         ax.axis("off")

@@ -280,3 +280,14 @@ def test_compress_on_an_unsupported_architecture_names_every_supported_family(ca
     for family in ("DeepSeek-V2", "DeepSeek-V3", "GPT-OSS", "Phi-MoE", "GraniteMoE", "GraniteMoeShared", "Llama 4",
                    "Qwen3-MoE", "Qwen2-MoE", "Mixtral", "OLMoE"):
         assert family in err
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("method", ["hc-smoe", "reap"])
+def test_group_limited_models_are_planned_within_each_routing_group(tiny_models, arch, method):
+    """Merged expert g must sit in routing group g // (K / n_group) and be made of that group's experts."""
+    result = compress(tiny_models[arch], num_experts=4, method=method, num_blocks=2, block_size=32, progress=False)
+    assert result.plan.options["routing_groups"] == 2
+    for layer_plan in result.plan.layers:
+        for position, group in enumerate(layer_plan.groups):
+            assert {m // 4 for m in group.members} == {position // 2}, (position, group.members)
