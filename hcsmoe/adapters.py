@@ -147,15 +147,21 @@ def decoder_layers(model: nn.Module, architecture: Architecture) -> nn.ModuleLis
     return layers
 
 
+def moe_layer_at(model: nn.Module, architecture: Architecture, index: int) -> MoELayer | None:
+    """The MoE handles of decoder layer `index`, or None for a dense layer."""
+    layer = decoder_layers(model, architecture)[index]
+    block = get_path(layer, architecture.moe_block)
+    router = get_path(block, architecture.router) if block is not None else None
+    experts = get_path(block, architecture.experts) if block is not None else None
+    if router is None or experts is None or not hasattr(experts, "gate_up_proj"):
+        return None
+    return MoELayer(index, block, router, experts)
+
+
 def moe_layers(model: nn.Module, architecture: Architecture) -> list[MoELayer]:
     """The decoder layers whose MLP is a routed MoE block (dense layers, e.g. DeepSeek's first ones, are skipped)."""
-    found = []
-    for index, layer in enumerate(decoder_layers(model, architecture)):
-        block = get_path(layer, architecture.moe_block)
-        router = get_path(block, architecture.router) if block is not None else None
-        experts = get_path(block, architecture.experts) if block is not None else None
-        if router is not None and experts is not None and hasattr(experts, "gate_up_proj"):
-            found.append(MoELayer(index, block, router, experts))
+    found = [moe_layer_at(model, architecture, i) for i in range(len(decoder_layers(model, architecture)))]
+    found = [moe for moe in found if moe is not None]
     if not found:
         raise UserError(f"this {architecture.name} model has no MoE layers to compress")
     return found

@@ -114,9 +114,6 @@ class CheckpointReader:
         fused = fused[0] if isinstance(fused, list) else fused
         return fused if per_expert or start is None else fused[start:stop]
 
-    def checkpoint_keys(self, name: str) -> list[str]:
-        return [key for keys in self.sources[name].keys.values() for key in keys]
-
 
 def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor], first_expert: int = 0) -> dict[str, torch.Tensor]:
     """Model-named tensors renamed and split as `save_pretrained` would write them.
@@ -150,12 +147,14 @@ class ShardWriter:
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
+        self.written: set[str] = set()
         self.total_bytes = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, tensor in tensors.items():
-            if key in self.pending or any(key in shard for shard in self.shards):
+            if key in self.written:
                 raise ValueError(f"tensor {key} written twice")
+            self.written.add(key)
             size = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + size > self.max_shard_bytes:
                 self.flush()

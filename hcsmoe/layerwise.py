@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, get_path, moe_layers
+from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, moe_layer_at, moe_layers
 from hcsmoe.calibrate import (
     ExpertChunk,
     LayerAccumulator,
@@ -256,17 +256,6 @@ def calibrate_layer(
     return accumulator.result(gram), outputs
 
 
-def moe_layer_at(model: nn.Module, architecture: Architecture, index: int) -> MoELayer | None:
-    """The MoE handles of decoder layer `index`, or None for a dense layer."""
-    layer = decoder_layers(model, architecture)[index]
-    block = get_path(layer, architecture.moe_block)
-    router = get_path(block, architecture.router) if block is not None else None
-    experts = get_path(block, architecture.experts) if block is not None else None
-    if router is None or experts is None or not hasattr(experts, "gate_up_proj"):
-        return None
-    return MoELayer(index, block, router, experts)
-
-
 def calibrate_model(
     model: nn.Module,
     architecture: Architecture,
@@ -302,8 +291,8 @@ def calibrate_model(
                                          with_weight_gram=with_weight_gram)
         results.append(stats)
         if after_layer is not None and after_layer(moe, stats):
-            source = MemorySource(model)
-            outputs = run_moe_layer(layer, moe_layer_at(model, architecture, index), architecture, inputs,
-                                    expert_chunks(model, moe_layer_at(model, architecture, index), source))
+            source = MemorySource(model)  # the layer now holds its merged experts
+            moe = moe_layer_at(model, architecture, index)
+            outputs = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, source))
         inputs.hidden = outputs
     return results

@@ -30,7 +30,7 @@ from hcsmoe.data import load_texts, token_blocks
 from hcsmoe.errors import UserError
 from hcsmoe.layerwise import calibrate_model
 from hcsmoe.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype
-from hcsmoe.plan import LayerPlan, Plan, WithinRoutingGroups, check_k, make_planner, plan_model
+from hcsmoe.plan import LayerPlan, Plan, WithinRoutingGroups, check_k, make_planner, plan_model, plan_of
 from hcsmoe.save import atomic_directory, check_output_dir, plot_dendrograms, write_expert_counts
 
 
@@ -232,7 +232,7 @@ def compress(
                                        offload_dir=Path(offload_dir) if offload_dir else None, progress=progress)
         stats.info["sequential"] = sequential
         if sequential:
-            plan, applied = whole_plan(planner, router, layer_plans), True
+            plan, applied = plan_of(planner, router, layer_plans), True
             set_expert_count(model.config, architecture, k)
         timings["calibrate"] = time.perf_counter() - mark
 
@@ -270,11 +270,6 @@ def run_info(source, architecture: Architecture, e: int, plan: Plan, k_route: in
     }
 
 
-def whole_plan(planner, router: str, layer_plans: list[LayerPlan]) -> Plan:
-    merge = "fix-dom" if getattr(planner, "merge", None) == "fix-dom" else "weighted"
-    return Plan(method=planner.name, options=planner.options(), router=router, layers=layer_plans, merge=merge)
-
-
 def compress_layer_in_place(planner, k: int, router: str, architecture: Architecture, k_route: int,
                             layer_plans: list[LayerPlan]):
     """The sequential-mode hook: plan and merge each layer as soon as it is calibrated."""
@@ -282,7 +277,7 @@ def compress_layer_in_place(planner, k: int, router: str, architecture: Architec
     def after_layer(moe: MoELayer, stats) -> bool:
         layer_plan = planner.plan_layer(stats, k)
         layer_plans.append(layer_plan)
-        apply_layer(moe, architecture, layer_plan, whole_plan(planner, router, [layer_plan]), stats, k_route)
+        apply_layer(moe, architecture, layer_plan, plan_of(planner, router, [layer_plan]), stats, k_route)
         return True
 
     return after_layer

@@ -509,6 +509,10 @@ def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, route
         raise UserError(f"unknown router method {router!r}; choose one of: {', '.join(ROUTERS)}")
     for stats in layer_stats:
         check_k(k, stats.num_experts, top_k)
-    layers = [planner.plan_layer(stats, k) for stats in layer_stats]
+    return plan_of(planner, router, [planner.plan_layer(stats, k) for stats in layer_stats])
+
+
+def plan_of(planner, router: str, layers: list[LayerPlan]) -> Plan:
+    """The plan a planner made, layer by layer (fix-dom planners mark it for neuron-aligned merging)."""
     merge = "fix-dom" if getattr(planner, "merge", None) == "fix-dom" else "weighted"
     return Plan(method=planner.name, options=planner.options(), router=router, layers=layers, merge=merge)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from tqdm.auto import tqdm
 
-from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, set_expert_count
+from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
 from hcsmoe.apply import router_rows, weighted_sum
 from hcsmoe.calibrate import LayerStats
 from hcsmoe.checkpoint import CheckpointReader, ShardWriter, checkpoint_names
@@ -29,11 +29,10 @@ from hcsmoe.layerwise import (
     TokenStore,
     calibrate_layer,
     capture_layer_inputs,
-    moe_layer_at,
     module_name,
     run_dense_layer,
 )
-from hcsmoe.plan import Group, LayerPlan, Plan
+from hcsmoe.plan import Group, LayerPlan, Plan, plan_of
 
 GENERATION_FILES = ("generation_config.json",)
 MERGED_CHUNK_BYTES = 64 * 2**20  # merged experts (output dtype) written at once
@@ -122,7 +121,7 @@ class StreamingCompressor:
         names = [n for n in self.model.state_dict() if not n.startswith(layers_prefix + ".")]
         self.write({n: self.reader.tensor(n) for n in names if n in self.reader})
 
-    def write_moe_layer(self, moe: MoELayer, layer_plan: LayerPlan, plan: Plan, stats: LayerStats | None) -> None:
+    def write_moe_layer(self, moe: MoELayer, layer_plan: LayerPlan, router: str, stats: LayerStats | None) -> None:
         """Router rows and merged experts of one layer, the experts a few groups at a time."""
         layer_prefix = module_name(self.model, decoder_layers(self.model, self.architecture)[moe.index])
         layer = decoder_layers(self.model, self.architecture)[moe.index]
@@ -131,9 +130,8 @@ class StreamingCompressor:
         expert_names = {f"{experts_prefix}.{n}" for n in expert_parameters(moe.experts, e)}
         router_names = {f"{router_prefix}.{n}" for n in expert_parameters(moe.router, e)}
         self.write_unchanged(layer_prefix, layer, skip=expert_names | router_names)
-        router = {name: router_rows(name.rsplit(".", 1)[1], self.source.read(name), layer_plan.groups, plan.router,
-                                    stats) for name in router_names}
-        self.write(router)
+        self.write({name: router_rows(name.rsplit(".", 1)[1], self.source.read(name), layer_plan.groups, router, stats)
+                    for name in router_names})
         for first, groups in self._group_chunks(layer_plan.groups, expert_names):
             self.write({name: self._merged(name, groups) for name in expert_names}, first)
 
@@ -214,18 +212,11 @@ def run_streaming(
             all_stats.append(stats)
         layer_plan = plans_by_layer.get(index) or planner.plan_layer(stats, k)
         layer_plans.append(layer_plan)
-        plan = Plan(method=planner.name, options=planner.options(), router=router, layers=[layer_plan])
-        if plan_in is not None:
-            plan = Plan(method=plan_in.method, options=plan_in.options, router=plan_in.router, layers=[layer_plan],
-                        merge=plan_in.merge)
-        compressor.write_moe_layer(moe, layer_plan, plan, stats)
+        compressor.write_moe_layer(moe, layer_plan, plan_in.router if plan_in else router, stats)
         release(layer)
         if stats is not None and not keep_samples:
             all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
-    if plan_in is not None:
-        return plan_in, all_stats
-    merge = "fix-dom" if getattr(planner, "merge", None) == "fix-dom" else "weighted"
-    return Plan(method=planner.name, options=planner.options(), router=router, layers=layer_plans, merge=merge), all_stats
+    return plan_in or plan_of(planner, router, layer_plans), all_stats
 
 
 def write_config(source_dir: Path, config, architecture: Architecture, k: int, dtype: torch.dtype,
