@@ -1,17 +1,19 @@
-"""Every method on the same statistics: one table that ranks them on the reference model.
+"""Every method, as published and with the fitting stages, on one bundled model: one table per size.
 
-Calibration statistics (the default: English, French and Spanish train text interleaved, 32 blocks of
-the model's context) are computed once and reused by every planner. Each compressed model is evaluated on the validation text of all three
-languages: perplexity, KL(original || compressed) and top-1 agreement, plus the time to plan and
-apply. A second, small table repeats hc-smoe and reap with English-only calibration (the paper's setting).
+Each row compresses the model (32 -> 24 and 16 experts for the reference Qwen3-MoE, 60 -> 45 and 30 for the
+Qwen2-MoE) and evaluates it on the **full** validation split of each language: perplexity, and against the
+original KL(original || compressed), top-1 agreement and free-running generation (64 greedy tokens after
+the first 32 tokens of each of the first 64 validation articles: mean matching prefix and token agreement).
+Rows without fitting share one calibration; rows with it calibrate again (the fits need per-token data).
+An ablation of the default recipe, the calibration-size table and multiple-choice accuracy (lm-eval, with
+standard errors) close the report.
 
-    python -m benchmarks.quality   # writes benchmarks/results/quality.md and .json
+    python -m benchmarks.quality [--model qwen2-moe]   # writes benchmarks/results/quality-<model>.{md,json}
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -19,140 +21,188 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from hcsmoe.adapters import architecture_for, moe_layers
-from hcsmoe.apply import apply_plan_keeping_router
-from hcsmoe.calibrate import Statistics
+from hcsmoe.adapters import architecture_for, expert_count, moe_layers
 from hcsmoe.data import LANGUAGES
-from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
+from hcsmoe.evaluate import BUNDLED_TASKS, evaluate
+from hcsmoe.loading import BUNDLED_MODELS, load_model, load_tokenizer
 from hcsmoe.pipeline import DEFAULT_CALIBRATION, calibration_statistics, compress
-from hcsmoe.plan import make_planner, plan_model
 
 RESULTS = Path(__file__).parent / "results"
 RANDOM_SEEDS = (0, 1, 2)
-
-# (row label, compress() options); every row shares the statistics of its calibration text.
-METHODS: list[tuple[str, dict]] = [
-    ("hc-smoe (average linkage, expert outputs)", {"method": "hc-smoe"}),
-    ("hc-smoe, single linkage", {"method": "hc-smoe", "linkage": "single"}),
-    ("hc-smoe, complete linkage", {"method": "hc-smoe", "linkage": "complete"}),
-    ("hc-smoe, ward linkage", {"method": "hc-smoe", "linkage": "ward"}),
-    ("hc-smoe, router-logit features", {"method": "hc-smoe", "representation": "router-logits"}),
-    ("hc-smoe, weight features", {"method": "hc-smoe", "representation": "weights"}),
-    ("hc-smoe, plain average merge", {"method": "hc-smoe", "merge": "average"}),
-    ("hc-smoe, fix-dom merge", {"method": "hc-smoe", "merge": "fix-dom"}),
-    ("kmeans", {"method": "kmeans"}),
-    ("m-smoe", {"method": "m-smoe"}),
-    ("f-prune", {"method": "f-prune"}),
-    ("s-prune", {"method": "s-prune"}),
-    ("o-prune", {"method": "o-prune"}),
+PROMPTS = 64
+FITS = {"as published": {}, "+ refit": {"refit": True}, "+ refit + router fit": {"refit": True, "router_fit": True}}
+BASELINES: list[tuple[str, dict]] = [
+    ("hc-smoe", {"method": "hc-smoe"}),
+    ("ream", {"method": "ream"}),
     ("reap", {"method": "reap"}),
+    ("o-prune", {"method": "o-prune"}),
+    ("s-prune", {"method": "s-prune"}),
+    ("f-prune", {"method": "f-prune"}),
+    ("m-smoe", {"method": "m-smoe"}),
     ("ean", {"method": "ean"}),
 ]
-MIXED_METHODS = [METHODS[0], ("reap", {"method": "reap"})]
+ABLATIONS: list[tuple[str, dict]] = [
+    ("default without the refit", {"refit": False}),
+    ("default without the router fit", {"router_fit": False}),
+    ("default without either fit", {"refit": False, "router_fit": False}),
+    ("default, frequency-weighted merge instead of neuron selection", {"merge": "frequency"}),
+    ("default, Hungarian-aligned merge (REAM's) instead of neuron selection", {"merge": "aligned"}),
+    ("default, groups of up to 3", {"group_size": 3}),
+    ("default, sequential (each layer fitted on the compressed layers' outputs)", {"sequential": True}),
+    ("default, blockwise solver (Gauss-Seidel, 4 sweeps) instead of the joint one", {"refit": {"solver": "blockwise"}}),
+    ("default, English-only calibration", {"calibration": "wiki:en"}),
+]
+TOKEN_COUNTS = (8192, 32768, 65536)
+TASK_ROWS = ("default", "reap", "hc-smoe")
 
 
-def statistics(model, tokenizer, source: str) -> Statistics:
-    """Calibrate once, with every optional statistic (o-prune's output samples included)."""
-    architecture = architecture_for(model.config)
-    layers = moe_layers(model, architecture)
-    return calibration_statistics(model, architecture, layers, tokenizer, source, output_samples=512,
-                                  with_weight_gram=True, progress=False)
+def options_of(row_options: dict) -> dict:
+    """compress() options for a row: {"refit": {...}} becomes RefitOptions."""
+    from hcsmoe.refit import RefitOptions
+
+    options = dict(row_options)
+    if isinstance(options.get("refit"), dict):
+        options["refit"] = RefitOptions(**options["refit"])
+    return options
 
 
-def scores(model, tokenizer, original, max_tokens: int | None) -> dict:
-    result = evaluate(model.float(), tokenizer, reference=original, languages=LANGUAGES, max_tokens=max_tokens)
-    row = {}
-    for lang, m in result["languages"].items():
-        row |= {f"{lang}/ppl": m["ppl"], f"{lang}/kl": m["kl"], f"{lang}/top1": m["top1"]}
-    return row
+class Bench:
+    def __init__(self, path: Path, max_tokens: int | None):
+        self.path, self.max_tokens = path, max_tokens
+        self.tokenizer, self.original = load_tokenizer(path), load_model(path)
+        self.generations: dict[str, torch.Tensor] = {}
+        architecture = architecture_for(self.original.config)
+        self.experts = expert_count(self.original.config, architecture)
+        self.stats = calibration_statistics(self.original, architecture, moe_layers(self.original, architecture),
+                                            self.tokenizer, DEFAULT_CALIBRATION, output_samples=512, progress=False)
+
+    def score(self, model, generate: int) -> dict:
+        result = evaluate(model.float(), self.tokenizer, reference=self.original, languages=LANGUAGES,
+                          max_tokens=self.max_tokens, generate=generate, reference_generations=self.generations)
+        row = {}
+        for lang, m in result["languages"].items():
+            row |= {f"{lang}/{key}": m[key] for key in ("ppl", "kl", "top1", "gen_prefix", "gen_agree") if key in m}
+        return row
+
+    def row(self, label: str, k: int, options: dict, generate: int) -> dict:
+        start = time.perf_counter()
+        options = options_of(options)
+        fitted = options.get("method") is None or options.get("refit") or options.get("router_fit")
+        shared = {} if fitted or "calibration" in options or "num_blocks" in options else {"stats": self.stats}
+        result = compress(self.original, tokenizer=self.tokenizer, num_experts=k, progress=False, **shared, **options)
+        seconds = time.perf_counter() - start
+        row = {"experts": k, "method": label, "seconds": round(seconds, 1), **self.score(result.model, generate)}
+        print(json.dumps(row), flush=True)
+        return row
+
+    def original_row(self) -> dict:
+        result = evaluate(self.original, self.tokenizer, languages=LANGUAGES, max_tokens=self.max_tokens)
+        return {"experts": self.experts, "method": "original",
+                **{f"{lang}/ppl": m["ppl"] for lang, m in result["languages"].items()}}
+
+    def tasks(self, models: dict[str, object]) -> dict:
+        results = {}
+        for label, model in models.items():
+            result = evaluate(model.float(), self.tokenizer, languages=(), tasks=BUNDLED_TASKS)
+            results[label] = result["tasks"]
+            print(json.dumps({label: results[label]}), flush=True)
+        return results
 
 
 def mean_rows(rows: list[dict]) -> dict:
-    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+    return {key: sum(r[key] for r in rows) / len(rows) if not isinstance(rows[0][key], str) else rows[0][key]
+            for key in rows[0]}
 
 
-def run_method(options: dict, k: int, stats: Statistics, tokenizer, original, max_tokens) -> dict:
-    start = time.perf_counter()
-    result = compress(original, tokenizer=tokenizer, num_experts=k, stats=stats, progress=False, **options)
-    seconds = time.perf_counter() - start
-    return scores(result.model, tokenizer, original, max_tokens) | {"seconds": seconds}
+def ratio(row: dict, original: dict) -> float:
+    return sum(row[f"{l}/ppl"] / original[f"{l}/ppl"] for l in LANGUAGES) / len(LANGUAGES)
 
 
-def full_router_row(k: int, stats: Statistics, tokenizer, original, max_tokens) -> dict:
-    """The paper's original router behaviour: E rows kept, each routed to its group's merged expert."""
-    start = time.perf_counter()
-    model = copy.deepcopy(original)
-    architecture = architecture_for(model.config)
-    plan = plan_model(stats.layers, k, stats.top_k, make_planner("hc-smoe"), "average")
-    apply_plan_keeping_router(model, architecture, moe_layers(model, architecture), plan)
-    seconds = time.perf_counter() - start
-    return scores(model, tokenizer, original, max_tokens) | {"seconds": seconds}
-
-
-def table(rows: list[dict]) -> str:
-    head = "| experts kept | method | " + " | ".join(f"{l} ppl" for l in LANGUAGES) + " | " + \
-        " | ".join(f"{l} KL" for l in LANGUAGES) + " | en top-1 | plan+apply s |"
+def table(rows: list[dict], original: dict) -> str:
+    head = ("| experts | method | " + " | ".join(f"{l} ppl" for l in LANGUAGES) + " | mean ratio | "
+            + " | ".join(f"{l} KL" for l in LANGUAGES) + " | top-1 (mean) | gen prefix (mean) | gen agree (mean) | s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        mean = lambda key: sum(r.get(f"{l}/{key}", float("nan")) for l in LANGUAGES) / len(LANGUAGES)
         cells = [str(r["experts"]), r["method"]] + [f"{r[f'{l}/ppl']:.2f}" for l in LANGUAGES]
-        cells += [f"{r.get(f'{l}/kl', 0):.3f}" for l in LANGUAGES] + [f"{r.get('en/top1', 1):.3f}"]
-        cells.append(f"{r['seconds']:.1f}" if "seconds" in r else "")
+        cells.append(f"{ratio(r, original):.3f}")
+        if r["method"] == "original":
+            cells += ["–"] * (len(LANGUAGES) + 4)
+        else:
+            cells += [f"{r[f'{l}/kl']:.3f}" for l in LANGUAGES] + [f"{mean('top1'):.3f}"]
+            cells += [f"{mean('gen_prefix'):.1f}", f"{mean('gen_agree'):.3f}"] if "en/gen_prefix" in r else ["", ""]
+            cells.append(f"{r['seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(results: dict) -> str:
+    names = sorted({t for r in results.values() for t in r})
+    lines = ["| model | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for label, tasks in results.items():
+        lines.append(f"| {label} | " + " | ".join(f"{tasks[t]['acc']:.3f} ± {tasks[t]['acc_stderr']:.3f}"
+                                                 for t in names) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REFERENCE_MODEL), help="checkpoint to benchmark [bundled reference]")
-    parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens per language [8192]")
-    parser.add_argument("--methods", help="comma-separated row labels to run (a subset, for a quick check)")
+    parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
+    parser.add_argument("--max-tokens", type=int, help="validation tokens per language [all]")
+    parser.add_argument("--quick", action="store_true", help="default, reap and hc-smoe rows only (a smoke run)")
     args = parser.parse_args()
-    max_tokens = args.max_tokens
-    wanted = args.methods.split(",") if args.methods else None
-    methods = [(label, options) for label, options in METHODS if wanted is None or label in wanted]
     logging.set_verbosity_error()
     torch.set_num_threads(2)
     begin = time.perf_counter()
-    tokenizer, original = load_tokenizer(args.model), load_model(args.model)
-    e = original.config.num_experts
-
-    mark = time.perf_counter()
-    stats = statistics(original, tokenizer, DEFAULT_CALIBRATION)
-    calibration_seconds = time.perf_counter() - mark
-    base = evaluate(original, tokenizer, languages=LANGUAGES, max_tokens=max_tokens)["languages"]
-    rows = [{"experts": e, "method": "original", **{f"{l}/ppl": m["ppl"] for l, m in base.items()}}]
-    mixed_rows = list(rows)
-    for k in (e * 3 // 4, e // 2):
-        for label, options in methods:
-            rows.append({"experts": k, "method": label, **run_method(options, k, stats, tokenizer, original, max_tokens)})
-            print(json.dumps(rows[-1]), flush=True)
-        random_runs = [run_method({"method": "random", "seed": s}, k, stats, tokenizer, original, max_tokens)
-                       for s in RANDOM_SEEDS]
-        rows.append({"experts": k, "method": f"random (mean of {len(RANDOM_SEEDS)} seeds)", **mean_rows(random_runs)})
-        rows.append({"experts": k, "method": "hc-smoe keeping all router rows (reference only, not smaller)",
-                     **full_router_row(k, stats, tokenizer, original, max_tokens)})
-
-    mixed = statistics(original, tokenizer, "wiki:en")
-    for k in (e * 3 // 4, e // 2):
-        for label, options in MIXED_METHODS:
-            mixed_rows.append({"experts": k, "method": label + " [English-only calibration]",
-                               **run_method(options, k, mixed, tokenizer, original, max_tokens)})
-            print(json.dumps(mixed_rows[-1]), flush=True)
-
+    bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens)
+    original = bench.original_row()
+    baselines = BASELINES[:3:2] if args.quick else BASELINES
+    sizes = {}
+    for k in (bench.experts * 3 // 4, bench.experts // 2):
+        generate = PROMPTS if k == bench.experts // 2 else 0
+        rows = [original, bench.row("**default**", k, {}, generate)]
+        for label, options in baselines:
+            for suffix, fits in FITS.items():
+                rows.append(bench.row(f"{label} {suffix}", k, options | fits, generate))
+        if not args.quick:
+            randoms = [bench.row("random", k, {"method": "random", "seed": s}, generate) for s in RANDOM_SEEDS]
+            rows.append(mean_rows(randoms) | {"method": f"random (mean of {len(RANDOM_SEEDS)} seeds)"})
+        sizes[k] = rows
+    k = bench.experts // 2
+    ablation = [] if args.quick else [bench.row(label, k, options, 0) for label, options in ABLATIONS]
+    token_rows = [] if args.quick else [
+        bench.row(f"default, {n} calibration tokens", k, {"num_blocks": n // bench.original.config.max_position_embeddings,
+                                                          "block_size": bench.original.config.max_position_embeddings}, 0)
+        for n in TOKEN_COUNTS]
+    models = {"original": bench.original}
+    for label in TASK_ROWS:
+        options = {} if label == "default" else {"method": label}
+        models[f"{label}, {k} experts"] = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k,
+                                                   progress=False, **options).model
+    tasks = bench.tasks(models)
     total = time.perf_counter() - begin
+    write(args.model, sizes, ablation, token_rows, tasks, original, total, args.max_tokens, args.quick)
+
+
+def write(name: str, sizes: dict, ablation: list, token_rows: list, tasks: dict, original: dict, total: float,
+          max_tokens: int | None, quick: bool) -> None:
+    scope = f"first {max_tokens} tokens of each validation split" if max_tokens else "full validation splits"
+    parts = [f"# Quality on the bundled {name} model ({scope})", ""]
+    for k, rows in sizes.items():
+        parts += [f"## {k} experts kept", "", table(rows, original), ""]
+    if ablation:
+        parts += ["## Ablation of the default recipe", "", table([original] + ablation, original), ""]
+    if token_rows:
+        parts += ["## Calibration size", "", table([original] + token_rows, original), ""]
+    parts += ["## Multiple choice (lm-eval, accuracy ± standard error; near chance at this size)", "",
+              task_table(tasks), "", f"Whole benchmark: {total / 60:.1f} min on {torch.get_num_threads()} threads."]
     RESULTS.mkdir(exist_ok=True)
-    name = "quality" if args.model == str(REFERENCE_MODEL) and wanted is None else "quality-partial"
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"rows": rows, "mixed_calibration_rows": mixed_rows, "calibration_seconds": calibration_seconds,
-         "total_seconds": total, "max_tokens_per_language": max_tokens}, indent=1) + "\n")
-    text = (f"Evaluated on the first {max_tokens} tokens of each validation split. "
-            f"Default calibration, English, French and Spanish train text ({stats.info['tokens']} tokens, computed "
-            f"once in {calibration_seconds:.1f} s):\n\n{table(rows)}\n\nEnglish-only calibration (the paper's "
-            f"setting):\n\n{table(mixed_rows)}\n\n"
-            f"Whole benchmark: {total / 60:.1f} min on {torch.get_num_threads()} threads.\n")
-    (RESULTS / f"{name}.md").write_text(text)
-    print(text)
+    stem = f"quality-{name}" + ("-quick" if quick or max_tokens else "")
+    (RESULTS / f"{stem}.md").write_text("\n".join(parts) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(
+        {"sizes": {str(k): rows for k, rows in sizes.items()}, "ablation": ablation, "calibration_tokens": token_rows,
+         "tasks": tasks, "total_seconds": round(total, 1), "max_tokens_per_language": max_tokens}, indent=1) + "\n")
+    print("\n".join(parts))
 
 
 if __name__ == "__main__":

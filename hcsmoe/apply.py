@@ -15,11 +15,12 @@ Shared experts, their gates and dense layers are not touched.
 from __future__ import annotations
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 from tqdm.auto import tqdm
 
 from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate, expert_parameters, set_expert_count
-from hcsmoe.calibrate import LayerStats
+from hcsmoe.calibrate import LayerStats, expert_view
 from hcsmoe.errors import UserError
 from hcsmoe.plan import Group, LayerPlan, Plan
 
@@ -120,8 +121,9 @@ def standardized(a: torch.Tensor) -> torch.Tensor:
     return (a - a.mean(0)) / a.std(0).clamp(min=1e-6)
 
 
-def fix_dom_expert(moe: MoELayer, architecture: Architecture, group: Group, stats: LayerStats, top_k: int):
-    """ZipIt-style fix-dom merge of one group into its most-used member's neuron layout.
+def fix_dom_expert(view: nn.Module, architecture: Architecture, group: Group, stats: LayerStats, top_k: int):
+    """ZipIt-style fix-dom merge of one group into its most-used member's neuron layout (`view`: the experts
+    module holding exactly the group's members, in order; see members_view).
 
     Every neuron of every other member is matched to the dominant neuron whose activation (act(gate) * up
     on the tokens routed to the group) it correlates with most. A dominant neuron's gate/up rows become the
@@ -131,21 +133,19 @@ def fix_dom_expert(moe: MoELayer, architecture: Architecture, group: Group, stat
     """
     members, weights = group.members, group.weights
     dominant = max(range(len(members)), key=lambda i: (group.frequencies[i], -members[i]))
-    x = routed_inputs(stats, members, top_k).to(moe.experts.gate_up_proj.device)
-    activations = expert_intermediate(moe.experts, architecture, x)[members]  # [m, n, I]
+    x = routed_inputs(stats, members, top_k).to(view.gate_up_proj.device)
+    activations = expert_intermediate(view, architecture, x)  # [m, n, I]
     reference = standardized(activations[dominant])
-    dom_pairs, dom_down = neurons_first(gate_up_with_bias(moe.experts, members[dominant], architecture),
-                                        moe.experts.down_proj[members[dominant]].float(), architecture)
+    dom_pairs, dom_down = neuron_layout(view, dominant, architecture)
     pair_sum = weights[dominant] * dom_pairs
     pair_weight = torch.full((dom_pairs.shape[0],), weights[dominant], dtype=torch.float32)
     down_sum = weights[dominant] * dom_down
-    for position, (expert, weight) in enumerate(zip(members, weights)):
+    for position, weight in enumerate(weights):
         if position == dominant:
             continue
         correlation = reference.T @ standardized(activations[position]) / x.shape[0]  # [I_dom, I_member]
         match = correlation.argmax(dim=0)  # dominant neuron for each member neuron
-        pairs, down = neurons_first(gate_up_with_bias(moe.experts, expert, architecture),
-                                    moe.experts.down_proj[expert].float(), architecture)
+        pairs, down = neuron_layout(view, position, architecture)
         pair_sum.index_add_(0, match, weight * pairs)
         pair_weight.index_add_(0, match, torch.full((len(match),), weight))
         down_sum.index_add_(0, match, weight * down)
@@ -164,31 +164,99 @@ def gate_up_with_bias(experts: nn.Module, expert: int, architecture: Architectur
     return torch.cat([weight, column[None, :]]) if architecture.transposed else torch.cat([weight, column[:, None]], 1)
 
 
-def fix_dom_merge(moe: MoELayer, architecture: Architecture, groups: list[Group], stats: LayerStats | None,
-                  top_k: int) -> set[str]:
-    """Replace gate_up_proj (with its bias) and down_proj by fix-dom merges; returns the names replaced
-    (the other per-expert tensors, e.g. down_proj_bias, get the weighted merge)."""
-    if stats is None or stats.router_weight is None or stats.router_inputs.numel() == 0:
-        raise UserError("fix-dom merging needs calibration statistics with router inputs")
-    experts, gate_up, down = moe.experts, [], []
-    for group in groups:
-        if len(group.members) == 1:
-            gate_up.append(gate_up_with_bias(experts, group.members[0], architecture))
-            down.append(experts.down_proj[group.members[0]])
-        else:
-            merged = fix_dom_expert(moe, architecture, group, stats, top_k)
-            gate_up.append(merged[0])
-            down.append(merged[1].to(experts.down_proj.dtype))
-    stacked = torch.stack(gate_up)
-    replaced = {"gate_up_proj", "down_proj"}
-    if getattr(experts, "gate_up_proj_bias", None) is not None:
-        bias = stacked[:, -1] if architecture.transposed else stacked[..., -1]
-        stacked = stacked[:, :-1] if architecture.transposed else stacked[..., :-1]
-        _replace(experts, "gate_up_proj_bias", bias.to(experts.gate_up_proj_bias.dtype))
-        replaced.add("gate_up_proj_bias")
-    _replace(experts, "gate_up_proj", stacked.to(experts.gate_up_proj.dtype))
-    _replace(experts, "down_proj", torch.stack(down))
-    return replaced
+@torch.no_grad()
+def aligned_expert(view: nn.Module, architecture: Architecture, group: Group, stats: LayerStats, top_k: int):
+    """REAM's merge of one group: every member's neurons are permuted one-to-one onto the anchor's (the member
+    with the largest merge weight), matching neurons whose activations on the calibration inputs correlate
+    and whose weights point the same way (Hungarian algorithm on the sum of both distances), then all
+    weights are averaged with the merge weights. Returns float32 gate_up (with bias column) and down."""
+    members, weights = group.members, group.weights
+    anchor = max(range(len(members)), key=lambda i: (weights[i], -members[i]))
+    x = stats.router_inputs.to(view.gate_up_proj.device)
+    activations = expert_intermediate(view, architecture, x)  # [m, n, I]
+    layouts = [neuron_layout(view, position, architecture) for position in range(len(members))]
+    reference = standardized(activations[anchor])
+    anchor_vectors = torch.nn.functional.normalize(_neuron_vectors(*layouts[anchor]), dim=1)
+    pairs = torch.zeros_like(layouts[anchor][0])
+    down = torch.zeros_like(layouts[anchor][1])
+    for position, weight in enumerate(weights):
+        member_pairs, member_down = layouts[position]
+        if position != anchor:
+            correlation = reference.T @ standardized(activations[position]) / x.shape[0]  # [I_anchor, I_member]
+            vectors = torch.nn.functional.normalize(_neuron_vectors(member_pairs, member_down), dim=1)
+            cost = (1 - correlation) + (1 - anchor_vectors @ vectors.T)
+            _, order = linear_sum_assignment(cost.double().numpy())
+            order = torch.as_tensor(order)
+            member_pairs, member_down = member_pairs[order], member_down[order]
+        pairs += weight * member_pairs
+        down += weight * member_down
+    return neurons_back(pairs, down, architecture)
+
+
+@torch.no_grad()
+def selected_expert(view: nn.Module, architecture: Architecture, group: Group, stats: LayerStats, top_k: int):
+    """A merged expert made of whole neurons of its members, unchanged: of all the members' neurons, the I
+    whose contribution to the layer's output carried the most energy on the calibration inputs (mean over
+    tokens of (gate weight x activation)^2 x |down column|^2, with the original router's top-k gates).
+    Unlike an average, each kept neuron still fires on the tokens it fired on; the down projection is
+    meant to be refitted afterwards (refit.py), which re-weighs the kept neurons to stand for the others."""
+    x = stats.router_inputs.to(view.gate_up_proj.device)
+    logits = x @ stats.router_weight.to(x.device).T
+    probs = torch.softmax(logits.float(), dim=-1)
+    chosen = logits.topk(top_k, dim=-1).indices
+    activations = expert_intermediate(view, architecture, x)  # [m, n, I]
+    candidates, energies = [], []
+    for position, expert in enumerate(group.members):
+        gate = probs[:, expert] * (chosen == expert).any(-1)
+        pairs, down = neuron_layout(view, position, architecture)
+        energy = (gate.unsqueeze(1) * activations[position]).pow(2).mean(0) * down.pow(2).sum(1)
+        candidates.append((pairs, down))
+        energies.append(energy)
+    width = candidates[0][0].shape[0]
+    order = torch.cat(energies).argsort(descending=True, stable=True)[:width].sort().values
+    pairs = torch.cat([c[0] for c in candidates])[order]
+    down = torch.cat([c[1] for c in candidates])[order]
+    return neurons_back(pairs, down, architecture)
+
+
+def _neuron_vectors(pairs: torch.Tensor, down_columns: torch.Tensor) -> torch.Tensor:
+    """One row per intermediate neuron: its gate row, up row and down column side by side."""
+    return torch.cat([pairs.reshape(pairs.shape[0], -1), down_columns], dim=1)
+
+
+NEURON_MERGES = {"fix-dom": fix_dom_expert, "aligned": aligned_expert, "select": selected_expert}
+
+
+def neuron_layout(view: nn.Module, position: int, architecture: Architecture):
+    """Expert `position` of `view` as [I, 2, H] gate/up pairs (bias column included) and [I, H] down columns."""
+    return neurons_first(gate_up_with_bias(view, position, architecture), view.down_proj[position].float(),
+                         architecture)
+
+
+def members_view(experts: nn.Module, members: list[int]) -> nn.Module:
+    """The experts module holding only `members`, in order (what a neuron-level merge of one group reads)."""
+    return expert_view(experts, {n: p[members] for n, p in expert_parameters(experts, experts.gate_up_proj.shape[0]).items()})
+
+
+def merged_group(view: nn.Module, architecture: Architecture, group: Group, merge: str,
+                 stats: LayerStats | None, top_k: int) -> dict[str, torch.Tensor]:
+    """Every per-expert tensor of one merged expert, float32. `view` holds the group's members in order;
+    a neuron-level merge (fix-dom, aligned, select) makes gate_up_proj (with its bias) and down_proj, every
+    other tensor (e.g. down_proj_bias) is the weighted merge."""
+    tensors = expert_parameters(view, len(group.members))
+    merged: dict[str, torch.Tensor] = {}
+    if merge != "weighted":
+        if stats is None or stats.router_weight is None or stats.router_inputs.numel() == 0:
+            raise UserError(f"{merge} merging needs calibration statistics with router inputs")
+        gate_up, merged["down_proj"] = NEURON_MERGES[merge](view, architecture, group, stats, top_k)
+        if "gate_up_proj_bias" in tensors:
+            merged["gate_up_proj_bias"] = gate_up[-1] if architecture.transposed else gate_up[..., -1]
+            gate_up = gate_up[:-1] if architecture.transposed else gate_up[..., :-1]
+        merged["gate_up_proj"] = gate_up
+    for name, tensor in tensors.items():
+        if name not in merged:
+            merged[name] = weighted_sum(tensor, group.weights)
+    return merged
 
 
 def router_rows(name: str, tensor: torch.Tensor, groups: list[Group], method: str, stats: LayerStats | None) -> torch.Tensor:
@@ -217,10 +285,16 @@ def apply_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan
         raise UserError(f"plan layer {layer_plan.layer} is for {layer_plan.num_experts} experts, the model has {e}")
     groups, router_method = layer_plan.groups, plan.router
     with torch.no_grad():
-        fixed = fix_dom_merge(moe, architecture, groups, stats, top_k) if plan.merge == "fix-dom" else set()
-        for name, tensor in expert_parameters(moe.experts, e).items():
-            if name not in fixed:
+        if plan.merge == "weighted":
+            for name, tensor in expert_parameters(moe.experts, e).items():
                 _replace(moe.experts, name, merge_rows(tensor.data, groups))
+        else:
+            tensors = expert_parameters(moe.experts, e)
+            merged = [{n: t[g.members[0]] for n, t in tensors.items()} if len(g.members) == 1 else
+                      merged_group(members_view(moe.experts, g.members), architecture, g, plan.merge, stats, top_k)
+                      for g in groups]
+            for name, tensor in tensors.items():
+                _replace(moe.experts, name, torch.stack([m[name].to(tensor.dtype) for m in merged]))
         for name, tensor in expert_parameters(moe.router, e).items():
             _replace(moe.router, name, router_rows(name, tensor.data, groups, router_method, stats))
     set_count_attributes(moe, len(groups))

@@ -31,7 +31,7 @@ STATS_FORMAT = "hcsmoe-stats/1"
 
 
 TENSOR_FIELDS = ("mean_output", "counts", "mean_router_prob", "router_inputs", "router_weight", "reap", "ean",
-                 "weight_gram", "sample_outputs")
+                 "weight_gram", "sample_outputs", "gated_mean_output")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class LayerStats:
     ean: torch.Tensor | None = None  # [E]: mean over routed tokens of ||E_j(x)|| (EAN)
     weight_gram: torch.Tensor | None = None  # [E, E] float64: Gram matrix of flattened expert weights
     sample_outputs: torch.Tensor | None = None  # [E, n, H]: every expert's output on the first n sampled inputs
+    gated_mean_output: torch.Tensor | None = None  # [E, H]: mean of p_j(x) E_j(x) over all tokens (REAM)
     tokens: int = 0
 
     @property
@@ -111,6 +112,16 @@ class Statistics:
         return cls(layers=layers, top_k=meta["top_k"], info=meta["info"])
 
 
+@dataclass
+class BlockTokens:
+    """One MoE block on every calibration token, for the stages that fit the compressed block to the original."""
+
+    inputs: torch.Tensor  # [T, H]: what the block receives
+    routed: torch.Tensor  # [T, H] float32: the original routed experts' output (shared experts excluded)
+    scores: torch.Tensor  # [T, E] float32: the original router's score of every expert (softmax or sigmoid)
+    rest: torch.Tensor | None = None  # [T, H]: the decoder layer's output without the routed experts
+
+
 ExpertChunk = tuple[int, nn.Module]  # (index of its first expert, a view of the experts module holding a few experts)
 
 
@@ -171,7 +182,10 @@ class LayerAccumulator:
         self.reap_sum = torch.zeros(e, dtype=torch.float64)
         self.norm_sum = torch.zeros(e, dtype=torch.float64)
         self.intermediate_sum: dict[int, torch.Tensor] = {}  # first expert of a chunk -> [n, I]
+        self.gated_sum: dict[int, torch.Tensor] = {}  # first expert of a chunk -> [n, I]: sum of p_j(x) h_j(x)
         self.mean_output: torch.Tensor | None = None
+        self.gated_mean_output: torch.Tensor | None = None
+        self.probs = torch.zeros(0)
         self.samples: torch.Tensor | None = None
         self.inputs = torch.zeros(0)
 
@@ -179,12 +193,16 @@ class LayerAccumulator:
         """Top-k shares and scores from the family's own router, and a sample of inputs for router fits."""
         self.counts += torch.bincount(indices.reshape(-1).cpu(), minlength=self.moe.num_experts).double()
         self.prob_sum += probs.double().sum(0).cpu()
+        self.probs = probs
         self.inputs = x[: self.max_router_inputs].float().cpu().clone()
 
     def add_intermediate(self, first: int, view: nn.Module, h: torch.Tensor, first_token: int) -> None:
         """h [n, t, I]: the activations of experts first.. on tokens first_token.. (all of them, routed or not)."""
         sums = h.sum(1)
         self.intermediate_sum[first] = self.intermediate_sum[first] + sums if first in self.intermediate_sum else sums
+        probs = self.probs[first_token : first_token + h.shape[1], first : first + h.shape[0]].float()
+        gated = torch.einsum("nti,tn->ni", h, probs)
+        self.gated_sum[first] = self.gated_sum[first] + gated if first in self.gated_sum else gated
         room = self.output_samples - first_token
         if room > 0:
             out = expert_output_from_intermediate(view, self.architecture, h[:, :room]).float().cpu()
@@ -204,7 +222,15 @@ class LayerAccumulator:
         out = expert_output_from_intermediate(view, self.architecture, mean_h.unsqueeze(1)).squeeze(1).float().cpu()
         if self.mean_output is None:
             self.mean_output = torch.zeros(self.moe.num_experts, out.shape[-1])
+            self.gated_mean_output = torch.zeros(self.moe.num_experts, out.shape[-1])
         self.mean_output[first : first + out.shape[0]] = out
+        gated_h = self.gated_sum.pop(first) / self.tokens
+        gated = expert_output_from_intermediate(view, self.architecture, gated_h.unsqueeze(1)).squeeze(1).float().cpu()
+        bias = getattr(view, "down_proj_bias", None)
+        if bias is not None:  # p_j E_j = D (p_j h) + p_j b: the bias counts with the mean probability, not once
+            share = (self.prob_sum[first : first + out.shape[0]] / self.tokens).float().unsqueeze(1)
+            gated = gated - bias.float().cpu() * (1 - share)
+        self.gated_mean_output[first : first + out.shape[0]] = gated
 
     def result(self, gram: torch.Tensor | None = None) -> LayerStats:
         routed = self.counts.clamp(min=1)
@@ -219,6 +245,7 @@ class LayerAccumulator:
             ean=(self.norm_sum / routed).float(),
             weight_gram=gram,
             sample_outputs=self.samples,
+            gated_mean_output=self.gated_mean_output,
             tokens=self.tokens,
         )
 

@@ -14,16 +14,18 @@ COMPRESS_DEFAULTS = {
     "experts": None,
     "ratio": None,
     "out": None,
-    "method": "hc-smoe",
-    "linkage": "average",
-    "metric": "euclidean",
-    "merge": "frequency",
-    "representation": "expert-output",
+    "method": None,
+    "linkage": None,
+    "metric": None,
+    "merge": None,
+    "group_size": None,
+    "assignment": None,
+    "representation": None,
     "max_group_size": None,
-    "max_subsets": 10000,
+    "max_subsets": None,
     "router": "dominant",
     "calibration": "wiki:en,fr,es",
-    "blocks": 32,
+    "blocks": None,
     "block_size": 2048,
     "batch_size": 4,
     "device": "cpu",
@@ -36,6 +38,10 @@ COMPRESS_DEFAULTS = {
     "stream": False,
     "offload_dir": None,
     "sequential": False,
+    "refit": None,
+    "refit_alpha": None,
+    "refit_solver": None,
+    "fit_router": None,
     "eval": True,
     "eval_languages": "en,fr,es",
     "eval_tokens": None,
@@ -54,17 +60,21 @@ def add_compress_parser(sub) -> None:
     size.add_argument("--experts", "-k", type=int, help="experts to keep per MoE layer (K)")
     size.add_argument("--ratio", type=float, help="fraction of experts to remove per layer, in (0, 1) [0.5]")
     p.add_argument("--out", "-o", help="output directory [./<model>-hcsmoe-<K>e]")
-    p.add_argument("--method", help="planner: hc-smoe (default), kmeans, m-smoe, f-prune, s-prune, o-prune, reap, ean, random")
+    p.add_argument("--method", help="planner, run as published: hc-smoe, ream, kmeans, m-smoe, f-prune, s-prune, o-prune, "
+                                    "reap, ean, random [default: the measured best recipe, see README]")
     p.add_argument("--linkage", help="hierarchical clustering linkage: average (default), single, complete, ward")
     p.add_argument("--metric", help="distance between expert outputs: euclidean (default) or cosine")
-    p.add_argument("--merge", help="merge inside a group: frequency (default), average or fix-dom (ZipIt-style)")
+    p.add_argument("--merge", help="merge inside a group: frequency, average, fix-dom (ZipIt-style), aligned (Hungarian, "
+                                   "REAM) or select (the members' most contributing neurons) [the method's own]")
+    p.add_argument("--group-size", type=int, help="ream: most experts per group [16 as published; 2 by default]")
+    p.add_argument("--assignment", help="ream: greedy (as published) or nearest (every expert to its nearest centre)")
     p.add_argument("--representation", help="what hc-smoe clusters: expert-output (default), router-logits, weights")
     p.add_argument("--max-group-size", type=int,
                    help="hc-smoe: at most this many experts merged into one (capped agglomerative clustering)")
     p.add_argument("--max-subsets", type=int, help="o-prune: most subsets searched per layer [10000]")
     p.add_argument("--router", help="new router rows: dominant (default), average or lsq")
     p.add_argument("--calibration", help="calibration text: wiki:en,fr,es (default), wiki:en, a .txt/.jsonl file or a dataset name")
-    p.add_argument("--blocks", type=int, help="calibration blocks [32]")
+    p.add_argument("--blocks", type=int, help="calibration blocks [enough for 65,536 tokens: 32 of 2048]")
     p.add_argument("--block-size", type=int, help="tokens per block, capped at the model's context [2048]")
     p.add_argument("--batch-size", type=int, help="blocks per forward pass during calibration [4]")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N")
@@ -80,6 +90,14 @@ def add_compress_parser(sub) -> None:
                                           "(automatic with --stream when they would not fit)")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="calibrate each layer on the outputs of the already-compressed layers before it")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the down projections so each compressed layer reproduces the original layer's output "
+                        "[on by default; off for a named --method unless given]")
+    p.add_argument("--refit-alpha", type=float, help="ridge strength of the refit, relative to the mean Gram diagonal [0.01]")
+    p.add_argument("--refit-solver", help="joint, blockwise (Gauss-Seidel over experts) or auto [auto]")
+    p.add_argument("--fit-router", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit the K router rows to the original routing mass of each group "
+                        "[on by default; off for a named --method unless given]")
     p.add_argument("--no-eval", dest="eval", action="store_false", default=None,
                    help="skip the before/after evaluation on the validation text")
     p.add_argument("--eval-languages", help="validation languages to evaluate [en,fr,es]")
@@ -144,8 +162,9 @@ def run_compress(args: argparse.Namespace) -> int:
 
     result = compress(
         source, num_experts=k, method=o["method"], linkage=o["linkage"], metric=o["metric"], merge=o["merge"],
+        group_size=o["group_size"], assignment=o["assignment"],
         representation=o["representation"], max_group_size=o["max_group_size"], max_subsets=o["max_subsets"],
-        router=o["router"],
+        router=o["router"], refit=refit_option(o), router_fit=o["fit_router"],
         calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
         batch_size=o["batch_size"], stats=stats, plan=plan, sequential=bool(o["sequential"]),
         stream_to=out if o["stream"] else None, keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"],
@@ -164,6 +183,16 @@ def run_compress(args: argparse.Namespace) -> int:
                "seconds": result.info["seconds"]}
     print(json.dumps(summary))
     return 0
+
+
+def refit_option(options: dict):
+    """--no-refit: False; --refit-alpha or --refit-solver: those options (the refit on); else --refit or None."""
+    from hcsmoe.refit import RefitOptions
+
+    if options["refit"] is False:
+        return False
+    tuned = {key: options[f"refit_{key}"] for key in ("alpha", "solver") if options[f"refit_{key}"] is not None}
+    return RefitOptions(**tuned) if tuned else options["refit"]
 
 
 def evaluate_before_after(source: Path, compressed: Path, options: dict) -> dict:

@@ -21,7 +21,8 @@ from hcsmoe.errors import UserError
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 BUNDLED_TASKS = ("hcsmoe_strategyqa", "hcsmoe_social_iqa")
 # Column label and number format of each metric in the terminal table, in display order.
-TEXT_COLUMNS = {"ppl": ("ppl", "{:.2f}"), "bpb": ("bpb", "{:.3f}"), "kl": ("KL", "{:.4f}"), "top1": ("top1", "{:.3f}")}
+TEXT_COLUMNS = {"ppl": ("ppl", "{:.2f}"), "bpb": ("bpb", "{:.3f}"), "kl": ("KL", "{:.4f}"), "top1": ("top1", "{:.3f}"),
+                "gen_prefix": ("gen prefix", "{:.1f}"), "gen_agree": ("gen agree", "{:.3f}")}
 TASK_COLUMNS = {"acc": ("acc", "{:.3f}"), "acc_norm": ("acc_norm", "{:.3f}")}
 TASK_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")  # what lm-eval results are kept
 
@@ -134,6 +135,54 @@ def bits_per_byte(nll: float, n_bytes: int) -> float:
     return nll / math.log(2) / n_bytes
 
 
+# ----------------------------------------------------------------------------- free-running generation
+
+PROMPT_TOKENS = 32
+GENERATED_TOKENS = 64
+
+
+def generation_prompts(tokenizer, documents: list[str], count: int, length: int = PROMPT_TOKENS) -> torch.Tensor:
+    """The first `length` tokens of the first `count` documents that have that many: [n <= count, length]."""
+    prompts = []
+    for document in documents:
+        ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == count:
+            break
+    return torch.tensor(prompts, dtype=torch.long).view(-1, length)
+
+
+@torch.inference_mode()
+def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int = GENERATED_TOKENS,
+                         batch_size: int = 32) -> torch.Tensor:
+    """Greedy continuations [N, new_tokens] (the most likely token at every step, end-of-text included, so
+    every continuation has the same length), computed with the model's key-value cache."""
+    window = context_length(model)
+    if prompts.shape[1] + new_tokens > window:
+        raise UserError(f"a {prompts.shape[1]}-token prompt plus {new_tokens} tokens exceeds the context of {window}")
+    outputs = []
+    for batch in prompts.split(batch_size):
+        batch = batch.to(model.device)
+        result = model(input_ids=batch, use_cache=True)
+        cache, generated = result.past_key_values, []
+        for _ in range(new_tokens):
+            token = result.logits[:, -1].float().argmax(-1, keepdim=True)
+            generated.append(token)
+            result = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache = result.past_key_values
+        outputs.append(torch.cat(generated, dim=1).cpu())
+    return torch.cat(outputs)
+
+
+def generation_agreement(reference_tokens: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """How closely free-running generation follows the original: the mean number of leading tokens that
+    match (0 to the continuation length) and the fraction of positions whose tokens match."""
+    same = reference_tokens == tokens
+    prefix = same.int().cumprod(dim=1).sum(dim=1).double()
+    return {"gen_prefix": float(prefix.mean()), "gen_agree": float(same.double().mean()), "gen_prompts": len(tokens)}
+
+
 # ----------------------------------------------------------------------------- multiple choice
 
 
@@ -204,11 +253,17 @@ def evaluate(
     batch_size: int = 8,
     tasks: Sequence[str] = (),
     limit: int | None = None,
+    generate: int = 0,
+    reference_generations: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Perplexity and bits per byte of each bundled language's split (or of `texts`, name -> documents, which
     replaces the languages), optionally cut to max_tokens, in windows of the model's context unless given.
     With a reference model (the uncompressed original) each text also gets KL(reference || model) and top-1
-    agreement, and result["reference"] holds the reference's own numbers from the same forward passes.
+    agreement, and result["reference"] holds the reference's own numbers from the same forward passes;
+    `generate` > 0 also continues that many prompts per text greedily with both models (64 tokens after the
+    first 32 tokens of a document) and reports how long the continuations agree (gen_prefix, gen_agree);
+    texts without a document that long, or a context shorter than 96 tokens, are not generated from.
+    `reference_generations` (name -> tokens) reuses the reference's continuations across calls.
     Returns a JSON-able {"languages": {name: {"ppl", "bpb", "tokens"[, "kl", "top1"]}}, "tasks": {...}, "seconds"}."""
     start = time.perf_counter()
     window = window or context_length(model)
@@ -226,6 +281,12 @@ def evaluate(
         if reference is not None:
             result["languages"][name] |= _drift(totals)
             original["languages"][name] = _text_metrics(totals["reference_nll"], totals["tokens"], n_bytes)
+        prompts = generation_prompts(tokenizer, documents, generate) if generate and reference is not None else None
+        if prompts is not None and len(prompts) and PROMPT_TOKENS + GENERATED_TOKENS <= window:
+            cache = reference_generations if reference_generations is not None else {}
+            if name not in cache or cache[name].shape[0] != prompts.shape[0]:
+                cache[name] = greedy_continuations(reference, prompts)
+            result["languages"][name] |= generation_agreement(cache[name], greedy_continuations(model, prompts))
     if tasks:
         result["tasks"] = run_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
         if reference is not None:
@@ -308,6 +369,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--tasks", metavar="TASKS",
                    help=f"comma-separated lm-eval tasks, e.g. {','.join(BUNDLED_TASKS)} (needs hcsmoe[eval])")
     p.add_argument("--limit", type=_positive, metavar="N", help="questions per task, for a quick run [all]")
+    p.add_argument("--generate", type=int, default=64, metavar="N",
+                   help="with --reference: continue N prompts per text greedily with both models and report how "
+                        "long they agree [64; 0 skips]")
     p.add_argument("--json", metavar="OUT.json", help="also write the results to this JSON file")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
@@ -364,7 +428,7 @@ def run_eval(args: argparse.Namespace) -> int:
     reference = load_model(args.reference, args.dtype, args.device) if args.reference else None
     result = evaluate(
         model, tokenizer, reference=reference, texts=texts, window=args.window, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, tasks=tasks, limit=args.limit,
+        batch_size=args.batch_size, tasks=tasks, limit=args.limit, generate=args.generate,
     )
     rows = [(model_dir(args.model).name, result)]
     if reference is not None:

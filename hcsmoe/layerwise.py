@@ -23,8 +23,10 @@ from tqdm.auto import tqdm
 
 from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, moe_layer_at, moe_layers
 from hcsmoe.calibrate import (
+    BlockTokens,
     ExpertChunk,
     LayerAccumulator,
+    LayerStats,
     expert_pass,
     expert_view,
     experts_per_chunk,
@@ -190,11 +192,14 @@ def run_moe_layer(
     inputs: LayerInputs,
     chunks: Callable[[], Iterator[ExpertChunk]],
     accumulator: LayerAccumulator | None = None,
-) -> list[torch.Tensor]:
+    keep_rest: bool = False,
+) -> tuple[list[torch.Tensor], BlockTokens]:
     """Run one MoE decoder layer on every batch, its experts chunk by chunk; statistics go to `accumulator`.
 
     Pass 1 runs the layer with the experts replaced by zeros, capturing the MoE block's inputs; one expert
     pass then computes the routed output of all tokens; pass 2 replays that output into the layer.
+    Returns the layer's outputs and the block's inputs and routed output on every token (with `keep_rest`,
+    also the layer's output without the routed experts, i.e. pass 1's).
     """
     captured: list[torch.Tensor] = []
     hook = moe.block.register_forward_pre_hook(
@@ -203,8 +208,8 @@ def run_moe_layer(
     replay: list[torch.Tensor] = []
     moe.experts.forward = lambda hidden_states, *args, **kwargs: _routed_output(hidden_states, replay)
     try:
-        for h, a in zip(inputs.hidden, inputs.arguments[moe.index]):
-            layer(h, **a)
+        rest = [_layer_output(layer(h, **a)) for h, a in zip(inputs.hidden, inputs.arguments[moe.index])]
+        rest = torch.cat([r.reshape(-1, r.shape[-1]).float() for r in rest]) if keep_rest else None
         sizes = [c.shape[0] for c in captured]
         x = inputs.store.zeros((sum(sizes), captured[0].shape[-1]), captured[0])
         torch.cat(captured, out=x)
@@ -217,8 +222,9 @@ def run_moe_layer(
                              gate_on_input=architecture.gate_on_input, out=out)
         hook.remove()
         replay.extend(routed.split(sizes))
-        return [inputs.store.keep(_layer_output(layer(h, **a)))
-                for h, a in zip(inputs.hidden, inputs.arguments[moe.index])]
+        outputs = [inputs.store.keep(_layer_output(layer(h, **a)))
+                   for h, a in zip(inputs.hidden, inputs.arguments[moe.index])]
+        return outputs, BlockTokens(x, routed, probs, rest)
     finally:
         hook.remove()
         del moe.experts.forward
@@ -246,14 +252,16 @@ def calibrate_layer(
     max_router_inputs: int = 8192,
     output_samples: int = 0,
     with_weight_gram: bool = False,
+    keep_rest: bool = False,
 ):
-    """Statistics of one MoE layer on its inputs, and the layer's original outputs."""
+    """Statistics of one MoE layer on its inputs, the layer's original outputs, and the MoE block's
+    inputs and routed output on every token."""
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
     accumulator = LayerAccumulator(moe, architecture, tokens, max_router_inputs, output_samples)
     chunks = expert_chunks(model, moe, source)
-    outputs = run_moe_layer(layer, moe, architecture, inputs, chunks, accumulator)
+    outputs, block = run_moe_layer(layer, moe, architecture, inputs, chunks, accumulator, keep_rest=keep_rest)
     gram = weight_gram(chunks, moe.num_experts) if with_weight_gram else None
-    return accumulator.result(gram), outputs
+    return accumulator.result(gram), outputs, block
 
 
 def calibrate_model(
@@ -265,19 +273,24 @@ def calibrate_model(
     max_router_inputs: int = 8192,
     output_samples: int = 0,
     with_weight_gram: bool = False,
-    after_layer: Callable[[MoELayer, object], bool] | None = None,
+    after_layer: Callable[[MoELayer, LayerStats, BlockTokens], bool] | None = None,
     offload_dir: Path | None = None,
     progress: bool = True,
+    corrective: bool = False,
 ):
     """Statistics of every MoE layer of a model in memory, computed layer by layer.
 
-    `after_layer(moe, stats)` may compress the layer in place and return True, in which case the next
-    layers see the compressed layer's outputs (sequential mode); by default they see the original's.
+    `after_layer(moe, stats, block)` may compress the layer in place (block: its inputs and original routed
+    output on every token, for the fitting stages); returning True makes the next layers see the compressed
+    layer's outputs (sequential mode), False the original's.
     `offload_dir`: keep the per-token buffers in memory-mapped files there instead of in memory.
+    `corrective` (sequential mode): the original model also runs, and each layer's routed-output target
+    becomes what makes the compressed stream's layer output equal the original stream's (upstream drift included).
     """
     moe_layers(model, architecture)  # fails early with a clear message when there is none
     source = MemorySource(model)
     inputs = capture_layer_inputs(model, architecture, blocks, batch_size, TokenStore(offload_dir))
+    original = LayerInputs(list(inputs.hidden), inputs.arguments, inputs.store) if corrective else None
     results = []
     layers = decoder_layers(model, architecture)
     for index in tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not progress):
@@ -285,14 +298,23 @@ def calibrate_model(
         moe = moe_layer_at(model, architecture, index)
         if moe is None:
             inputs.hidden = run_dense_layer(layer, inputs, index)
+            if original is not None:
+                original.hidden = run_dense_layer(layer, original, index)
             continue
-        stats, outputs = calibrate_layer(model, layer, moe, architecture, inputs, source,
-                                         max_router_inputs=max_router_inputs, output_samples=output_samples,
-                                         with_weight_gram=with_weight_gram)
+        if original is not None:
+            original_outputs, _ = run_moe_layer(layer, moe, architecture, original, expert_chunks(model, moe, source))
+        stats, outputs, block = calibrate_layer(model, layer, moe, architecture, inputs, source,
+                                                max_router_inputs=max_router_inputs, output_samples=output_samples,
+                                                with_weight_gram=with_weight_gram, keep_rest=original is not None)
+        if original is not None:
+            wanted = torch.cat([o.reshape(-1, o.shape[-1]).float() for o in original_outputs])
+            block = BlockTokens(block.inputs, wanted - block.rest, block.scores)
+            original.hidden = original_outputs
         results.append(stats)
-        if after_layer is not None and after_layer(moe, stats):
+        if after_layer is not None and after_layer(moe, stats, block):
             source = MemorySource(model)  # the layer now holds its merged experts
             moe = moe_layer_at(model, architecture, index)
-            outputs = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, source))
+            outputs, _ = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, source))
+        del block
         inputs.hidden = outputs
     return results

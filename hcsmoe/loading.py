@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from hcsmoe.errors import UserError
 
 REFERENCE_MODEL = Path(__file__).parent / "reference"
+QWEN2_REFERENCE_MODEL = Path(__file__).parent / "reference-qwen2-moe"
+BUNDLED_MODELS = {"reference": REFERENCE_MODEL, "qwen2-moe": QWEN2_REFERENCE_MODEL}
 CAUSAL_LM_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

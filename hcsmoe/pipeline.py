@@ -6,7 +6,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,13 +30,30 @@ from hcsmoe.data import load_texts, token_blocks
 from hcsmoe.errors import UserError
 from hcsmoe.layerwise import calibrate_model
 from hcsmoe.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype
-from hcsmoe.plan import LayerPlan, Plan, WithinRoutingGroups, check_k, make_planner, plan_model, plan_of
+from hcsmoe.plan import (
+    LayerPlan,
+    Plan,
+    PerLayerChoice,
+    WithinRoutingGroups,
+    check_k,
+    make_planner,
+    plan_model,
+    ROUTERS,
+    plan_of,
+    plan_with_layers,
+    planner_merge,
+)
+from hcsmoe.refit import RefitOptions, choose_layer_plan, fit_compressed_layer
+from hcsmoe.router_fit import RouterFitOptions, check_router_fit
 from hcsmoe.save import atomic_directory, check_output_dir, plot_dendrograms, write_expert_counts
 
 
 # English, French and Spanish train text interleaved: on held-out train text of the reference model it
 # beats English-only calibration even on English at 50% removed (benchmarks/results/choices.md).
 DEFAULT_CALIBRATION = "wiki:en,fr,es"
+# Calibration tokens when --blocks is not given (32 blocks of 2048, or 256 of the reference model's 256): the
+# fits keep improving up to here (benchmarks/results/quality-*.md, "Calibration size").
+CALIBRATION_TOKENS = 65536
 
 
 @dataclass
@@ -96,15 +113,54 @@ def checkpoint_dtype(config) -> torch.dtype:
     return parse_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
-def calibration_blocks(tokenizer, source: str, num_blocks: int, block_size: int, context: int) -> torch.Tensor:
+def calibration_blocks(tokenizer, source: str, num_blocks: int | None, block_size: int, context: int) -> torch.Tensor:
+    """num_blocks blocks of min(block_size, context) tokens; None: enough blocks for CALIBRATION_TOKENS."""
+    length = min(block_size, context)
+    if num_blocks is None:
+        num_blocks = -(-CALIBRATION_TOKENS // max(length, 1))
     if num_blocks <= 0 or block_size <= 1:
         raise UserError("calibration needs at least one block of at least two tokens")
-    return token_blocks(tokenizer, load_texts(source), min(block_size, context), num_blocks, source)
+    return token_blocks(tokenizer, load_texts(source), length, num_blocks, source)
 
 
 def normalizes_top_k(layers: list[MoELayer]) -> bool:
     """Whether the routers renormalise the top-k weights (Mixtral's always do and have no flag)."""
     return bool(getattr(layers[0].router, "norm_topk_prob", True))
+
+
+# The default compressor, chosen on held-out train text of both bundled models (benchmarks/choices.py): per
+# layer, the better on held-out calibration tokens of two plans, each fitted to the original layer (router
+# fit, then down-projection refit): the K most salient experts (REAP) anchoring pairs whose merged expert
+# keeps its members' most contributing neurons, or REAP's pruning. Options a caller leaves unset take these
+# values when no method is named.
+DEFAULT_RECIPE = {
+    "candidates": [("ream", {"merge": "select", "group_size": 0, "assignment": "nearest"}), ("reap", {})],
+    "refit": RefitOptions(),
+    "router_fit": RouterFitOptions(only_if_softmax=True),
+}
+
+
+def resolve_fits(method: str | None, refit: RefitOptions | bool | None, router_fit: RouterFitOptions | bool | None):
+    """The fitting stages: the default recipe's when no method is named, a named method's only if asked for."""
+    if method is None:
+        refit = DEFAULT_RECIPE["refit"] if refit is None or refit is True else refit
+        router_fit = DEFAULT_RECIPE["router_fit"] if router_fit is None or router_fit is True else router_fit
+    else:
+        refit = RefitOptions() if refit is True else refit
+        router_fit = RouterFitOptions() if router_fit is True else router_fit
+    return refit or None, router_fit or None
+
+
+def build_planner(method: str | None, config, architecture: Architecture, context: dict, **options):
+    """The planner for a named method, or the default recipe's per-layer choice (user options go to its
+    merging candidate); with group-limited routing, each candidate plans each routing group on its own."""
+    if method is None:
+        (merging, defaults), *others = DEFAULT_RECIPE["candidates"]
+        chosen = defaults | {k: v for k, v in options.items() if v is not None}
+        candidates = [make_planner(merging, **chosen, **context)]
+        candidates += [make_planner(name, **extra, **context) for name, extra in others]
+        return PerLayerChoice([within_routing_groups(c, config, architecture) for c in candidates])
+    return within_routing_groups(make_planner(method, **options, **context), config, architecture)
 
 
 def calibration_statistics(
@@ -114,7 +170,7 @@ def calibration_statistics(
     tokenizer,
     source: str,
     *,
-    num_blocks: int = 32,
+    num_blocks: int | None = None,
     block_size: int = 2048,
     batch_size: int = 4,
     output_samples: int = 0,
@@ -122,13 +178,14 @@ def calibration_statistics(
     after_layer=None,
     offload_dir: Path | None = None,
     progress: bool = True,
+    corrective: bool = False,
 ) -> Statistics:
     """Calibrate every MoE layer on `source` text, recording how the statistics were made."""
     context = int(getattr(model.config, "max_position_embeddings", block_size))
     blocks = calibration_blocks(tokenizer, source, num_blocks, block_size, context)
     layer_stats = calibrate_model(model, architecture, blocks, batch_size=batch_size, output_samples=output_samples,
                                   with_weight_gram=with_weight_gram, after_layer=after_layer,
-                                  offload_dir=offload_dir, progress=progress)
+                                  offload_dir=offload_dir, progress=progress, corrective=corrective)
     info = {"calibration": source, "blocks": list(blocks.shape), "tokens": int(blocks.numel()),
             "norm_topk_prob": normalizes_top_k(layers)}
     return Statistics(layer_stats, top_k(model.config, architecture), info)
@@ -139,23 +196,27 @@ def compress(
     *,
     num_experts: int | None = None,
     ratio: float | None = None,
-    method: str = "hc-smoe",
-    linkage: str = "average",
-    metric: str = "euclidean",
-    merge: str = "frequency",
-    representation: str = "expert-output",
+    method: str | None = None,
+    linkage: str | None = None,
+    metric: str | None = None,
+    merge: str | None = None,
+    group_size: int | None = None,
+    assignment: str | None = None,
+    representation: str | None = None,
     max_group_size: int | None = None,
     router: str = "dominant",
-    max_subsets: int = 10000,
+    max_subsets: int | None = None,
     output_samples: int | None = None,
     calibration: str = DEFAULT_CALIBRATION,
-    num_blocks: int = 32,
+    num_blocks: int | None = None,
     block_size: int = 2048,
     batch_size: int = 4,
     tokenizer=None,
     stats: Statistics | None = None,
     plan: Plan | None = None,
     sequential: bool = False,
+    refit: RefitOptions | bool | None = None,
+    router_fit: RouterFitOptions | bool | None = None,
     stream_to: str | Path | None = None,
     keep_samples: bool = True,
     offload_dir: str | Path | None = None,
@@ -165,8 +226,11 @@ def compress(
     seed: int = 0,
     progress: bool = True,
 ) -> CompressionResult:
-    """Compress an MoE model to K experts per layer with HC-SMoE (or another planner).
+    """Compress an MoE model to K experts per layer.
 
+    `method=None` is the default compressor (DEFAULT_RECIPE: REAP-anchored groups, neuron selection, router
+    and down-projection fits); any named method (e.g. "hc-smoe", "reap") runs as published, with the fitting
+    stages only if asked (`refit=True` or RefitOptions, `router_fit=True` or RouterFitOptions).
     `model_or_path` is a checkpoint directory (None: the bundled reference model) or a loaded model,
     which is copied, never modified. Computation runs in float32; the result is cast to `dtype`
     (default: the checkpoint's own dtype). Pass `stats` to skip calibration, `plan` to skip planning.
@@ -177,16 +241,25 @@ def compress(
     `offload_dir`: keep the calibration's per-token buffers in memory-mapped files there (streaming does
     this by itself, inside its output's temporary directory, when they would take over 1/4 of free memory).
     """
+    if router not in ROUTERS:
+        raise UserError(f"unknown router method {router!r}; choose one of: {', '.join(ROUTERS)}")
+    if plan is not None:  # a plan is re-applied with the fits it records, unless told otherwise
+        method = method or plan.method
+        refit = (RefitOptions(**plan.refit) if plan.refit else False) if refit is None else refit
+        router_fit = (RouterFitOptions(**plan.router_fit) if plan.router_fit else False) if router_fit is None else router_fit
+    refit, router_fit = resolve_fits(method, refit, router_fit)
     if stream_to is not None:
         if isinstance(model_or_path, PreTrainedModel):
             raise UserError("streaming reads a checkpoint directory; pass its path instead of a loaded model")
         return compress_streaming(
             model_or_path, stream_to, overwrite=overwrite, num_experts=num_experts, ratio=ratio, method=method,
-            linkage=linkage, metric=metric, merge=merge, representation=representation,
+            linkage=linkage, metric=metric, merge=merge, group_size=group_size, assignment=assignment,
+            representation=representation,
             max_group_size=max_group_size, router=router,
             max_subsets=max_subsets, output_samples=output_samples, calibration=calibration, num_blocks=num_blocks,
             block_size=block_size, batch_size=batch_size, tokenizer=tokenizer, stats=stats, plan=plan,
-            sequential=sequential, keep_samples=keep_samples, offload_dir=offload_dir, dtype=dtype, device=device,
+            sequential=sequential, refit=refit, router_fit=router_fit, keep_samples=keep_samples,
+            offload_dir=offload_dir, dtype=dtype, device=device,
             seed=seed, progress=progress)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -209,42 +282,42 @@ def compress(
     k = experts_to_keep(e, num_experts, ratio)
     check_k(k, e, k_route)
     check_k_for(model.config, architecture, k)
-    planner = make_planner(method, linkage=linkage, metric=metric, merge=merge, representation=representation,
-                           max_group_size=max_group_size, seed=seed, max_subsets=max_subsets, top_k=k_route,
-                           norm_topk_prob=normalizes_top_k(layers))
-    planner = within_routing_groups(planner, model.config, architecture)
+    context = {"seed": seed, "max_subsets": max_subsets, "top_k": k_route, "norm_topk_prob": normalizes_top_k(layers)}
+    planner = None if plan is not None else build_planner(
+        method, model.config, architecture, context, linkage=linkage, metric=metric, merge=merge,
+        representation=representation, max_group_size=max_group_size, group_size=group_size, assignment=assignment)
     timings["load"] = time.perf_counter() - start
 
-    applied = False
-    if stats is None and (plan is None or plan.router == "lsq" or plan.merge == "fix-dom"):
+    router_fit = check_fitting(architecture, stats, refit, router_fit)
+    fitting = refit is not None or router_fit is not None
+    if stats is None and (plan is None or plan.router == "lsq" or plan.merge != "weighted" or fitting):
         mark = time.perf_counter()
         if output_samples is None:
             output_samples = 512 if getattr(planner, "needs_output_samples", False) else 0
-        after_layer = None
-        if sequential:
-            if plan is not None:
-                raise UserError("--sequential plans each layer as it goes; it cannot apply a given --plan")
-            layer_plans: list[LayerPlan] = []
-            after_layer = compress_layer_in_place(planner, k, router, architecture, k_route, layer_plans)
+        if plan is not None:
+            check_plan_layers(plan, layers)
+        layer_plans: list[LayerPlan] = []
+        after_layer = compress_layer_in_place(planner, plan, k, router, architecture, k_route, layer_plans,
+                                              refit=refit, router_fit=router_fit, output_dtype=output_dtype,
+                                              sequential=sequential)
         stats = calibration_statistics(model, architecture, layers, tokenizer, calibration, num_blocks=num_blocks,
                                        block_size=block_size, batch_size=batch_size, output_samples=output_samples,
                                        with_weight_gram=representation == "weights", after_layer=after_layer,
-                                       offload_dir=Path(offload_dir) if offload_dir else None, progress=progress)
+                                       offload_dir=Path(offload_dir) if offload_dir else None, progress=progress,
+                                       corrective=sequential == "corrective")
         stats.info["sequential"] = sequential
-        if sequential:
-            plan, applied = plan_of(planner, router, layer_plans), True
-            set_expert_count(model.config, architecture, k)
-        timings["calibrate"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    if plan is None:
-        plan = plan_model(stats.layers, k, k_route, planner, router)
-    timings["plan"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    if not applied:
+        plan = plan_with_layers(plan, planner, router, layer_plans, as_dict(refit), as_dict(router_fit))
+        set_expert_count(model.config, architecture, k)
+        timings["calibrate+compress"] = time.perf_counter() - mark
+    else:
+        mark = time.perf_counter()
+        if plan is None:
+            plan = plan_model(stats.layers, k, k_route, planner, router)
+        timings["plan"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         apply_plan(model, architecture, layers, plan, stats.layers if stats else None, progress=progress)
+        timings["apply"] = time.perf_counter() - mark
     model.to(output_dtype)
-    timings["apply"] = time.perf_counter() - mark
     info = run_info(source, architecture, e, plan, k_route, output_dtype, seed, timings)
     return CompressionResult(model, tokenizer, plan, stats, architecture, source, info)
 
@@ -270,15 +343,66 @@ def run_info(source, architecture: Architecture, e: int, plan: Plan, k_route: in
     }
 
 
-def compress_layer_in_place(planner, k: int, router: str, architecture: Architecture, k_route: int,
-                            layer_plans: list[LayerPlan]):
-    """The sequential-mode hook: plan and merge each layer as soon as it is calibrated."""
+def check_plan_layers(plan: Plan, layers: list[MoELayer]) -> None:
+    """A given plan must cover every MoE layer with one expert count (checked before any work)."""
+    plan.validate()
+    planned = {lp.layer: len(lp.groups) for lp in plan.layers}
+    missing = [m.index for m in layers if m.index not in planned]
+    if missing:
+        raise UserError(f"the plan has no entry for MoE layers {missing}")
+    if len({planned[m.index] for m in layers}) != 1:
+        raise UserError(f"the plan keeps different expert counts per layer ({sorted(set(planned.values()))}); "
+                        "the config allows one")
 
-    def after_layer(moe: MoELayer, stats) -> bool:
-        layer_plan = planner.plan_layer(stats, k)
+
+def check_fitting(architecture: Architecture, stats: Statistics | None, refit: RefitOptions | None,
+                  router_fit: RouterFitOptions | None) -> RouterFitOptions | None:
+    """Refuse fitting what cannot be fitted, before any work; returns the router fit that applies (the
+    default recipe's is skipped for a family whose router is not a softmax)."""
+    if router_fit is not None and router_fit.only_if_softmax and architecture.routing != "softmax":
+        router_fit = None
+    if stats is not None and (refit is not None or router_fit is not None):
+        raise UserError("fitting the compressed layers needs the model's per-token outputs, which a statistics file "
+                        "does not hold; drop --stats, or add --no-refit --no-fit-router to re-plan from it")
+    if router_fit is not None:
+        check_router_fit(architecture)
+    return router_fit
+
+
+def as_dict(options) -> dict | None:
+    return options.to_dict() if options is not None else None
+
+
+def compress_layer_in_place(planner, given: Plan | None, k: int, router: str, architecture: Architecture,
+                            k_route: int, layer_plans: list[LayerPlan], *, refit: RefitOptions | None,
+                            router_fit: RouterFitOptions | None, output_dtype: torch.dtype, sequential: bool):
+    """The per-layer step of the in-memory path, run as soon as a layer is calibrated: plan it (or take the
+    given plan's layer), apply the plan, then fit the compressed layer to the original's output. Returns
+    whether the next layers see the compressed layer (sequential mode) or the original."""
+    given_layers = {lp.layer: lp for lp in given.layers} if given is not None else {}
+
+    def compressed_copy(moe: MoELayer, stats):
+        def compressed(plan: Plan, layer_plan: LayerPlan) -> MoELayer:
+            trial = copy.deepcopy(moe)
+            apply_layer(trial, architecture, layer_plan, plan, stats, k_route)
+            return trial
+        return compressed
+
+    def after_layer(moe: MoELayer, stats, block) -> bool:
+        if given is not None:
+            layer_plan_of, layer_plan = given, copy.deepcopy(given_layers[moe.index])
+        elif isinstance(planner, PerLayerChoice):
+            layer_plan_of, layer_plan = choose_layer_plan(planner.candidate_plans(stats, k, router),
+                                                          compressed_copy(moe, stats), architecture, stats, block,
+                                                          output_dtype, refit, router_fit)
+        else:
+            layer_plan = planner.plan_layer(stats, k)
+            layer_plan_of = plan_of(planner, router, [layer_plan])
         layer_plans.append(layer_plan)
-        apply_layer(moe, architecture, layer_plan, plan_of(planner, router, [layer_plan]), stats, k_route)
-        return True
+        apply_layer(moe, architecture, layer_plan, layer_plan_of, stats, k_route)
+        if refit is not None or router_fit is not None:
+            fit_compressed_layer(moe, architecture, layer_plan, stats, block, output_dtype, refit, router_fit)
+        return sequential
 
     return after_layer
 
@@ -301,8 +425,9 @@ def available_memory() -> int:
 
 
 def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, method, linkage, metric, merge,
-                       representation, max_group_size, router, max_subsets, output_samples, calibration,
-                       num_blocks, block_size, batch_size, tokenizer, stats, plan, sequential, keep_samples,
+                       group_size, assignment, representation, max_group_size, router, max_subsets, output_samples,
+                       calibration, num_blocks, block_size, batch_size, tokenizer, stats, plan, sequential,
+                       refit, router_fit, keep_samples,
                        offload_dir, dtype, device, seed, progress) -> CompressionResult:
     """The streaming path of `compress`: one decoder layer in memory at a time, written as it is done."""
     from hcsmoe.streaming import StreamingCompressor, check_streamable, run_streaming, write_config
@@ -322,15 +447,20 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
     tokenizer = tokenizer or load_tokenizer(source)
     if plan is not None:
         plan.validate()
+    router_fit = check_fitting(architecture, stats, refit, router_fit)
+    fitting = refit is not None or router_fit is not None
     with atomic_directory(target) as directory:
         compressor = StreamingCompressor(source, config, architecture, output_dtype, directory, device, progress)
         meta_layers = moe_layers(compressor.model, architecture)
-        planner = make_planner(method, linkage=linkage, metric=metric, merge=merge, representation=representation,
-                               max_group_size=max_group_size, seed=seed, max_subsets=max_subsets, top_k=k_route,
-                               norm_topk_prob=normalizes_top_k(meta_layers))
-        planner = within_routing_groups(planner, config, architecture)
-        check_streamable(plan.merge if plan else ("fix-dom" if merge == "fix-dom" else "weighted"), sequential)
-        calibrating = stats is None and (plan is None or plan.router == "lsq")
+        context = {"seed": seed, "max_subsets": max_subsets, "top_k": k_route,
+                   "norm_topk_prob": normalizes_top_k(meta_layers)}
+        planner = None if plan is not None else build_planner(
+            method, config, architecture, context, linkage=linkage, metric=metric, merge=merge,
+            representation=representation, max_group_size=max_group_size, group_size=group_size,
+            assignment=assignment)
+        check_streamable(sequential)
+        merge_kind = plan.merge if plan else planner_merge(planner)
+        calibrating = stats is None and (plan is None or plan.router == "lsq" or fitting or merge_kind != "weighted")
         blocks = None
         if calibrating:
             context = int(getattr(config, "max_position_embeddings", block_size))
@@ -343,7 +473,7 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
             compressor, k=k, planner=planner, router=router, blocks=blocks, batch_size=batch_size,
             output_samples=output_samples, with_weight_gram=representation == "weights",
             stats_in=stats.layers if stats else None, plan_in=plan, keep_samples=keep_samples,
-            offload_dir=Path(offload_dir) if offload_dir else None)
+            offload_dir=Path(offload_dir) if offload_dir else None, top_k=k_route, refit=refit, router_fit=router_fit)
         if offload_dir is not None and Path(offload_dir).parent == directory:
             shutil.rmtree(offload_dir, ignore_errors=True)
         compressor.writer.finish()

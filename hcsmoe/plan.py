@@ -28,7 +28,9 @@ from hcsmoe.errors import UserError
 PLAN_FORMAT = "hcsmoe-plan/1"
 LINKAGES = ("average", "single", "complete", "ward")
 METRICS = ("euclidean", "cosine")
-MERGES = ("frequency", "average", "fix-dom")
+MERGES = ("frequency", "average", "fix-dom", "aligned", "select")
+PLAN_MERGES = ("weighted", "fix-dom", "aligned", "select")  # how apply merges a group: see apply.py
+ASSIGNMENTS = ("greedy", "nearest")
 ROUTERS = ("average", "dominant", "lsq")
 REPRESENTATIONS = ("expert-output", "router-logits", "weights")
 
@@ -59,7 +61,12 @@ class Plan:
     options: dict
     router: str
     layers: list[LayerPlan]
-    merge: str = "weighted"  # "weighted": weighted average of members; "fix-dom": neuron-aligned onto the dominant
+    # "weighted": weighted average of members; "fix-dom": neurons folded onto the dominant member's;
+    # "aligned": members' neurons permuted one-to-one onto the anchor's (Hungarian), then weighted average;
+    # "select": the members' most contributing neurons, kept unchanged (for a refit of the down projection)
+    merge: str = "weighted"
+    refit: dict | None = None  # options of the down-projection refit applied after merging (None: not refitted)
+    router_fit: dict | None = None  # options of the router fit applied after merging (None: rows as `router` made them)
     format: str = PLAN_FORMAT
 
     def to_dict(self) -> dict:
@@ -82,7 +89,7 @@ class Plan:
             for entry in data["layers"]
         ]
         return cls(method=data["method"], options=data["options"], router=data["router"], layers=layers,
-                   merge=data.get("merge", "weighted"))
+                   merge=data.get("merge", "weighted"), refit=data.get("refit"), router_fit=data.get("router_fit"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -100,8 +107,8 @@ class Plan:
         """Every group non-empty, members in range and used once, weights summing to one."""
         if self.router not in ROUTERS:
             raise UserError(f"unknown router method {self.router!r}; choose one of: {', '.join(ROUTERS)}")
-        if self.merge not in ("weighted", "fix-dom"):
-            raise UserError(f"unknown plan merge {self.merge!r}; use weighted or fix-dom")
+        if self.merge not in PLAN_MERGES:
+            raise UserError(f"unknown plan merge {self.merge!r}; use one of: {', '.join(PLAN_MERGES)}")
         for layer in self.layers:
             seen: set[int] = set()
             if not layer.groups:
@@ -450,7 +457,121 @@ class RandomPrune:
         return LayerPlan(stats.layer, stats.num_experts, [make_group([e], stats, "frequency") for e in kept])
 
 
-PLANNERS = {p.name: p for p in (HCSMoE, KMeans, MSMoE, FrequencyPrune, SoftPrune, OPrune, REAP, EAN, RandomPrune)}
+class REAM:
+    """REAM (Jha et al., 2026): the K experts with the highest REAP saliency are group centres, the others
+    join a centre by similarity, and each group is merged onto its centre with saliency weights (by
+    default after aligning every member's neurons to the centre's, Hungarian matching).
+
+    Similarity between experts is 1/2 [(1 + cos)/2 of their gated mean outputs (mean over tokens of
+    p_j(x) E_j(x)) + 1 - d/d_max, d the distance between their unit-normalised router-logit columns].
+    `assignment="greedy"` is REAM as published: centres in descending saliency each take their most similar
+    unassigned experts until their group holds `group_size` (16 in the paper; some experts can stay
+    unassigned, i.e. pruned). `assignment="nearest"`: every expert joins its most similar centre that still
+    has room, most similar pairs first, so nothing is pruned and no group chains (`group_size=0`: the
+    smallest cap that holds every expert, at least 2: max(2, ceil(E / K))).
+    """
+
+    name = "ream"
+
+    def __init__(self, group_size: int = 16, assignment: str = "greedy", merge: str = "aligned"):
+        if assignment not in ASSIGNMENTS:
+            raise UserError(f"unknown assignment {assignment!r}; choose one of: {', '.join(ASSIGNMENTS)}")
+        if merge not in MERGES:
+            raise UserError(f"unknown merge {merge!r}; choose one of: {', '.join(MERGES)}")
+        if group_size < 0:
+            raise UserError(f"--group-size must be at least 1 (or 0: as small as holds every expert), got {group_size}")
+        self.group_size, self.assignment, self.merge = group_size, assignment, merge
+
+    def options(self) -> dict:
+        return {"group_size": self.group_size, "assignment": self.assignment, "merge": self.merge}
+
+    def plan_layer(self, stats: LayerStats, k: int) -> LayerPlan:
+        if stats.reap is None or stats.gated_mean_output is None:
+            raise UserError("these statistics have no REAP scores or gated mean outputs; recompute them")
+        n = stats.num_experts
+        centres = top_experts(stats.reap, k)  # descending saliency
+        similarity = ream_similarity(stats)
+        cap = self.group_size or max(2, -(-n // k))
+        if self.assignment == "greedy":
+            members = greedy_groups(similarity, centres, cap)
+        else:
+            if cap * k < n:
+                raise UserError(f"{k} groups of at most {cap} experts cannot hold {n} experts; raise --group-size")
+            members = nearest_groups(similarity, centres, cap)
+        saliency = stats.reap.double().clamp(min=1e-12)
+        groups = []
+        for centre in centres:
+            group = sorted(members[centre])
+            weights = saliency[group] / saliency[group].sum()
+            groups.append(Group(group, weights.tolist(), [float(stats.frequency[m]) for m in group]))
+        groups.sort(key=lambda g: g.members[0])
+        return LayerPlan(stats.layer, n, groups, details={"centres": sorted(centres),
+                                                           "similarity": similarity.numpy().round(4).tolist()})
+
+
+def ream_similarity(stats: LayerStats) -> torch.Tensor:
+    """[E, E] similarity in [0, 1]: gated mean outputs (cosine) and router-logit columns (distance), averaged."""
+    outputs = torch.nn.functional.normalize(stats.gated_mean_output.double(), dim=1)
+    s_out = (1 + outputs @ outputs.T) / 2
+    columns = torch.nn.functional.normalize(expert_features(stats, "router-logits"), dim=1)
+    distance = torch.cdist(columns, columns)
+    s_gate = 1 - distance / distance.max().clamp(min=1e-12)
+    return (s_out + s_gate) / 2
+
+
+def greedy_groups(similarity: torch.Tensor, centres: list[int], cap: int) -> dict[int, list[int]]:
+    """REAM's pseudo-pruning: each centre, most salient first, takes its most similar free experts up to `cap`."""
+    free = [e for e in range(similarity.shape[0]) if e not in set(centres)]
+    groups = {}
+    for centre in centres:
+        ranked = sorted(free, key=lambda e: (-float(similarity[centre, e]), e))
+        taken = ranked[: cap - 1]
+        groups[centre] = [centre] + taken
+        free = [e for e in free if e not in set(taken)]
+    return groups
+
+
+def nearest_groups(similarity: torch.Tensor, centres: list[int], cap: int) -> dict[int, list[int]]:
+    """Every non-centre expert joins a centre with room, the most similar (expert, centre) pairs first."""
+    groups = {c: [c] for c in centres}
+    others = [e for e in range(similarity.shape[0]) if e not in groups]
+    pairs = sorted(((float(similarity[e, c]), e, c) for e in others for c in centres), key=lambda p: (-p[0], p[1], p[2]))
+    placed = set()
+    for _, expert, centre in pairs:
+        if expert not in placed and len(groups[centre]) < cap:
+            groups[centre].append(expert)
+            placed.add(expert)
+    return groups
+
+
+class PerLayerChoice:
+    """Several planners; per layer, the fitting stage keeps the plan whose compressed layer reproduces the
+    original layer's output best on held-out calibration tokens (refit.choose_layer_plan). Without that
+    stage (plan_layer alone) the first candidate's plan is used."""
+
+    name = "per-layer-choice"
+
+    def __init__(self, candidates: list):
+        self.candidates = candidates
+        self.merge = getattr(candidates[0], "merge", None)
+
+    def options(self) -> dict:
+        return {"candidates": [{"method": c.name, **c.options()} for c in self.candidates]}
+
+    def plan_layer(self, stats: LayerStats, k: int) -> LayerPlan:
+        return self.candidates[0].plan_layer(stats, k)
+
+    def candidate_plans(self, stats: LayerStats, k: int, router: str) -> list[tuple["Plan", LayerPlan]]:
+        """(one-layer plan saying how to merge, layer plan) for every candidate planner."""
+        pairs = []
+        for candidate in self.candidates:
+            layer_plan = candidate.plan_layer(stats, k)
+            pairs.append((plan_of(candidate, router, [layer_plan]), layer_plan))
+        return pairs
+
+
+PLANNERS = {p.name: p for p in (HCSMoE, KMeans, MSMoE, FrequencyPrune, SoftPrune, OPrune, REAP, EAN, RandomPrune,
+                                REAM)}
 
 
 def stats_subset(stats: LayerStats, members: list[int]) -> LayerStats:
@@ -465,7 +586,7 @@ def stats_subset(stats: LayerStats, members: list[int]) -> LayerStats:
     return replace(stats, mean_output=pick(stats.mean_output), counts=pick(stats.counts),
                    mean_router_prob=pick(stats.mean_router_prob), router_weight=pick(stats.router_weight),
                    reap=pick(stats.reap), ean=pick(stats.ean), weight_gram=pick(stats.weight_gram, square=True),
-                   sample_outputs=pick(stats.sample_outputs))
+                   sample_outputs=pick(stats.sample_outputs), gated_mean_output=pick(stats.gated_mean_output))
 
 
 class WithinRoutingGroups:
@@ -495,12 +616,24 @@ class WithinRoutingGroups:
         return LayerPlan(stats.layer, stats.num_experts, groups, details={"routing_groups": details})
 
 
+# What the pipeline tells every planner that can use it (not a user's choice, so never refused).
+CONTEXT_OPTIONS = ("seed", "max_subsets", "top_k", "norm_topk_prob")
+
+
 def make_planner(method: str, **options):
-    """A planner by name, given whichever of the options its constructor takes."""
+    """A planner by name with the options given (None: the planner's default). A method option the planner
+    does not take is refused, so that e.g. --linkage with a pruning method is not silently ignored."""
     if method not in PLANNERS:
         raise UserError(f"unknown method {method!r}; choose one of: {', '.join(PLANNERS)}")
     accepted = inspect.signature(PLANNERS[method]).parameters
-    return PLANNERS[method](**{k: v for k, v in options.items() if k in accepted and v is not None})
+    given = {k: v for k, v in options.items() if v is not None}
+    unused = sorted(k for k in given if k not in accepted and k not in CONTEXT_OPTIONS)
+    if unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise UserError(f"{flags} do{'es' if len(unused) == 1 else ''} not apply to --method {method}; "
+                        f"drop {'it' if len(unused) == 1 else 'them'} or choose a method that takes "
+                        f"{'it' if len(unused) == 1 else 'them'}")
+    return PLANNERS[method](**{k: v for k, v in given.items() if k in accepted})
 
 
 def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, router: str = "dominant") -> Plan:
@@ -513,6 +646,20 @@ def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, route
 
 
 def plan_of(planner, router: str, layers: list[LayerPlan]) -> Plan:
-    """The plan a planner made, layer by layer (fix-dom planners mark it for neuron-aligned merging)."""
-    merge = "fix-dom" if getattr(planner, "merge", None) == "fix-dom" else "weighted"
-    return Plan(method=planner.name, options=planner.options(), router=router, layers=layers, merge=merge)
+    """The plan a planner made, layer by layer (fix-dom and aligned planners mark it for neuron-level merging)."""
+    return Plan(method=planner.name, options=planner.options(), router=router, layers=layers,
+                merge=planner_merge(planner))
+
+
+def plan_with_layers(given: Plan | None, planner, router: str, layer_plans: list[LayerPlan],
+                     refit: dict | None, router_fit: dict | None) -> Plan:
+    """The plan as applied: the given one or the planner's, with each layer's fit reports and the fit options."""
+    plan = replace(given, layers=layer_plans) if given is not None else plan_of(planner, router, layer_plans)
+    plan.refit, plan.router_fit = refit, router_fit
+    return plan
+
+
+def planner_merge(planner) -> str:
+    """How apply merges this planner's groups: neuron by neuron (fix-dom, aligned) or weighted."""
+    merge = getattr(planner, "merge", None)
+    return merge if merge in PLAN_MERGES else "weighted"

@@ -9,6 +9,7 @@ bit-identical to `compress(...).save(...)`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from pathlib import Path
@@ -19,8 +20,8 @@ from transformers import AutoModelForCausalLM
 from tqdm.auto import tqdm
 
 from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
-from hcsmoe.apply import router_rows, weighted_sum
-from hcsmoe.calibrate import LayerStats
+from hcsmoe.apply import merged_group, router_rows, set_count_attributes, weighted_sum
+from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view
 from hcsmoe.checkpoint import CheckpointReader, ShardWriter, checkpoint_names
 from hcsmoe.errors import UserError
 from hcsmoe.layerwise import (
@@ -32,7 +33,9 @@ from hcsmoe.layerwise import (
     module_name,
     run_dense_layer,
 )
-from hcsmoe.plan import Group, LayerPlan, Plan, plan_of
+from hcsmoe.plan import Group, LayerPlan, PerLayerChoice, Plan, plan_of, plan_with_layers
+from hcsmoe.refit import RefitOptions, choose_layer_plan, fit_compressed_layer
+from hcsmoe.router_fit import RouterFitOptions
 
 GENERATION_FILES = ("generation_config.json",)
 MERGED_CHUNK_BYTES = 64 * 2**20  # merged experts (output dtype) written at once
@@ -135,6 +138,65 @@ class StreamingCompressor:
         for first, groups in self._group_chunks(layer_plan.groups, expert_names):
             self.write({name: self._merged(name, groups) for name in expert_names}, first)
 
+    def write_fitted_moe_layer(self, moe: MoELayer, layer_plan: LayerPlan, plan: Plan, stats: LayerStats,
+                               block: BlockTokens, top_k: int, refit: RefitOptions | None,
+                               router_fit: RouterFitOptions | None) -> None:
+        """A layer whose compressed experts are fitted to the original's output: its K experts are built in
+        memory (in the output dtype, a group's members read from disk one group at a time), fitted as the
+        in-memory path fits them (refit.py), and written."""
+        layer = decoder_layers(self.model, self.architecture)[moe.index]
+        prefixes = self._prefixes(moe)
+        e = moe.num_experts
+        skip = {f"{prefixes[0]}.{n}" for n in expert_parameters(moe.experts, e)}
+        skip |= {f"{prefixes[1]}.{n}" for n in expert_parameters(moe.router, e)}
+        self.write_unchanged(module_name(self.model, layer), layer, skip=skip)
+        self.build_compressed(moe, prefixes, plan, layer_plan, stats, top_k)
+        fit_compressed_layer(moe, self.architecture, layer_plan, stats, block, self.output_dtype, refit, router_fit)
+        k = len(layer_plan.groups)
+        self.write({f"{prefixes[1]}.{n}": t for n, t in expert_parameters(moe.router, k).items()})
+        self.write({f"{prefixes[0]}.{n}": t for n, t in expert_parameters(moe.experts, k).items()})
+
+    def compressed_copy(self, moe: MoELayer, stats: LayerStats, top_k: int):
+        """For the per-layer choice: a function giving a compressed copy of the layer under a candidate plan."""
+        prefixes = self._prefixes(moe)
+
+        def compressed(plan: Plan, layer_plan: LayerPlan) -> MoELayer:
+            trial = copy.deepcopy(moe)
+            self.build_compressed(trial, prefixes, plan, layer_plan, stats, top_k)
+            return trial
+
+        return compressed
+
+    def _prefixes(self, moe: MoELayer) -> tuple[str, str]:
+        return module_name(self.model, moe.experts), module_name(self.model, moe.router)
+
+    def build_compressed(self, moe: MoELayer, prefixes: tuple[str, str], plan: Plan, layer_plan: LayerPlan,
+                         stats: LayerStats, top_k: int) -> None:
+        """Give `moe` (the skeleton's layer, or a copy) the plan's K experts in the output dtype and K router rows."""
+        experts_prefix, router_prefix = prefixes
+        e = layer_plan.num_experts
+        expert_names = list(expert_parameters(moe.experts, e))
+        router_names = list(expert_parameters(moe.router, e))
+        merged = [self._merged_group(moe, experts_prefix, expert_names, group, plan.merge, stats, top_k)
+                  for group in layer_plan.groups]
+        for name in expert_names:
+            moe.experts._parameters[name] = nn.Parameter(torch.stack([m[name] for m in merged]), requires_grad=False)
+        for name in router_names:
+            rows = router_rows(name, self.source.read(f"{router_prefix}.{name}"), layer_plan.groups, plan.router, stats)
+            moe.router._parameters[name] = nn.Parameter(rows, requires_grad=False)
+        set_count_attributes(moe, len(layer_plan.groups))
+
+    def _merged_group(self, moe: MoELayer, prefix: str, names: list[str], group: Group, merge: str,
+                      stats: LayerStats, top_k: int) -> dict[str, torch.Tensor]:
+        """One group's merged expert in the output dtype: weighted merges read members one at a time (as
+        _merged), neuron-level merges read the group's members together."""
+        if merge == "weighted" or len(group.members) == 1:
+            return {name: self._merged(f"{prefix}.{name}", [group])[0] for name in names}
+        view = expert_view(moe.experts, {name: torch.cat([self.source.read(f"{prefix}.{name}", j, j + 1)
+                                                          for j in group.members]) for name in names})
+        return {name: value.to(self.output_dtype)
+                for name, value in merged_group(view, self.architecture, group, merge, stats, top_k).items()}
+
     def _group_chunks(self, groups: list[Group], expert_names: set[str]):
         """Groups merged and written together: 64 MB of merged experts, or all of them when the checkpoint
         stores the experts fused (one tensor per layer cannot be written in pieces)."""
@@ -158,9 +220,7 @@ class StreamingCompressor:
         return torch.stack(merged)
 
 
-def check_streamable(plan_merge: str, sequential: bool) -> None:
-    if plan_merge == "fix-dom":
-        raise UserError("fix-dom merging is not available when streaming; use --merge frequency or drop --stream")
+def check_streamable(sequential: bool) -> None:
     if sequential:
         raise UserError("sequential calibration is not available when streaming; drop --sequential or --stream")
 
@@ -179,6 +239,9 @@ def run_streaming(
     plan_in: Plan | None,
     keep_samples: bool = False,
     offload_dir: Path | None = None,
+    top_k: int = 0,
+    refit: RefitOptions | None = None,
+    router_fit: RouterFitOptions | None = None,
 ) -> tuple[Plan, list[LayerStats]]:
     """The layer loop: calibrate (unless statistics or a plan make it unnecessary), plan, write.
 
@@ -204,19 +267,33 @@ def run_streaming(
         expert_names = {f"{module_name(model, moe.experts)}.{n}" for n in expert_parameters(moe.experts, moe.num_experts)}
         materialize(model, layer, compressor.source, skip=expert_names)
         moe = moe_layer_at(model, architecture, index)
-        stats = stats_by_layer.get(index)
+        stats, block = stats_by_layer.get(index), None
         if inputs is not None:
-            stats, inputs.hidden = calibrate_layer(model, layer, moe, architecture, inputs, compressor.source,
-                                                   output_samples=output_samples, with_weight_gram=with_weight_gram)
+            stats, inputs.hidden, block = calibrate_layer(model, layer, moe, architecture, inputs, compressor.source,
+                                                          output_samples=output_samples,
+                                                          with_weight_gram=with_weight_gram)
         if stats is not None:
             all_stats.append(stats)
-        layer_plan = plans_by_layer.get(index) or planner.plan_layer(stats, k)
+        if index in plans_by_layer:
+            layer_plan_of, layer_plan = plan_in, copy.deepcopy(plans_by_layer[index])
+        elif isinstance(planner, PerLayerChoice) and block is not None:
+            layer_plan_of, layer_plan = choose_layer_plan(
+                planner.candidate_plans(stats, k, router), compressor.compressed_copy(moe, stats, top_k),
+                architecture, stats, block, compressor.output_dtype, refit, router_fit)
+        else:
+            layer_plan = planner.plan_layer(stats, k)
+            layer_plan_of = plan_of(planner, router, [layer_plan])
         layer_plans.append(layer_plan)
-        compressor.write_moe_layer(moe, layer_plan, plan_in.router if plan_in else router, stats)
+        if refit is not None or router_fit is not None or layer_plan_of.merge != "weighted":
+            compressor.write_fitted_moe_layer(moe, layer_plan, layer_plan_of, stats, block, top_k, refit, router_fit)
+        else:
+            compressor.write_moe_layer(moe, layer_plan, layer_plan_of.router, stats)
+        del block
         release(layer)
         if stats is not None and not keep_samples:
             all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
-    return plan_in or plan_of(planner, router, layer_plans), all_stats
+    return plan_with_layers(plan_in, planner, router, layer_plans, refit and refit.to_dict(),
+                            router_fit and router_fit.to_dict()), all_stats
 
 
 def write_config(source_dir: Path, config, architecture: Architecture, k: int, dtype: torch.dtype,

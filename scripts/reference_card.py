@@ -4,7 +4,7 @@ Validation perplexity and bits per byte per language, and per-layer expert usage
 validation text of all three languages together (the "no dead expert" check: every expert must get
 at least 20% of the uniform share 1/E).
 
-    python scripts/reference_card.py [--model hcsmoe/reference]
+    python scripts/reference_card.py [--model hcsmoe/reference | hcsmoe/reference-qwen2-moe]
 """
 
 from __future__ import annotations
@@ -68,6 +68,22 @@ def main() -> None:
 
     c = model.config
     params = sum(p.numel() for p in model.parameters())
+    family = type(model).__name__
+    if c.model_type == "qwen2_moe":
+        title = "hcsmoe reference Qwen2-MoE (the shape of Qwen1.5-MoE)"
+        shape = (f"**{c.num_experts} routed experts, top-{c.num_experts_per_tok}** (expert width {c.moe_intermediate_size}, "
+                 f"top-k weights not renormalised) **plus an always-on shared expert** (width "
+                 f"{c.shared_expert_intermediate_size}) behind a sigmoid gate, as Qwen1.5-MoE-A2.7B")
+        tokenizer_line = "Tokenizer: the reference model's (`hcsmoe/reference`), reused as is."
+    else:
+        title = "hcsmoe reference MoE"
+        shape = (f"**{c.num_experts} routed experts, top-{c.num_experts_per_tok}** (expert width {c.moe_intermediate_size}, "
+                 "normalised top-k weights)")
+        tokenizer_line = "Tokenizer: byte-level BPE trained with `tokenizers` on the training text."
+    cpu = recipe.get("train_cpu_seconds")
+    timing = f"Wall time of the whole script on 2 CPU cores: {recipe['train_seconds'] / 60:.1f} minutes"
+    if cpu:
+        timing += f" ({cpu / 60:.1f} CPU-minutes: {cpu / 120:.1f} minutes of both cores)"
     ppl_lines = ["| language | validation tokens | perplexity | bits per byte |", "|---|---|---|---|"] + [
         f"| {lang} | {m['tokens']} | {m['ppl']:.2f} | {m['bpb']:.3f} |" for lang, m in evaluation["languages"].items()
     ]
@@ -75,19 +91,18 @@ def main() -> None:
 license: cc-by-sa-4.0
 language: [en, fr, es]
 library_name: transformers
-tags: [mixture-of-experts, qwen3_moe, hcsmoe-reference]
+tags: [mixture-of-experts, {c.model_type}, hcsmoe-reference]
 ---
-# hcsmoe reference MoE
+# {title}
 
-A small `Qwen3MoeForCausalLM` trained from scratch on English, French and Spanish Wikipedia lead
+A small `{family}` trained from scratch on English, French and Spanish Wikipedia lead
 sections, bundled with hcsmoe as the model every compression method is measured on. It is an
 ordinary Hugging Face checkpoint: `AutoModelForCausalLM.from_pretrained(this_directory)` and
 `AutoTokenizer.from_pretrained(this_directory)` load it with no network and no custom code.
 
 ## Architecture
 {c.num_hidden_layers} decoder layers, hidden size {c.hidden_size}, {c.num_attention_heads} attention heads
-({c.num_key_value_heads} key/value), every layer an MoE block of **{c.num_experts} routed experts, top-{c.num_experts_per_tok}**
-(expert width {c.moe_intermediate_size}, normalised top-k weights), context {context} tokens, tied embeddings,
+({c.num_key_value_heads} key/value), every layer an MoE block of {shape}, context {context} tokens, tied embeddings,
 byte-level BPE vocabulary of {c.vocab_size}. {params / 1e6:.2f} M parameters, stored in bfloat16.
 
 ## Data
@@ -97,12 +112,12 @@ licensed CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/); see `hc
 The `validation` split was never trained on.
 
 ## Training recipe (`scripts/train_reference.py`, seeded and deterministic on the CPU)
-Tokenizer: byte-level BPE trained with `tokenizers` on the training text. Model: AdamW (β 0.9/0.95,
+{tokenizer_line} Model: AdamW (β 0.9/0.95,
 weight decay 0.1), peak learning rate {recipe['lr']}, {recipe['warmup']} warm-up steps then cosine decay to 10%,
 {recipe['steps']} steps of {recipe['batch']} × {recipe['context']} tokens ({recipe['training_tokens_seen']:,} tokens seen),
 per-layer Switch load-balancing loss (coefficient {recipe['aux_coef']}; transformers' built-in loss pools all
 layers and left dead experts in each), gradient clipping 1.0, seed {recipe['seed']},
-{recipe['threads']} CPU threads. Wall time of the whole script on 2 CPU cores: {recipe['train_seconds'] / 60:.1f} minutes.
+{recipe['threads']} CPU threads. {timing}.
 
 ## Validation perplexity (non-overlapping windows of {context} tokens, float32)
 {chr(10).join(ppl_lines)}
@@ -114,7 +129,7 @@ each language's three most-used experts: experts specialise by language.
 
 {chr(10).join(usage_lines)}
 
-Reproduce these numbers: `python scripts/reference_card.py` (writes this card and `card.json`).
+Reproduce these numbers: `python scripts/reference_card.py --model hcsmoe/{directory.name}` (writes this card and `card.json`).
 """
     (directory / "README.md").write_text(text)
     print(text)

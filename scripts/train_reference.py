@@ -1,9 +1,11 @@
-"""Train the bundled reference MoE: a small Qwen3-MoE on English, French and Spanish Wikipedia.
+"""Train a bundled reference MoE on English, French and Spanish Wikipedia.
 
 Seeded and deterministic on the CPU. Writes a normal Hugging Face checkpoint (bf16 safetensors),
-its byte-level BPE tokenizer and a model card with validation perplexity and expert usage.
+its byte-level BPE tokenizer and a training log (the model card comes from scripts/reference_card.py).
 
-    python scripts/train_reference.py --out hcsmoe/reference
+    python scripts/train_reference.py --out hcsmoe/reference            # Qwen3-MoE, 32 experts of 64, top-4
+    python scripts/train_reference.py --family qwen2_moe --experts 60 --expert-dim 40 --shared-dim 160 \
+        --tokenizer hcsmoe/reference --out hcsmoe/reference-qwen2moe    # Qwen1.5-MoE shape: 60 + shared expert
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import argparse
 import json
 import math
 import random
+import resource
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hcsmoe.data import LANGUAGES, token_stream, wiki_texts
 
@@ -39,8 +42,17 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-def model_config(args, vocab_size: int, eos_id: int) -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(
+FAMILIES = {"qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM), "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM)}
+
+
+def model_config(args, vocab_size: int, eos_id: int):
+    """Qwen3-MoE (normalised top-k, no shared expert) or Qwen2-MoE (Qwen1.5-MoE's shape: un-normalised
+    top-k plus an always-on shared expert behind a sigmoid gate)."""
+    config_class = FAMILIES[args.family][0]
+    family_keys = ({"shared_expert_intermediate_size": args.shared_dim, "norm_topk_prob": False, "qkv_bias": True}
+                   if args.family == "qwen2_moe" else {"norm_topk_prob": True})
+    return config_class(
+        **family_keys,
         vocab_size=vocab_size,
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 2,
@@ -51,7 +63,6 @@ def model_config(args, vocab_size: int, eos_id: int) -> Qwen3MoeConfig:
         head_dim=args.hidden // args.heads,
         num_experts=args.experts,
         num_experts_per_tok=args.top_k,
-        norm_topk_prob=True,
         decoder_sparse_step=1,
         max_position_embeddings=args.context,
         rope_theta=10000.0,
@@ -128,6 +139,9 @@ def train(model, stream, args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="hcsmoe/reference")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen3_moe")
+    parser.add_argument("--shared-dim", type=int, default=0, help="qwen2_moe: shared expert width")
+    parser.add_argument("--tokenizer", help="reuse this directory's tokenizer instead of training one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=256)
@@ -153,14 +167,14 @@ def main() -> None:
 
     texts = {lang: wiki_texts(lang, "train") for lang in LANGUAGES}
     all_texts = [t for lang in LANGUAGES for t in texts[lang]]
-    tokenizer = train_tokenizer(all_texts, args.vocab)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else train_tokenizer(all_texts, args.vocab)
     shuffled = list(all_texts)
     random.Random(args.seed).shuffle(shuffled)
     stream = token_stream(tokenizer, shuffled)
-    print(f"tokenizer trained; {stream.numel()} training tokens ({time.time() - began:.0f} s)", flush=True)
+    print(f"tokenizer ready; {stream.numel()} training tokens ({time.time() - began:.0f} s)", flush=True)
 
     config = model_config(args, len(tokenizer), tokenizer.eos_token_id)
-    model = Qwen3MoeForCausalLM(config)
+    model = FAMILIES[args.family][1](config)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
     log = train(model, stream, args)
 
@@ -170,10 +184,12 @@ def main() -> None:
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.model_max_length = args.context
     tokenizer.save_pretrained(out)
-    recipe = {k: v for k, v in vars(args).items() if k != "out"}
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "tokenizer")}
     recipe["training_tokens_seen"] = args.steps * args.batch * args.context
     recipe["corpus_tokens"] = int(stream.numel())
     recipe["train_seconds"] = round(time.time() - began, 1)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    recipe["train_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
     (out / "training_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1) + "\n")
     print(f"saved to {out} after {time.time() - began:.0f} s", flush=True)
 

@@ -48,8 +48,10 @@ def bad_inputs(tiny: Path, tmp_path: Path, dense: Path) -> dict[str, list[str]]:
         "ratio zero": [str(tiny), "--ratio", "0"],
         "ratio not a number": [str(tiny), "--ratio", "half"],
         "unknown method": [str(tiny), "-k", "4", "--method", "magic"],
-        "unknown linkage": [str(tiny), "-k", "4", "--linkage", "median"],
-        "ward with cosine": [str(tiny), "-k", "4", "--linkage", "ward", "--metric", "cosine"],
+        "unknown linkage": [str(tiny), "-k", "4", "--method", "hc-smoe", "--linkage", "median"],
+        "ward with cosine": [str(tiny), "-k", "4", "--method", "hc-smoe", "--linkage", "ward", "--metric", "cosine"],
+        "option of another method": [str(tiny), "-k", "4", "--linkage", "ward"],
+        "refit with a statistics file": [str(tiny), "-k", "4", "--stats", str(tmp_path / "stats.safetensors")],
         "unknown router": [str(tiny), "-k", "4", "--router", "best"],
         "calibration shorter than a block": [str(tiny), "-k", "4", "--calibration", str(short)],
         "calibration file missing": [str(tiny), "-k", "4", "--calibration", str(tmp_path / "none.txt")],
@@ -68,6 +70,12 @@ def test_bad_compress_input(capsys, tiny_models, tmp_path, dense_model, case):
     (tmp_path / "short.txt").write_text("Only a few words.")
     before = sorted(p.name for p in tiny.iterdir())
     argv = bad_inputs(tiny, tmp_path, dense_model)[case]
+    if "--stats" in argv:  # a real statistics file, so that the refusal is the refit's
+        from hcsmoe.pipeline import compress
+
+        compress(tiny, num_experts=4, method="hc-smoe", num_blocks=2, block_size=32, progress=False).stats.save(
+            tmp_path / "stats.safetensors")
+        before = sorted(p.name for p in tiny.iterdir())
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
     code, _, err = run_cli(capsys, "compress", *argv, "--no-eval", "-q", "--blocks", "2", "--block-size", "32")
@@ -75,6 +83,8 @@ def test_bad_compress_input(capsys, tiny_models, tmp_path, dense_model, case):
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tiny.iterdir()) == before
     assert not any(p.name.startswith(".") for p in list(tmp_path.iterdir()) + list(tiny.iterdir()))
+    if "--stats" in argv:
+        assert "--no-refit" in err
 
 
 def test_nonempty_output_needs_overwrite(capsys, tiny_models, tmp_path):
@@ -92,7 +102,8 @@ def test_nonempty_output_needs_overwrite(capsys, tiny_models, tmp_path):
 
 def test_recipe_yaml_and_flags(capsys, tiny_models, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {tiny_models['olmoe']}\nexperts: 3\nlinkage: complete\nblocks: 2\nblock-size: 32\neval: false\n")
+    recipe.write_text(f"model: {tiny_models['olmoe']}\nmethod: hc-smoe\nexperts: 3\nlinkage: complete\nblocks: 2\n"
+                      "block-size: 32\neval: false\n")
     code, _, err = run_cli(capsys, "compress", "--config", str(recipe), "--out", str(tmp_path / "o"), "-q", "--linkage", "single")
     assert code == 0, err
     plan = json.loads((tmp_path / "o" / "hcsmoe_plan.json").read_text())

@@ -86,7 +86,15 @@ def test_saved_model_reloads_identically_and_is_smaller(tiny_models, arch, tmp_p
     assert set(saved) <= set(before) and (dropped or shrunk)
     assert all(".experts.6." in k or ".experts.7." in k for k in dropped)
     assert all(before[k].shape[0] == 8 and saved[k].shape == (6, *before[k].shape[1:]) for k in shrunk)
-    assert (out / "hcsmoe_plan.json").is_file() and (out / "dendrograms.png").is_file() and (out / "README.md").is_file()
+    assert (out / "hcsmoe_plan.json").is_file() and (out / "README.md").is_file()
+    assert result.plan.refit is not None and all("refit" in lp.details for lp in result.plan.layers)
+
+
+def test_hc_smoe_saves_its_dendrograms(tiny_models, tmp_path):
+    out = compress(tiny_models["olmoe"], num_experts=4, method="hc-smoe", **FAST).save(tmp_path / "out")
+    assert (out / "dendrograms.png").is_file()
+    plan = json.loads((out / "hcsmoe_plan.json").read_text())
+    assert plan["method"] == "hc-smoe" and plan["refit"] is None and plan["router_fit"] is None
 
 
 def test_shared_expert_is_untouched(tiny_models):
@@ -150,8 +158,14 @@ def test_same_seed_same_groups_and_bit_identical_weights(tiny_models):
 def test_plan_round_trips_through_json(tiny_models, tmp_path):
     result = compress(tiny_models["mixtral"], num_experts=4, **FAST)
     result.plan.save(tmp_path / "plan.json")
-    reapplied = compress(tiny_models["mixtral"], plan=Plan.load(tmp_path / "plan.json"), stats=result.stats, progress=False)
-    assert torch.equal(logits(reapplied.model), logits(result.model))
+    reapplied = compress(tiny_models["mixtral"], plan=Plan.load(tmp_path / "plan.json"), **FAST)
+    assert reapplied.plan.refit == result.plan.refit and reapplied.plan.router_fit == result.plan.router_fit
+    assert torch.equal(logits(reapplied.model), logits(result.model))  # the fits recorded in the plan, redone
+    published = compress(tiny_models["mixtral"], num_experts=4, method="hc-smoe", **FAST)
+    published.plan.save(tmp_path / "hc.json")
+    replanned = compress(tiny_models["mixtral"], plan=Plan.load(tmp_path / "hc.json"), stats=published.stats,
+                         progress=False)
+    assert torch.equal(logits(replanned.model), logits(published.model))
 
 
 @pytest.mark.parametrize("router", ["lsq", "average", "dominant"])
@@ -205,7 +219,7 @@ def test_statistics_file_round_trips_and_replans_at_another_k(tiny_models, tmp_p
     loaded = Statistics.load(tmp_path / "stats.safetensors")
     for a, b in zip(first.stats.layers, loaded.layers):
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in TENSOR_FIELDS if getattr(a, f) is not None)
-    direct = compress(tiny_models["qwen3_moe"], num_experts=3, **FAST)
-    replanned = compress(tiny_models["qwen3_moe"], num_experts=3, stats=loaded, progress=False)
+    direct = compress(tiny_models["qwen3_moe"], num_experts=3, method="hc-smoe", **FAST)
+    replanned = compress(tiny_models["qwen3_moe"], num_experts=3, method="hc-smoe", stats=loaded, progress=False)
     assert replanned.plan.to_dict() == direct.plan.to_dict()
     assert torch.equal(logits(replanned.model), logits(direct.model))

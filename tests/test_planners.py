@@ -12,7 +12,7 @@ from scipy.spatial.distance import pdist
 from transformers import AutoModelForCausalLM
 
 from hcsmoe.adapters import MoELayer, architecture_for, moe_layers
-from hcsmoe.apply import apply_plan_keeping_router, fix_dom_expert
+from hcsmoe.apply import apply_plan_keeping_router, fix_dom_expert, members_view
 from hcsmoe.calibrate import LayerStats
 from hcsmoe.errors import UserError
 from hcsmoe.layerwise import calibrate_model
@@ -194,7 +194,8 @@ def test_fix_dom_merge_of_identical_experts_is_that_expert(tiny_models):
         moe.experts.gate_up_proj[2] = moe.experts.gate_up_proj[5]
         moe.experts.down_proj[2] = moe.experts.down_proj[5]
     stats = hand_made(e=8, h=32, n=64, router_weight=moe.router.weight.detach().clone())
-    gate_up, down = fix_dom_expert(moe, arch, Group([2, 5], [0.3, 0.7], [0.3, 0.7]), stats, top_k=2)
+    group = Group([2, 5], [0.3, 0.7], [0.3, 0.7])
+    gate_up, down = fix_dom_expert(members_view(moe.experts, group.members), arch, group, stats, top_k=2)
     assert torch.allclose(gate_up, moe.experts.gate_up_proj[5], atol=1e-6)
     assert torch.allclose(down, moe.experts.down_proj[5], atol=1e-6)
 
@@ -210,13 +211,14 @@ def test_every_method_saves_a_checkpoint_with_k_experts(tiny_models, tmp_path, m
 
 
 def test_fix_dom_and_weight_representation_through_the_pipeline(tiny_models):
-    result = compress(tiny_models["olmoe"], num_experts=4, merge="fix-dom", representation="weights", **FAST)
+    result = compress(tiny_models["olmoe"], num_experts=4, method="hc-smoe", merge="fix-dom", representation="weights",
+                      **FAST)
     assert result.plan.merge == "fix-dom" and result.plan.options["representation"] == "weights"
     assert torch.isfinite(result.model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
 
 def test_keeping_the_full_router_aliases_group_members(tiny_models):
-    result = compress(tiny_models["qwen3_moe"], num_experts=4, **FAST)
+    result = compress(tiny_models["qwen3_moe"], num_experts=4, method="hc-smoe", **FAST)
     model = load_model(tiny_models["qwen3_moe"])
     arch = architecture_for(model.config)
     apply_plan_keeping_router(model, arch, moe_layers(model, arch), result.plan)

@@ -87,9 +87,11 @@ def test_interrupted_streaming_leaves_nothing(tiny_models, tmp_path, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(StreamingCompressor, "write_moe_layer", fail)
-    with pytest.raises(KeyboardInterrupt):
-        compress(tiny_models["qwen3_moe"], num_experts=4, stream_to=tmp_path / "out", **SMALL)
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(StreamingCompressor, "write_fitted_moe_layer", fail)
+    for method in (None, "hc-smoe"):  # the fitted layer writer (default) and the plain one
+        with pytest.raises(KeyboardInterrupt):
+            compress(tiny_models["qwen3_moe"], num_experts=4, method=method, stream_to=tmp_path / "out", **SMALL)
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_replanning_from_a_statistics_file_streams_without_calibrating(tiny_models, tmp_path, monkeypatch):
@@ -97,8 +99,9 @@ def test_replanning_from_a_statistics_file_streams_without_calibrating(tiny_mode
     first.stats.save(tmp_path / "stats.safetensors")
     stats = Statistics.load(tmp_path / "stats.safetensors")
     monkeypatch.setattr("hcsmoe.streaming.calibrate_layer", lambda *a, **k: pytest.fail("calibrated again"))
-    streamed = compress(tiny_models["olmoe"], num_experts=3, stats=stats, stream_to=tmp_path / "s", **SMALL)
-    compress(tiny_models["olmoe"], num_experts=3, stats=stats, **SMALL).save(tmp_path / "m")
+    replan = dict(SMALL, num_experts=3, method="hc-smoe", stats=stats)
+    streamed = compress(tiny_models["olmoe"], stream_to=tmp_path / "s", **replan)
+    compress(tiny_models["olmoe"], **replan).save(tmp_path / "m")
     assert_same_checkpoint(tmp_path / "s", tmp_path / "m")
     assert len(streamed.plan.layers[0].groups) == 3
 

@@ -1,0 +1,286 @@
+"""Stage 4: fit the compressed layer's down projections to what the original layer did.
+
+After a plan is applied (experts merged or dropped, K router rows), each kept or merged expert g still
+computes h_g(x) = act(W_gate,g x) * (W_up,g x), and the compressed block outputs sum_g g'_g(x) D_g h_g(x)
+over the K-row router's top-k. With the gates and the gate/up weights fixed this is linear in the down
+projections D = [D_1 .. D_K], so the D that makes the compressed block reproduce the original block's
+routed output y(x) on calibration tokens is a ridge least-squares problem:
+
+    min_D  sum_x || y(x) - sum_g g'_g(x) D_g h_g(x) ||^2  +  lambda || D - D_0 ||^2
+
+pulled toward D_0, the plan's own down projections (lambda = alpha x the mean diagonal of the Gram
+matrix). This generalises MergeMoE's least-squares step: one fit for the whole layer against the
+original layer's output, with the compressed router's real gates, so it also absorbs what dropped
+experts did and the changed top-k renormalisation. A merged expert is then no longer a static blend
+of its members: its readout is fitted to what the members produced on the tokens it now serves.
+
+Two solvers give the same minimiser: "joint" accumulates the (K*I)^2 Gram matrix and solves it once
+(exact; used while K*I is small enough); "blockwise" runs Gauss-Seidel sweeps over experts, each an
+I x I system on the current residual, so memory stays O(K*I^2 + tokens*H) for any model size.
+Families with a down-projection bias (GPT-OSS) fit it as one more input column.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate
+from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view, route_tokens
+from hcsmoe.errors import UserError
+from hcsmoe.plan import LayerPlan
+from hcsmoe.router_fit import RouterFitOptions, fit_router
+
+SOLVERS = ("auto", "joint", "blockwise")
+JOINT_LIMIT = 6144  # joint system up to this many unknowns per output column (float64 Gram of 300 MB)
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    """How the down projections are refitted; `alpha=0` is plain least squares."""
+
+    alpha: float = 0.01  # ridge strength relative to the mean diagonal of the Gram matrix
+    solver: str = "auto"  # "joint", "blockwise", or "auto" (joint while K * I <= JOINT_LIMIT)
+    sweeps: int = 4  # Gauss-Seidel sweeps of the blockwise solver
+    token_chunk: int = 2048
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise UserError(f"unknown refit solver {self.solver!r}; choose one of: {', '.join(SOLVERS)}")
+        if self.alpha < 0 or self.sweeps < 1:
+            raise UserError("the refit needs alpha >= 0 and at least one sweep")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def down_matrices(experts: nn.Module, architecture: Architecture) -> torch.Tensor:
+    """Every expert's readout as [K, I (+1 for a bias row), H] float64 (output = feature @ matrix)."""
+    down = experts.down_proj.double()
+    matrices = down if architecture.transposed else down.transpose(1, 2)  # [K, I, H]
+    bias = getattr(experts, "down_proj_bias", None)
+    if bias is not None:
+        matrices = torch.cat([matrices, bias.double().unsqueeze(1)], dim=1)
+    return matrices
+
+
+def set_down_matrices(experts: nn.Module, architecture: Architecture, matrices: torch.Tensor) -> None:
+    """Write fitted readouts back into down_proj (and its bias), in the parameters' own dtype."""
+    matrices = matrices.float()  # float64 -> float32 -> dtype, as the in-memory model is rounded when saved
+    bias = getattr(experts, "down_proj_bias", None)
+    if bias is not None:
+        bias.data.copy_(matrices[:, -1].to(bias.dtype))
+        matrices = matrices[:, :-1]
+    weight = matrices if architecture.transposed else matrices.transpose(1, 2)
+    experts.down_proj.data.copy_(weight.to(experts.down_proj.dtype))
+
+
+def expert_features(experts: nn.Module, architecture: Architecture, expert: int, x: torch.Tensor,
+                    gates: torch.Tensor) -> torch.Tensor:
+    """What expert `expert`'s readout multiplies on tokens x routed to it with gate weights `gates`:
+    gate * h(x) (gate-on-input families: h(gate * x)), plus the gate as the bias column when there is one."""
+    one = expert_view(experts, {n: p[expert : expert + 1] for n, p in experts._parameters.items()})
+    gates = gates.float().unsqueeze(-1)
+    if architecture.gate_on_input:
+        features = expert_intermediate(one, architecture, x * gates)[0]
+    else:
+        features = expert_intermediate(one, architecture, x)[0] * gates
+    if getattr(experts, "down_proj_bias", None) is not None:
+        features = torch.cat([features, gates], dim=-1)
+    return features
+
+
+@dataclass
+class Routed:
+    """The compressed router's choice on every calibration token, and each expert's tokens."""
+
+    weights: torch.Tensor  # [T, k]
+    indices: torch.Tensor  # [T, k]
+
+    def tokens_of(self, expert: int, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token positions relative to start, gate weights) of the tokens start:stop routed to `expert`."""
+        token, slot = (self.indices[start:stop] == expert).nonzero(as_tuple=True)
+        return token, self.weights[start:stop][token, slot]
+
+
+def routed(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> Routed:
+    _, weights, indices = route_tokens(moe, architecture, x)
+    return Routed(weights.float(), indices)
+
+
+@torch.no_grad()
+def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
+                options: RefitOptions = RefitOptions()) -> dict:
+    """Refit the down projections of a compressed MoE layer in place; returns what the fit achieved
+    (relative squared error of the routed output on the calibration tokens, before and after)."""
+    experts = moe.experts
+    start = down_matrices(experts, architecture)
+    k, width, _ = start.shape
+    solver = options.solver
+    if solver == "auto":
+        solver = "joint" if k * width <= JOINT_LIMIT else "blockwise"
+    routing = routed(moe, architecture, tokens.inputs)
+    fit = _joint if solver == "joint" else _blockwise
+    fitted, report = fit(experts, architecture, tokens, routing, start, options)
+    set_down_matrices(experts, architecture, fitted)
+    return {"solver": solver, "alpha": options.alpha, "tokens": int(tokens.inputs.shape[0])} | report
+
+
+def _chunks(total: int, size: int):
+    for begin in range(0, total, size):
+        yield begin, min(total, begin + size)
+
+
+def _ridge(gram_trace: float, unknowns: int, alpha: float) -> float:
+    return alpha * gram_trace / max(unknowns, 1)
+
+
+def _joint(experts, architecture, tokens: BlockTokens, routing: Routed, start: torch.Tensor,
+           options: RefitOptions) -> tuple[torch.Tensor, dict]:
+    """One system over all K readouts: accumulate G = sum phi phi^T and C = sum phi y^T, then solve."""
+    k, width, hidden = start.shape
+    n = k * width
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    cross = torch.zeros(n, hidden, dtype=torch.float64)
+    target_energy = 0.0
+    x, y = tokens.inputs, tokens.routed
+    for begin, stop in _chunks(x.shape[0], options.token_chunk):
+        xt, yt = x[begin:stop].float(), y[begin:stop].float()
+        target_energy += float(yt.double().pow(2).sum())
+        phi = torch.zeros(stop - begin, k, width)
+        rows_of = {}
+        for expert in range(k):
+            token, gates = routing.tokens_of(expert, begin, stop)
+            if token.numel():
+                phi[token, expert] = expert_features(experts, architecture, expert, xt[token], gates)
+                rows_of[expert] = token
+        phi = phi.view(stop - begin, n)
+        for expert, token in rows_of.items():
+            block = slice(expert * width, (expert + 1) * width)
+            own = phi[token, block]
+            gram[block] += (own.T @ phi[token]).double()
+            cross[block] += (own.T @ yt[token]).double()
+    gram = (gram + gram.T) / 2
+    w0 = start.reshape(n, hidden)
+    ridge = _ridge(float(gram.diagonal().sum()), n, options.alpha)
+    system = gram + ridge * torch.eye(n, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:  # only with alpha = 0 and experts the router never picks
+        solution = torch.linalg.lstsq(system, cross + ridge * w0).solution
+    else:
+        solution = torch.cholesky_solve(cross + ridge * w0, factor)
+
+    def error(w: torch.Tensor) -> float:
+        return (target_energy - 2 * float((w * cross).sum()) + float((w * (gram @ w)).sum())) / max(target_energy, 1e-30)
+
+    return solution.view(k, width, hidden), {"error_before": round(error(w0), 6), "error_after": round(error(solution), 6)}
+
+
+def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, start: torch.Tensor,
+               options: RefitOptions) -> tuple[torch.Tensor, dict]:
+    """Gauss-Seidel over experts: each readout is refitted on the residual the others leave, an I x I
+    system per expert; converges to the joint solution (the system is symmetric positive definite)."""
+    k, width, hidden = start.shape
+    x, y = tokens.inputs, tokens.routed
+    per_expert = [routing.tokens_of(expert) for expert in range(k)]
+    features = lambda expert: expert_features(experts, architecture, expert, x[per_expert[expert][0]].float(),
+                                              per_expert[expert][1])
+    prediction = torch.zeros(x.shape[0], hidden, dtype=torch.float64)
+    grams = []
+    for expert in range(k):
+        phi = features(expert).double()
+        grams.append(phi.T @ phi)
+        prediction.index_add_(0, per_expert[expert][0], phi @ start[expert])
+    energy = float(y.double().pow(2).sum())
+    before = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
+    ridge = _ridge(sum(float(g.diagonal().sum()) for g in grams), k * width, options.alpha)
+    eye = torch.eye(width, dtype=torch.float64)
+    current = start.clone()
+    for _ in range(options.sweeps):
+        for expert in range(k):
+            token = per_expert[expert][0]
+            if token.numel() == 0:
+                continue
+            phi = features(expert).double()
+            residual = y[token].double() - prediction[token] + phi @ current[expert]
+            updated = torch.linalg.solve(grams[expert] + ridge * eye, phi.T @ residual + ridge * start[expert])
+            prediction.index_add_(0, token, phi @ (updated - current[expert]))
+            current[expert] = updated
+    after = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
+    return current, {"error_before": round(before, 6), "error_after": round(after, 6), "sweeps": options.sweeps}
+
+
+def routed_output(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> torch.Tensor:
+    """The compressed block's routed output on tokens x [T, H] (float64): features times readouts."""
+    routing = routed(moe, architecture, x)
+    matrices = down_matrices(moe.experts, architecture)
+    out = torch.zeros(x.shape[0], matrices.shape[-1], dtype=torch.float64)
+    for expert in range(matrices.shape[0]):
+        token, gates = routing.tokens_of(expert)
+        if token.numel():
+            phi = expert_features(moe.experts, architecture, expert, x[token].float(), gates).double()
+            out.index_add_(0, token, phi @ matrices[expert])
+    return out
+
+
+def split_tokens(block: BlockTokens, held_out: float = 1 / 8) -> tuple[BlockTokens, BlockTokens]:
+    """(fitting part, held-out part): the last `held_out` of the tokens (the last calibration blocks) held out."""
+    cut = block.inputs.shape[0] - max(1, int(block.inputs.shape[0] * held_out))
+    part = lambda piece: BlockTokens(*(None if t is None else t[piece] for t in
+                                       (block.inputs, block.routed, block.scores, block.rest)))
+    return part(slice(0, cut)), part(slice(cut, None))
+
+
+@torch.no_grad()
+def choose_layer_plan(candidates: list, compressed, architecture: Architecture, stats: LayerStats,
+                      block: BlockTokens, output_dtype: torch.dtype, refit: RefitOptions | None,
+                      router_fit: RouterFitOptions | None):
+    """Per-layer choice between plans: each candidate (plan, layer plan) is applied to a fresh copy of the layer
+    (`compressed(plan, layer_plan)`), fitted on 7/8 of the calibration tokens and scored by the relative
+    error of its routed output on the other 1/8; returns the (plan, layer plan) with the smallest error, the
+    layer plan recording every candidate's error."""
+    fitting, held = split_tokens(block)
+    energy = float(held.routed.double().pow(2).sum())
+    errors = []
+    for plan, layer_plan in candidates:
+        trial = copy.deepcopy(layer_plan)
+        moe = compressed(plan, trial)
+        if refit is not None or router_fit is not None:
+            fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
+        residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
+        errors.append(float(residual.pow(2).sum()) / max(energy, 1e-30))
+    best = min(range(len(candidates)), key=lambda i: (errors[i], i))
+    plan, layer_plan = candidates[best]
+    chosen = copy.deepcopy(layer_plan)
+    chosen.details["choice"] = {"held_out_error": {c[0].method: round(e, 6) for c, e in zip(candidates, errors)},
+                                "chosen": plan.method}
+    return plan, chosen
+
+
+def round_layer(moe: MoELayer, dtype: torch.dtype) -> None:
+    """Round the compressed layer's expert and router weights to the dtype they will be saved in, so the
+    fit sees the weights the saved model will run (the values stay float32, exactly representable)."""
+    for module in (moe.experts, moe.router):
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if tensor.is_floating_point():
+                tensor.data.copy_(tensor.data.to(dtype).to(tensor.dtype))
+
+
+def fit_compressed_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, stats: LayerStats,
+                         block: BlockTokens, output_dtype: torch.dtype, refit: RefitOptions | None,
+                         router_fit: RouterFitOptions | None) -> None:
+    """The fitting stage of one compressed layer: fit its router to the original routing mass, round it to
+    the saved dtype, refit its down projections to the original layer's routed output (with the final
+    router), and record each fit in the layer's plan. A plan that keeps every expert unmerged changes
+    nothing, so K = E still reproduces the model bit for bit."""
+    if layer_plan.dropped == [] and all(len(g.members) == 1 for g in layer_plan.groups):
+        return
+    with torch.no_grad():
+        if router_fit is not None:
+            layer_plan.details["router_fit"] = fit_router(moe, architecture, layer_plan, stats, block, router_fit)
+        round_layer(moe, output_dtype)
+        if refit is not None:
+            layer_plan.details["refit"] = refit_layer(moe, architecture, block, refit)

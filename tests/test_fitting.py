@@ -1,0 +1,210 @@
+"""The fitting stages (refit.py, router_fit.py) and the neuron-level merges, on cases whose answer is known."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hcsmoe.adapters import architecture_for, moe_layers
+from hcsmoe.apply import aligned_expert, members_view, selected_expert
+from hcsmoe.calibrate import BlockTokens, route_tokens
+from hcsmoe.errors import UserError
+from hcsmoe.loading import load_model
+from hcsmoe.plan import REAM, Group, LayerPlan, greedy_groups, nearest_groups
+from hcsmoe.refit import RefitOptions, down_matrices, expert_features, refit_layer, routed
+from hcsmoe.router_fit import RouterFitOptions, fit_rows, mass_owners, routing_targets
+
+from tests.test_planners import hand_made
+
+FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "llama4_text")
+
+
+def tokens_of(moe, architecture, n: int = 600, seed: int = 0) -> BlockTokens:
+    """Random block inputs, with the layer's own routed output as the target."""
+    x = torch.randn(n, moe.router.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    scores, weights, indices = route_tokens(moe, architecture, x)
+    return BlockTokens(x, layer_output(moe, architecture, x, weights, indices), scores)
+
+
+def layer_output(moe, architecture, x, weights, indices) -> torch.Tensor:
+    """The routed output as sum over slots of the expert's features times its readout (float64)."""
+    matrices = down_matrices(moe.experts, architecture)
+    out = torch.zeros(x.shape[0], matrices.shape[-1], dtype=torch.float64)
+    for expert in range(matrices.shape[0]):
+        token, slot = (indices == expert).nonzero(as_tuple=True)
+        if token.numel():
+            phi = expert_features(moe.experts, architecture, expert, x[token], weights[token, slot]).double()
+            out.index_add_(0, token, phi @ matrices[expert])
+    return out.float()
+
+
+def first_moe(tiny_models, family: str):
+    model = load_model(tiny_models[family])
+    architecture = architecture_for(model.config)
+    return model, architecture, moe_layers(model, architecture)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_output_helper_matches_the_model(tiny_models, family):
+    """The features x readout decomposition the refit solves for is the block's real routed output."""
+    model, architecture, moe = first_moe(tiny_models, family)
+    x = torch.randn(40, model.config.hidden_size)
+    _, weights, indices = route_tokens(moe, architecture, x)
+    direct = moe.experts(x, indices, weights) if architecture.routing != "llama4" else None
+    ours = layer_output(moe, architecture, x, weights, indices)
+    if direct is not None:
+        assert torch.allclose(ours, direct.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("solver", ["joint", "blockwise"])
+def test_refit_of_an_uncompressed_layer_keeps_it(tiny_models, family, solver):
+    """K = E: the original readouts already reproduce the target, so the fit returns them."""
+    _, architecture, moe = first_moe(tiny_models, family)
+    block = tokens_of(moe, architecture)
+    before = down_matrices(moe.experts, architecture).clone()
+    report = refit_layer(moe, architecture, block, RefitOptions(alpha=1e-3, solver=solver, sweeps=30))
+    assert report["error_before"] < 1e-8 and report["error_after"] < 1e-8
+    assert torch.allclose(down_matrices(moe.experts, architecture), before, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refit_recovers_readouts_that_produced_the_target(tiny_models, family):
+    """Targets made by known readouts D* under the layer's routing: least squares finds D* from any start."""
+    _, architecture, moe = first_moe(tiny_models, family)
+    truth = down_matrices(moe.experts, architecture).clone()
+    block = tokens_of(moe, architecture, n=2000)
+    with torch.no_grad():
+        moe.experts.down_proj.normal_(0, 0.05)
+        if getattr(moe.experts, "down_proj_bias", None) is not None:
+            moe.experts.down_proj_bias.zero_()
+    report = refit_layer(moe, architecture, block, RefitOptions(alpha=0.0))
+    assert report["error_before"] > 0.1 and report["error_after"] < 1e-8
+    assert torch.allclose(down_matrices(moe.experts, architecture), truth, atol=1e-4, rtol=1e-3)
+
+
+def test_joint_and_blockwise_solvers_agree(tiny_models):
+    """Gauss-Seidel over experts converges to the joint ridge solution."""
+    _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
+    block = tokens_of(moe, architecture)
+    block = BlockTokens(block.inputs, block.routed + 0.3 * torch.randn_like(block.routed), block.scores)
+    fits = {}
+    for solver in ("joint", "blockwise"):
+        copy_ = copy.deepcopy(moe)
+        report = refit_layer(copy_, architecture, block, RefitOptions(alpha=0.05, solver=solver, sweeps=60))
+        fits[solver] = (down_matrices(copy_.experts, architecture), report["error_after"])
+    assert torch.allclose(fits["joint"][0], fits["blockwise"][0], atol=1e-4, rtol=1e-3)
+    assert fits["joint"][1] == pytest.approx(fits["blockwise"][1], rel=1e-4)
+
+
+def test_ridge_pulls_toward_the_starting_readouts(tiny_models):
+    """The larger alpha, the closer the fit stays to the plan's own down projections (1/alpha for large alpha)."""
+    _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
+    block = tokens_of(moe, architecture)
+    noisy = BlockTokens(block.inputs, torch.randn_like(block.routed), block.scores)
+    before = down_matrices(moe.experts, architecture).detach().clone()
+    moved = {}
+    for alpha in (1e-2, 1e3, 1e6):
+        fitted = copy.deepcopy(moe)
+        refit_layer(fitted, architecture, noisy, RefitOptions(alpha=alpha))
+        moved[alpha] = float((down_matrices(fitted.experts, architecture).detach() - before).norm())
+    assert moved[1e6] < moved[1e3] / 500 < moved[1e-2] / 500
+
+
+def test_refit_options_are_checked():
+    with pytest.raises(UserError, match="solver"):
+        RefitOptions(solver="magic")
+    with pytest.raises(UserError, match="alpha"):
+        RefitOptions(alpha=-1)
+
+
+def test_router_fit_recovers_a_known_router():
+    """Soft labels made by a known router: the fit reproduces its probabilities (rows are only defined up
+    to a common shift, so probabilities are compared)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 8, generator=g)
+    truth = torch.randn(5, 8, generator=g)
+    q = torch.softmax(x.double() @ truth.double().T, dim=1)
+    fitted = fit_rows(x, q, torch.zeros(5, 8), None, RouterFitOptions(beta=0.0, iterations=200))
+    assert torch.allclose(torch.softmax(x @ fitted.T, 1), torch.softmax(x @ truth.T, 1), atol=1e-3)
+
+
+def test_routing_targets_sum_each_groups_mass():
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    owner = torch.tensor([1, 0, 1, -1])  # expert 3 dropped, not absorbed: its mass is renormalised away
+    q = routing_targets(scores, owner, 2)
+    assert torch.allclose(q, torch.tensor([[0.2 / 0.6, 0.4 / 0.6]], dtype=torch.float64))
+
+
+def test_dropped_experts_are_absorbed_by_the_most_similar_kept_expert():
+    stats = hand_made(e=4, h=2, mean_output=torch.tensor([[1.0, 0], [0, 1], [0.9, 0.1], [0.1, 0.9]]))
+    plan = LayerPlan(0, 4, [Group([0], [1.0], [0.5]), Group([1], [1.0], [0.5])])
+    assert mass_owners(plan, stats, absorb=True).tolist() == [0, 1, 0, 1]
+    assert mass_owners(plan, stats, absorb=False).tolist() == [0, 1, -1, -1]
+
+
+def test_selected_expert_keeps_the_only_active_members_neurons(tiny_models):
+    """A member that never activates contributes no neuron: the selection is the other member exactly."""
+    _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
+    with torch.no_grad():
+        moe.experts.down_proj[3].zero_()
+    stats = hand_made(e=8, h=32, n=256, router_weight=moe.router.weight.detach().clone())
+    group = Group([1, 3], [0.5, 0.5], [0.5, 0.5])
+    gate_up, down = selected_expert(members_view(moe.experts, group.members), architecture, group, stats, top_k=2)
+    assert torch.equal(gate_up, moe.experts.gate_up_proj[1].float())
+    assert torch.equal(down, moe.experts.down_proj[1].float())
+
+
+def test_aligned_merge_undoes_a_neuron_permutation(tiny_models):
+    """A member that is the anchor with its neurons permuted merges back into the anchor exactly."""
+    _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
+    width = moe.experts.down_proj.shape[-1]
+    order = torch.randperm(width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gate, up = moe.experts.gate_up_proj[2].chunk(2)
+        moe.experts.gate_up_proj[6] = torch.cat([gate[order], up[order]])
+        moe.experts.down_proj[6] = moe.experts.down_proj[2][:, order]
+    stats = hand_made(e=8, h=32, n=256, router_weight=moe.router.weight.detach().clone())
+    group = Group([2, 6], [0.6, 0.4], [0.5, 0.5])
+    gate_up, down = aligned_expert(members_view(moe.experts, group.members), architecture, group, stats, top_k=2)
+    assert torch.allclose(gate_up, moe.experts.gate_up_proj[2], atol=1e-6)
+    assert torch.allclose(down, moe.experts.down_proj[2], atol=1e-6)
+
+
+def test_ream_groups_around_the_most_salient_experts():
+    similarity = torch.tensor([[1.0, 0.9, 0.1, 0.8],
+                               [0.9, 1.0, 0.2, 0.7],
+                               [0.1, 0.2, 1.0, 0.3],
+                               [0.8, 0.7, 0.3, 1.0]])
+    # greedy (REAM as published): centre 0 takes its two most similar free experts before centre 2 chooses
+    assert greedy_groups(similarity, [0, 2], cap=3) == {0: [0, 1, 3], 2: [2]}
+    # nearest with room: the most similar pairs first, at most 2 per group
+    assert nearest_groups(similarity, [0, 2], cap=2) == {0: [0, 1], 2: [2, 3]}
+    stats = hand_made(e=4, h=2, reap=torch.tensor([3.0, 1.0, 2.0, 0.5]), gated_mean_output=torch.randn(4, 2))
+    plan = REAM(group_size=2, assignment="nearest").plan_layer(stats, 2)
+    assert sorted(plan.details["centres"]) == [0, 2]
+    assert sorted(m for g in plan.groups for m in g.members) == [0, 1, 2, 3]
+    for group in plan.groups:  # saliency weights, summing to one
+        expected = stats.reap[group.members] / stats.reap[group.members].sum()
+        assert torch.allclose(torch.tensor(group.weights, dtype=torch.float64), expected.double(), atol=1e-6)
+
+
+def test_ream_refuses_groups_too_small_to_hold_every_expert():
+    stats = hand_made(e=6, h=2, reap=torch.arange(6.0), gated_mean_output=torch.randn(6, 2))
+    with pytest.raises(UserError, match="group-size"):
+        REAM(group_size=2, assignment="nearest").plan_layer(stats, 2)
+
+
+def test_per_layer_choice_keeps_the_plan_with_the_smaller_held_out_error(tiny_models):
+    from hcsmoe.pipeline import compress
+
+    result = compress(tiny_models["qwen3_moe"], num_experts=4, num_blocks=4, block_size=64, progress=False)
+    assert result.plan.method == "per-layer-choice"
+    for layer in result.plan.layers:
+        choice = layer.details["choice"]
+        errors = choice["held_out_error"]
+        assert set(errors) == {"ream", "reap"} and choice["chosen"] == min(errors, key=errors.get)
+        merged = any(len(g.members) > 1 for g in layer.groups)
+        assert merged == (choice["chosen"] == "ream")  # reap prunes; the anchored pairs merge
