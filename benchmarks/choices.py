@@ -24,7 +24,6 @@ from hcsmoe.evaluate import evaluate
 from hcsmoe.loading import BUNDLED_MODELS, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
 from hcsmoe.refit import RefitOptions
-from hcsmoe.router_fit import RouterFitOptions
 
 RESULTS = Path(__file__).parent / "results"
 HELD_OUT_ARTICLES = 300
@@ -39,9 +38,7 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("hc-smoe + refit", {"method": "hc-smoe", "refit": True}),
     ("hc-smoe, neuron selection + refit", {"method": "hc-smoe", "merge": "select", "refit": True}),
     ("anchored pairs, neuron selection + refit (no router fit)", MERGE | {"refit": True}),
-    ("anchored pairs, neuron selection + router fit (all rows) + refit", MERGE | {"refit": True, "router_fit": True}),
-    ("anchored pairs, neuron selection + router fit (merged rows) + refit",
-     MERGE | {"refit": True, "router_fit": RouterFitOptions(merged_only=True)}),
+    ("anchored pairs, neuron selection + router fit + refit", MERGE | {"refit": True, "router_fit": True}),
     ("anchored pairs, neuron selection + fits, corrective", {"sequential": "corrective"}),
     ("**default**", {}),
     ("default, refit alpha 0.001", {"refit": RefitOptions(alpha=0.001)}),

@@ -269,7 +269,8 @@ def router_rows(name: str, tensor: torch.Tensor, groups: list[Group], method: st
     return merge_rows(tensor, groups)
 
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Swap a parameter (or buffer) for one of another shape, keeping its kind."""
     old = getattr(module, name)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
@@ -287,16 +288,16 @@ def apply_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan
     with torch.no_grad():
         if plan.merge == "weighted":
             for name, tensor in expert_parameters(moe.experts, e).items():
-                _replace(moe.experts, name, merge_rows(tensor.data, groups))
+                replace_tensor(moe.experts, name, merge_rows(tensor.data, groups))
         else:
             tensors = expert_parameters(moe.experts, e)
             merged = [{n: t[g.members[0]] for n, t in tensors.items()} if len(g.members) == 1 else
                       merged_group(members_view(moe.experts, g.members), architecture, g, plan.merge, stats, top_k)
                       for g in groups]
             for name, tensor in tensors.items():
-                _replace(moe.experts, name, torch.stack([m[name].to(tensor.dtype) for m in merged]))
+                replace_tensor(moe.experts, name, torch.stack([m[name].to(tensor.dtype) for m in merged]))
         for name, tensor in expert_parameters(moe.router, e).items():
-            _replace(moe.router, name, router_rows(name, tensor.data, groups, router_method, stats))
+            replace_tensor(moe.router, name, router_rows(name, tensor.data, groups, router_method, stats))
     set_count_attributes(moe, len(groups))
 
 
@@ -307,6 +308,14 @@ def set_count_attributes(moe: MoELayer, count: int) -> None:
         for name in COUNT_ATTRIBUTES:
             if isinstance(getattr(module, name, None), int):
                 setattr(module, name, count)
+
+
+def install(moe: MoELayer, compressed: MoELayer) -> None:
+    """Give a layer the experts and router of a compressed copy of it (the per-layer choice's winner)."""
+    for target, source in ((moe.experts, compressed.experts), (moe.router, compressed.router)):
+        for name, tensor in list(source.named_parameters(recurse=False)) + list(source.named_buffers(recurse=False)):
+            replace_tensor(target, name, tensor.data)
+    set_count_attributes(moe, compressed.num_experts)
 
 
 def apply_plan(
@@ -345,4 +354,4 @@ def apply_plan_keeping_router(model: nn.Module, architecture: Architecture, laye
                 raise UserError("keeping the full router needs a merging plan (every expert in a group)")
             slots = torch.tensor([slot_group[e] for e in range(moe.num_experts)])
             for name, tensor in expert_parameters(moe.experts, moe.num_experts).items():
-                _replace(moe.experts, name, merge_rows(tensor.data, groups)[slots])
+                replace_tensor(moe.experts, name, merge_rows(tensor.data, groups)[slots])

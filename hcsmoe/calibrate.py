@@ -257,6 +257,10 @@ def route_tokens(moe: MoELayer, architecture: Architecture, x: torch.Tensor, tok
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
 
+def _one_expert(view: nn.Module, local: int) -> nn.Module:
+    return expert_view(view, {n: t[local : local + 1] for n, t in view._parameters.items()})
+
+
 @torch.no_grad()
 def expert_pass(
     x: torch.Tensor,
@@ -276,6 +280,7 @@ def expert_pass(
     which gives the layer's real output and the REAP/EAN norms. Nothing per token is kept.
     `gate_on_input`: the family scales an expert's input by its gate instead of its output (Llama 4).
     `out`: a zeroed float32 [T, H] buffer to accumulate into (e.g. memory-mapped); allocated if None.
+    Without an accumulator (replaying a compressed layer) each expert runs only on the tokens routed to it.
     """
     if out is None:
         out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
@@ -283,18 +288,21 @@ def expert_pass(
         count = view.down_proj.shape[0]
         for first_token in range(0, x.shape[0], token_chunk):
             xt = x[first_token : first_token + token_chunk]
-            h = expert_intermediate(view, architecture, xt)  # [n, t, I]
-            if accumulator is not None:
+            h = None
+            if accumulator is not None:  # statistics need every expert on every token
+                h = expert_intermediate(view, architecture, xt)  # [n, t, I]
                 accumulator.add_intermediate(first, view, h, first_token)
             chosen = indices[first_token : first_token + token_chunk]
             for local in range(count):
                 token, slot = (chosen == first + local).nonzero(as_tuple=True)
                 if token.numel() == 0:
                     continue
-                y = expert_output_from_intermediate(view, architecture, h[local : local + 1, token], [local])[0]
+                routed_h = (h[local : local + 1, token] if h is not None else
+                            expert_intermediate(_one_expert(view, local), architecture, xt[token]))
+                y = expert_output_from_intermediate(view, architecture, routed_h, [local])[0]
                 gates = weights[first_token : first_token + token_chunk][token, slot].float()
                 if gate_on_input:
-                    one = expert_view(view, {n: t[local : local + 1] for n, t in view._parameters.items()})
+                    one = _one_expert(view, local)
                     scaled = expert_intermediate(one, architecture, xt[token] * gates.unsqueeze(-1))
                     out.index_add_(0, token + first_token, expert_output_from_intermediate(one, architecture, scaled)[0])
                 else:

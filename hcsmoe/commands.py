@@ -37,7 +37,7 @@ COMPRESS_DEFAULTS = {
     "overwrite": False,
     "stream": False,
     "offload_dir": None,
-    "sequential": False,
+    "sequential": None,
     "refit": None,
     "refit_alpha": None,
     "refit_solver": None,
@@ -88,8 +88,10 @@ def add_compress_parser(sub) -> None:
                    help="read, compress and write one layer at a time (models larger than memory)")
     p.add_argument("--offload-dir", help="keep calibration hidden states in memory-mapped files in this directory "
                                           "(automatic with --stream when they would not fit)")
-    p.add_argument("--sequential", action="store_true", default=None,
-                   help="calibrate each layer on the outputs of the already-compressed layers before it")
+    p.add_argument("--sequential", nargs="?", const="on", choices=("on", "off", "corrective"),
+                   help="on: calibrate and fit each layer on the outputs of the already-compressed layers before it; "
+                        "corrective: and fit it to the original model's layer output (corrects upstream drift) "
+                        "[corrective by default; off for a named --method]")
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the down projections so each compressed layer reproduces the original layer's output "
                         "[on by default; off for a named --method unless given]")
@@ -166,7 +168,7 @@ def run_compress(args: argparse.Namespace) -> int:
         representation=o["representation"], max_group_size=o["max_group_size"], max_subsets=o["max_subsets"],
         router=o["router"], refit=refit_option(o), router_fit=o["fit_router"],
         calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
-        batch_size=o["batch_size"], stats=stats, plan=plan, sequential=bool(o["sequential"]),
+        batch_size=o["batch_size"], stats=stats, plan=plan, sequential=sequential_mode(o["sequential"]),
         stream_to=out if o["stream"] else None, keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"],
         overwrite=bool(o["overwrite"]),
         dtype=o["dtype"],
@@ -183,6 +185,15 @@ def run_compress(args: argparse.Namespace) -> int:
                "seconds": result.info["seconds"]}
     print(json.dumps(summary))
     return 0
+
+
+SEQUENTIAL_FLAGS = {None: None, "on": True, True: True, "off": False, False: False, "corrective": "corrective"}
+
+
+def sequential_mode(value):
+    if value not in SEQUENTIAL_FLAGS:
+        raise UserError(f"sequential: expected on, off or corrective, got {value!r}")
+    return SEQUENTIAL_FLAGS[value]
 
 
 def refit_option(options: dict):

@@ -252,16 +252,39 @@ def calibrate_layer(
     max_router_inputs: int = 8192,
     output_samples: int = 0,
     with_weight_gram: bool = False,
-    keep_rest: bool = False,
+    original: LayerInputs | None = None,
 ):
     """Statistics of one MoE layer on its inputs, the layer's original outputs, and the MoE block's
-    inputs and routed output on every token."""
+    inputs and routed output on every token (the fitting target).
+
+    `original` (corrective mode): the original model's stream, advanced through this layer too; the target
+    then becomes the routed output that makes this layer's output on `inputs` equal the original model's
+    layer output on `original`, so a fit also corrects the drift of the compressed layers before it."""
+    if original is not None:
+        original_outputs, _ = run_moe_layer(layer, moe, architecture, original, expert_chunks(model, moe, source))
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
     accumulator = LayerAccumulator(moe, architecture, tokens, max_router_inputs, output_samples)
     chunks = expert_chunks(model, moe, source)
-    outputs, block = run_moe_layer(layer, moe, architecture, inputs, chunks, accumulator, keep_rest=keep_rest)
+    outputs, block = run_moe_layer(layer, moe, architecture, inputs, chunks, accumulator,
+                                   keep_rest=original is not None)
     gram = weight_gram(chunks, moe.num_experts) if with_weight_gram else None
+    if original is not None:
+        wanted = torch.cat([o.reshape(-1, o.shape[-1]).float() for o in original_outputs])
+        block = BlockTokens(block.inputs, wanted - block.rest, block.scores, block.rest)
+        original.hidden = original_outputs
     return accumulator.result(gram), outputs, block
+
+
+def run_dense_streams(layer: nn.Module, inputs: LayerInputs, original: LayerInputs | None, index: int) -> None:
+    """Advance the calibration stream (and the original model's, in corrective mode) through a dense layer."""
+    inputs.hidden = run_dense_layer(layer, inputs, index)
+    if original is not None:
+        original.hidden = run_dense_layer(layer, original, index)
+
+
+def original_stream(inputs: LayerInputs, corrective: bool) -> LayerInputs | None:
+    """A second stream of hidden states that stays on the original model (corrective mode), else None."""
+    return LayerInputs(list(inputs.hidden), inputs.arguments, inputs.store) if corrective else None
 
 
 def calibrate_model(
@@ -290,26 +313,18 @@ def calibrate_model(
     moe_layers(model, architecture)  # fails early with a clear message when there is none
     source = MemorySource(model)
     inputs = capture_layer_inputs(model, architecture, blocks, batch_size, TokenStore(offload_dir))
-    original = LayerInputs(list(inputs.hidden), inputs.arguments, inputs.store) if corrective else None
+    original = original_stream(inputs, corrective)
     results = []
     layers = decoder_layers(model, architecture)
     for index in tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not progress):
         layer = layers[index]
         moe = moe_layer_at(model, architecture, index)
         if moe is None:
-            inputs.hidden = run_dense_layer(layer, inputs, index)
-            if original is not None:
-                original.hidden = run_dense_layer(layer, original, index)
+            run_dense_streams(layer, inputs, original, index)
             continue
-        if original is not None:
-            original_outputs, _ = run_moe_layer(layer, moe, architecture, original, expert_chunks(model, moe, source))
         stats, outputs, block = calibrate_layer(model, layer, moe, architecture, inputs, source,
                                                 max_router_inputs=max_router_inputs, output_samples=output_samples,
-                                                with_weight_gram=with_weight_gram, keep_rest=original is not None)
-        if original is not None:
-            wanted = torch.cat([o.reshape(-1, o.shape[-1]).float() for o in original_outputs])
-            block = BlockTokens(block.inputs, wanted - block.rest, block.scores)
-            original.hidden = original_outputs
+                                                with_weight_gram=with_weight_gram, original=original)
         results.append(stats)
         if after_layer is not None and after_layer(moe, stats, block):
             source = MemorySource(model)  # the layer now holds its merged experts

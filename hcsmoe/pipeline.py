@@ -24,7 +24,7 @@ from hcsmoe.adapters import (
     set_expert_count,
     top_k,
 )
-from hcsmoe.apply import apply_layer, apply_plan
+from hcsmoe.apply import apply_layer, apply_plan, install
 from hcsmoe.calibrate import Statistics
 from hcsmoe.data import load_texts, token_blocks
 from hcsmoe.errors import UserError
@@ -43,7 +43,7 @@ from hcsmoe.plan import (
     plan_with_layers,
     planner_merge,
 )
-from hcsmoe.refit import RefitOptions, choose_layer_plan, fit_compressed_layer
+from hcsmoe.refit import RefitOptions, choose_layer_plan, fit_compressed_layer, fitting_tokens
 from hcsmoe.router_fit import RouterFitOptions, check_router_fit
 from hcsmoe.save import atomic_directory, check_output_dir, plot_dendrograms, write_expert_counts
 
@@ -137,7 +137,9 @@ DEFAULT_RECIPE = {
     "candidates": [("ream", {"merge": "select", "group_size": 0, "assignment": "nearest"}), ("reap", {})],
     "refit": RefitOptions(),
     "router_fit": RouterFitOptions(only_if_softmax=True),
+    "sequential": "corrective",
 }
+SEQUENTIAL_MODES = (False, True, "corrective")
 
 
 def resolve_fits(method: str | None, refit: RefitOptions | bool | None, router_fit: RouterFitOptions | bool | None):
@@ -214,7 +216,7 @@ def compress(
     tokenizer=None,
     stats: Statistics | None = None,
     plan: Plan | None = None,
-    sequential: bool = False,
+    sequential: bool | str | None = None,
     refit: RefitOptions | bool | None = None,
     router_fit: RouterFitOptions | bool | None = None,
     stream_to: str | Path | None = None,
@@ -234,7 +236,9 @@ def compress(
     `model_or_path` is a checkpoint directory (None: the bundled reference model) or a loaded model,
     which is copied, never modified. Computation runs in float32; the result is cast to `dtype`
     (default: the checkpoint's own dtype). Pass `stats` to skip calibration, `plan` to skip planning.
-    `sequential`: each layer is calibrated on the outputs of the already-compressed layers before it.
+    `sequential`: True calibrates each layer on the outputs of the already-compressed layers before it;
+    "corrective" also fits it so that its output matches the original model's layer output (upstream drift
+    included); None: the recipe's ("corrective") when no method is named, else False.
     `stream_to`: read, compress and write one layer at a time straight into that directory (for models
     larger than memory); the result then holds no model and is already saved. `keep_samples=False` lets a
     streaming run drop each finished layer's per-token samples (its statistics can then not re-fit an lsq router).
@@ -247,7 +251,12 @@ def compress(
         method = method or plan.method
         refit = (RefitOptions(**plan.refit) if plan.refit else False) if refit is None else refit
         router_fit = (RouterFitOptions(**plan.router_fit) if plan.router_fit else False) if router_fit is None else router_fit
+        sequential = plan.sequential if sequential is None else sequential
     refit, router_fit = resolve_fits(method, refit, router_fit)
+    if sequential is None:
+        sequential = DEFAULT_RECIPE["sequential"] if method is None else False
+    if sequential not in SEQUENTIAL_MODES:
+        raise UserError(f"unknown sequential mode {sequential!r}; use True, False or 'corrective'")
     if stream_to is not None:
         if isinstance(model_or_path, PreTrainedModel):
             raise UserError("streaming reads a checkpoint directory; pass its path instead of a loaded model")
@@ -306,7 +315,7 @@ def compress(
                                        offload_dir=Path(offload_dir) if offload_dir else None, progress=progress,
                                        corrective=sequential == "corrective")
         stats.info["sequential"] = sequential
-        plan = plan_with_layers(plan, planner, router, layer_plans, as_dict(refit), as_dict(router_fit))
+        plan = plan_with_layers(plan, planner, router, layer_plans, as_dict(refit), as_dict(router_fit), sequential)
         set_expert_count(model.config, architecture, k)
         timings["calibrate+compress"] = time.perf_counter() - mark
     else:
@@ -375,7 +384,7 @@ def as_dict(options) -> dict | None:
 
 def compress_layer_in_place(planner, given: Plan | None, k: int, router: str, architecture: Architecture,
                             k_route: int, layer_plans: list[LayerPlan], *, refit: RefitOptions | None,
-                            router_fit: RouterFitOptions | None, output_dtype: torch.dtype, sequential: bool):
+                            router_fit: RouterFitOptions | None, output_dtype: torch.dtype, sequential: bool | str):
     """The per-layer step of the in-memory path, run as soon as a layer is calibrated: plan it (or take the
     given plan's layer), apply the plan, then fit the compressed layer to the original's output. Returns
     whether the next layers see the compressed layer (sequential mode) or the original."""
@@ -389,20 +398,22 @@ def compress_layer_in_place(planner, given: Plan | None, k: int, router: str, ar
         return compressed
 
     def after_layer(moe: MoELayer, stats, block) -> bool:
-        if given is not None:
-            layer_plan_of, layer_plan = given, copy.deepcopy(given_layers[moe.index])
-        elif isinstance(planner, PerLayerChoice):
-            layer_plan_of, layer_plan = choose_layer_plan(planner.candidate_plans(stats, k, router),
-                                                          compressed_copy(moe, stats), architecture, stats, block,
-                                                          output_dtype, refit, router_fit)
+        if isinstance(planner, PerLayerChoice) and given is None:
+            _, layer_plan, chosen = choose_layer_plan(planner.candidate_plans(stats, k, router),
+                                                      compressed_copy(moe, stats), architecture, stats, block,
+                                                      output_dtype, refit, router_fit)
+            install(moe, chosen)
         else:
-            layer_plan = planner.plan_layer(stats, k)
-            layer_plan_of = plan_of(planner, router, [layer_plan])
+            if given is not None:
+                layer_plan_of, layer_plan = given, copy.deepcopy(given_layers[moe.index])
+            else:
+                layer_plan = planner.plan_layer(stats, k)
+                layer_plan_of = plan_of(planner, router, [layer_plan])
+            apply_layer(moe, architecture, layer_plan, layer_plan_of, stats, k_route)
+            fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block), output_dtype,
+                                 refit, router_fit)
         layer_plans.append(layer_plan)
-        apply_layer(moe, architecture, layer_plan, layer_plan_of, stats, k_route)
-        if refit is not None or router_fit is not None:
-            fit_compressed_layer(moe, architecture, layer_plan, stats, block, output_dtype, refit, router_fit)
-        return sequential
+        return bool(sequential)
 
     return after_layer
 
@@ -430,7 +441,7 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
                        refit, router_fit, keep_samples,
                        offload_dir, dtype, device, seed, progress) -> CompressionResult:
     """The streaming path of `compress`: one decoder layer in memory at a time, written as it is done."""
-    from hcsmoe.streaming import StreamingCompressor, check_streamable, run_streaming, write_config
+    from hcsmoe.streaming import StreamingCompressor, run_streaming, write_config
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -458,7 +469,6 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
             method, config, architecture, context, linkage=linkage, metric=metric, merge=merge,
             representation=representation, max_group_size=max_group_size, group_size=group_size,
             assignment=assignment)
-        check_streamable(sequential)
         merge_kind = plan.merge if plan else planner_merge(planner)
         calibrating = stats is None and (plan is None or plan.router == "lsq" or fitting or merge_kind != "weighted")
         blocks = None
@@ -473,13 +483,14 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
             compressor, k=k, planner=planner, router=router, blocks=blocks, batch_size=batch_size,
             output_samples=output_samples, with_weight_gram=representation == "weights",
             stats_in=stats.layers if stats else None, plan_in=plan, keep_samples=keep_samples,
-            offload_dir=Path(offload_dir) if offload_dir else None, top_k=k_route, refit=refit, router_fit=router_fit)
+            offload_dir=Path(offload_dir) if offload_dir else None, top_k=k_route, refit=refit, router_fit=router_fit,
+            sequential=sequential)
         if offload_dir is not None and Path(offload_dir).parent == directory:
             shutil.rmtree(offload_dir, ignore_errors=True)
         compressor.writer.finish()
         if calibrating:
             info = {"calibration": calibration, "blocks": list(blocks.shape), "tokens": int(blocks.numel()),
-                    "norm_topk_prob": normalizes_top_k(meta_layers), "sequential": False}
+                    "norm_topk_prob": normalizes_top_k(meta_layers), "sequential": sequential}
             stats = Statistics(layer_stats, k_route, info)
         write_config(source, config, architecture, k, output_dtype, directory)
         timings["total"] = time.perf_counter() - start

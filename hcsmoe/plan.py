@@ -67,6 +67,7 @@ class Plan:
     merge: str = "weighted"
     refit: dict | None = None  # options of the down-projection refit applied after merging (None: not refitted)
     router_fit: dict | None = None  # options of the router fit applied after merging (None: rows as `router` made them)
+    sequential: bool | str = False  # layers calibrated and fitted on the compressed layers' outputs ("corrective": see refit)
     format: str = PLAN_FORMAT
 
     def to_dict(self) -> dict:
@@ -89,7 +90,8 @@ class Plan:
             for entry in data["layers"]
         ]
         return cls(method=data["method"], options=data["options"], router=data["router"], layers=layers,
-                   merge=data.get("merge", "weighted"), refit=data.get("refit"), router_fit=data.get("router_fit"))
+                   merge=data.get("merge", "weighted"), refit=data.get("refit"), router_fit=data.get("router_fit"),
+                   sequential=data.get("sequential", False))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -652,10 +654,10 @@ def plan_of(planner, router: str, layers: list[LayerPlan]) -> Plan:
 
 
 def plan_with_layers(given: Plan | None, planner, router: str, layer_plans: list[LayerPlan],
-                     refit: dict | None, router_fit: dict | None) -> Plan:
-    """The plan as applied: the given one or the planner's, with each layer's fit reports and the fit options."""
+                     refit: dict | None, router_fit: dict | None, sequential: bool | str) -> Plan:
+    """The plan as applied: the given one or the planner's, with each layer's fit reports and how it was fitted."""
     plan = replace(given, layers=layer_plans) if given is not None else plan_of(planner, router, layer_plans)
-    plan.refit, plan.router_fit = refit, router_fit
+    plan.refit, plan.router_fit, plan.sequential = refit, router_fit, sequential
     return plan
 
 

@@ -158,12 +158,13 @@ def _joint(experts, architecture, tokens: BlockTokens, routing: Routed, start: t
                 phi[token, expert] = expert_features(experts, architecture, expert, xt[token], gates)
                 rows_of[expert] = token
         phi = phi.view(stop - begin, n)
-        for expert, token in rows_of.items():
-            block = slice(expert * width, (expert + 1) * width)
-            own = phi[token, block]
-            gram[block] += (own.T @ phi[token]).double()
-            cross[block] += (own.T @ yt[token]).double()
-    gram = (gram + gram.T) / 2
+        for expert, token in rows_of.items():  # block row `expert`, from its diagonal block on (G is symmetric)
+            first = expert * width
+            own = phi[token, first : first + width]
+            gram[first : first + width, first:] += (own.T @ phi[token, first:]).double()
+            cross[first : first + width] += (own.T @ yt[token]).double()
+    diagonal = torch.block_diag(*(gram[a * width : (a + 1) * width, a * width : (a + 1) * width] for a in range(k)))
+    gram = gram + gram.T - diagonal
     w0 = start.reshape(n, hidden)
     ridge = _ridge(float(gram.diagonal().sum()), n, options.alpha)
     system = gram + ridge * torch.eye(n, dtype=torch.float64)
@@ -234,30 +235,37 @@ def split_tokens(block: BlockTokens, held_out: float = 1 / 8) -> tuple[BlockToke
     return part(slice(0, cut)), part(slice(cut, None))
 
 
+def fitting_tokens(layer_plan: LayerPlan, block: BlockTokens | None) -> BlockTokens | None:
+    """The tokens a layer plan's fits use: a plan made by the per-layer choice was fitted on its fitting part,
+    so re-applying it fits on the same tokens and gives the same weights."""
+    if block is not None and "choice" in layer_plan.details:
+        return split_tokens(block)[0]
+    return block
+
+
 @torch.no_grad()
 def choose_layer_plan(candidates: list, compressed, architecture: Architecture, stats: LayerStats,
                       block: BlockTokens, output_dtype: torch.dtype, refit: RefitOptions | None,
                       router_fit: RouterFitOptions | None):
     """Per-layer choice between plans: each candidate (plan, layer plan) is applied to a fresh copy of the layer
     (`compressed(plan, layer_plan)`), fitted on 7/8 of the calibration tokens and scored by the relative
-    error of its routed output on the other 1/8; returns the (plan, layer plan) with the smallest error, the
-    layer plan recording every candidate's error."""
+    error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
+    candidate's error and its fits) and its fitted copy of the layer, which is the result: refitting on all
+    tokens would gain little (7/8 of them already) and cost a third of the layer's time."""
     fitting, held = split_tokens(block)
     energy = float(held.routed.double().pow(2).sum())
-    errors = []
+    trials = []
     for plan, layer_plan in candidates:
         trial = copy.deepcopy(layer_plan)
         moe = compressed(plan, trial)
-        if refit is not None or router_fit is not None:
-            fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
+        fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
         residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
-        errors.append(float(residual.pow(2).sum()) / max(energy, 1e-30))
-    best = min(range(len(candidates)), key=lambda i: (errors[i], i))
-    plan, layer_plan = candidates[best]
-    chosen = copy.deepcopy(layer_plan)
-    chosen.details["choice"] = {"held_out_error": {c[0].method: round(e, 6) for c, e in zip(candidates, errors)},
-                                "chosen": plan.method}
-    return plan, chosen
+        trials.append((float(residual.pow(2).sum()) / max(energy, 1e-30), trial, moe))
+    best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
+    _, chosen, moe = trials[best]
+    chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},
+                                "chosen": candidates[best][0].method}
+    return candidates[best][0], chosen, moe
 
 
 def round_layer(moe: MoELayer, dtype: torch.dtype) -> None:
@@ -270,17 +278,18 @@ def round_layer(moe: MoELayer, dtype: torch.dtype) -> None:
 
 
 def fit_compressed_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, stats: LayerStats,
-                         block: BlockTokens, output_dtype: torch.dtype, refit: RefitOptions | None,
+                         block: BlockTokens | None, output_dtype: torch.dtype, refit: RefitOptions | None,
                          router_fit: RouterFitOptions | None) -> None:
     """The fitting stage of one compressed layer: fit its router to the original routing mass, round it to
     the saved dtype, refit its down projections to the original layer's routed output (with the final
-    router), and record each fit in the layer's plan. A plan that keeps every expert unmerged changes
-    nothing, so K = E still reproduces the model bit for bit."""
-    if layer_plan.dropped == [] and all(len(g.members) == 1 for g in layer_plan.groups):
-        return
+    router), and record each fit in the layer's plan. The layer then holds exactly the values that will be
+    saved (what sequential calibration runs next). A plan that keeps every expert unmerged is only rounded,
+    so K = E still reproduces the model bit for bit."""
+    identity = layer_plan.dropped == [] and all(len(g.members) == 1 for g in layer_plan.groups)
     with torch.no_grad():
-        if router_fit is not None:
+        if router_fit is not None and not identity:
             layer_plan.details["router_fit"] = fit_router(moe, architecture, layer_plan, stats, block, router_fit)
         round_layer(moe, output_dtype)
-        if refit is not None:
+        if refit is not None and not identity:
             layer_plan.details["refit"] = refit_layer(moe, architecture, block, refit)
+            round_layer(moe, output_dtype)

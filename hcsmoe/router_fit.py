@@ -34,7 +34,7 @@ class RouterFitOptions:
     iterations: int = 50  # L-BFGS iterations
     absorb: bool = False  # dropped experts' mass goes to their most similar kept expert (else it is renormalised away)
     only_if_softmax: bool = False  # skip, instead of refusing, a family whose router is not a softmax
-    merged_only: bool = False  # fit only the rows of merged groups; a kept expert keeps its own row exactly
+    max_tokens: int = 16384  # calibration tokens the fit uses (evenly spaced): K x H unknowns need no more
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,13 +70,11 @@ def routing_targets(scores: torch.Tensor, owner: torch.Tensor, k: int) -> torch.
 
 
 def fit_rows(x: torch.Tensor, q: torch.Tensor, start: torch.Tensor, bias: torch.Tensor | None,
-             options: RouterFitOptions, free: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft-label multinomial logistic regression of q on x, from the rows `start`, by L-BFGS (float64).
-    `free` [K] bool: only these rows move (the others stay exactly as they start)."""
+             options: RouterFitOptions) -> torch.Tensor:
+    """Soft-label multinomial logistic regression of q on x, from the rows `start`, by L-BFGS (float64)."""
     x64 = x.double()
     scale = float(x64.pow(2).mean())
     w0 = start.double()
-    mask = torch.ones(w0.shape[0], 1, dtype=torch.float64) if free is None else free.double().unsqueeze(1)
     delta = torch.zeros_like(w0).requires_grad_(True)
     offset = bias.double() if bias is not None else torch.zeros(w0.shape[0], dtype=torch.float64)
     entropy = float((q * q.clamp(min=1e-300).log()).sum(1).mean())
@@ -85,34 +83,36 @@ def fit_rows(x: torch.Tensor, q: torch.Tensor, start: torch.Tensor, bias: torch.
 
     def objective():
         optimizer.zero_grad()
-        moved = mask * delta
-        log_probs = torch.log_softmax(x64 @ (w0 + moved).T + offset, dim=1)
-        loss = entropy - (q * log_probs).sum(1).mean() + 0.5 * options.beta * scale * moved.pow(2).sum()
+        log_probs = torch.log_softmax(x64 @ (w0 + delta).T + offset, dim=1)
+        loss = entropy - (q * log_probs).sum(1).mean() + 0.5 * options.beta * scale * delta.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(objective)
-    return (w0 + mask * delta.detach()).to(start.dtype)
+    return (w0 + delta.detach()).to(start.dtype)
 
 
 def fit_router(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, stats: LayerStats,
                block: BlockTokens, options: RouterFitOptions) -> dict:
-    """Refit the compressed layer's router rows in place; returns the mean KL to the target before and after."""
+    """Refit the compressed layer's router rows in place; returns the mean KL to the target before and after.
+    A plan that only drops experts (without absorption) needs no fit: its kept rows already give the target."""
     check_router_fit(architecture)
+    if all(len(g.members) == 1 for g in layer_plan.groups) and not (options.absorb and layer_plan.dropped):
+        return {"skipped": "no merged expert"}
     owner = mass_owners(layer_plan, stats, options.absorb)
-    q = routing_targets(block.scores, owner, len(layer_plan.groups))
+    step = max(1, block.inputs.shape[0] // options.max_tokens)
+    q = routing_targets(block.scores[::step], owner, len(layer_plan.groups))
     weight = moe.router.weight
     bias = getattr(moe.router, "bias", None)
-    x = block.inputs.float()
+    x = block.inputs[::step].float()
 
     def kl(rows: torch.Tensor) -> float:
         logits = x.double() @ rows.double().T + (bias.double() if bias is not None else 0)
         return float((q * (q.clamp(min=1e-300).log() - torch.log_softmax(logits, dim=1))).sum(1).mean())
 
     before = kl(weight.data)
-    free = torch.tensor([len(g.members) > 1 for g in layer_plan.groups]) if options.merged_only else None
-    fitted = fit_rows(x, q, weight.data.float(), bias.data.float() if bias is not None else None, options, free)
+    fitted = fit_rows(x, q, weight.data.float(), bias.data.float() if bias is not None else None, options)
     weight.data.copy_(fitted.to(weight.dtype))
     report = {"kl_before": round(before, 6), "kl_after": round(kl(weight.data), 6)}
     if layer_plan.dropped and options.absorb:

@@ -20,21 +20,25 @@ from transformers import AutoModelForCausalLM
 from tqdm.auto import tqdm
 
 from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
-from hcsmoe.apply import merged_group, router_rows, set_count_attributes, weighted_sum
+from hcsmoe.apply import install, merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
 from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view
 from hcsmoe.checkpoint import CheckpointReader, ShardWriter, checkpoint_names
 from hcsmoe.errors import UserError
 from hcsmoe.layerwise import (
     CheckpointSource,
     LayerInputs,
+    MemorySource,
     TokenStore,
     calibrate_layer,
     capture_layer_inputs,
+    expert_chunks,
     module_name,
-    run_dense_layer,
+    original_stream,
+    run_dense_streams,
+    run_moe_layer,
 )
 from hcsmoe.plan import Group, LayerPlan, PerLayerChoice, Plan, plan_of, plan_with_layers
-from hcsmoe.refit import RefitOptions, choose_layer_plan, fit_compressed_layer
+from hcsmoe.refit import RefitOptions, choose_layer_plan, fit_compressed_layer, fitting_tokens
 from hcsmoe.router_fit import RouterFitOptions
 
 GENERATION_FILES = ("generation_config.json",)
@@ -138,27 +142,21 @@ class StreamingCompressor:
         for first, groups in self._group_chunks(layer_plan.groups, expert_names):
             self.write({name: self._merged(name, groups) for name in expert_names}, first)
 
-    def write_fitted_moe_layer(self, moe: MoELayer, layer_plan: LayerPlan, plan: Plan, stats: LayerStats,
-                               block: BlockTokens, top_k: int, refit: RefitOptions | None,
-                               router_fit: RouterFitOptions | None) -> None:
-        """A layer whose compressed experts are fitted to the original's output: its K experts are built in
-        memory (in the output dtype, a group's members read from disk one group at a time), fitted as the
-        in-memory path fits them (refit.py), and written."""
+    def write_compressed_moe_layer(self, moe: MoELayer) -> None:
+        """A layer whose compressed experts and router are in memory (built and fitted): those, and the rest of
+        the layer as read."""
         layer = decoder_layers(self.model, self.architecture)[moe.index]
-        prefixes = self._prefixes(moe)
-        e = moe.num_experts
-        skip = {f"{prefixes[0]}.{n}" for n in expert_parameters(moe.experts, e)}
-        skip |= {f"{prefixes[1]}.{n}" for n in expert_parameters(moe.router, e)}
-        self.write_unchanged(module_name(self.model, layer), layer, skip=skip)
-        self.build_compressed(moe, prefixes, plan, layer_plan, stats, top_k)
-        fit_compressed_layer(moe, self.architecture, layer_plan, stats, block, self.output_dtype, refit, router_fit)
-        k = len(layer_plan.groups)
-        self.write({f"{prefixes[1]}.{n}": t for n, t in expert_parameters(moe.router, k).items()})
-        self.write({f"{prefixes[0]}.{n}": t for n, t in expert_parameters(moe.experts, k).items()})
+        experts_prefix, router_prefix = self.compressed_prefixes(moe)
+        k = moe.num_experts
+        experts = {f"{experts_prefix}.{n}": t for n, t in expert_parameters(moe.experts, k).items()}
+        router = {f"{router_prefix}.{n}": t for n, t in expert_parameters(moe.router, k).items()}
+        self.write_unchanged(module_name(self.model, layer), layer, skip=set(experts) | set(router))
+        self.write(router)
+        self.write(experts)
 
     def compressed_copy(self, moe: MoELayer, stats: LayerStats, top_k: int):
         """For the per-layer choice: a function giving a compressed copy of the layer under a candidate plan."""
-        prefixes = self._prefixes(moe)
+        prefixes = self.compressed_prefixes(moe)
 
         def compressed(plan: Plan, layer_plan: LayerPlan) -> MoELayer:
             trial = copy.deepcopy(moe)
@@ -167,7 +165,8 @@ class StreamingCompressor:
 
         return compressed
 
-    def _prefixes(self, moe: MoELayer) -> tuple[str, str]:
+    def compressed_prefixes(self, moe: MoELayer) -> tuple[str, str]:
+        """Where the layer's experts and router are read from (a copy of the layer has no name in the model)."""
         return module_name(self.model, moe.experts), module_name(self.model, moe.router)
 
     def build_compressed(self, moe: MoELayer, prefixes: tuple[str, str], plan: Plan, layer_plan: LayerPlan,
@@ -180,10 +179,10 @@ class StreamingCompressor:
         merged = [self._merged_group(moe, experts_prefix, expert_names, group, plan.merge, stats, top_k)
                   for group in layer_plan.groups]
         for name in expert_names:
-            moe.experts._parameters[name] = nn.Parameter(torch.stack([m[name] for m in merged]), requires_grad=False)
+            replace_tensor(moe.experts, name, torch.stack([m[name] for m in merged]))
         for name in router_names:
             rows = router_rows(name, self.source.read(f"{router_prefix}.{name}"), layer_plan.groups, plan.router, stats)
-            moe.router._parameters[name] = nn.Parameter(rows, requires_grad=False)
+            replace_tensor(moe.router, name, rows)
         set_count_attributes(moe, len(layer_plan.groups))
 
     def _merged_group(self, moe: MoELayer, prefix: str, names: list[str], group: Group, merge: str,
@@ -220,11 +219,6 @@ class StreamingCompressor:
         return torch.stack(merged)
 
 
-def check_streamable(sequential: bool) -> None:
-    if sequential:
-        raise UserError("sequential calibration is not available when streaming; drop --sequential or --stream")
-
-
 def run_streaming(
     compressor: StreamingCompressor,
     *,
@@ -242,6 +236,7 @@ def run_streaming(
     top_k: int = 0,
     refit: RefitOptions | None = None,
     router_fit: RouterFitOptions | None = None,
+    sequential: bool | str = False,
 ) -> tuple[Plan, list[LayerStats]]:
     """The layer loop: calibrate (unless statistics or a plan make it unnecessary), plan, write.
 
@@ -250,6 +245,7 @@ def run_streaming(
     model, architecture = compressor.model, compressor.architecture
     layers = decoder_layers(model, architecture)
     inputs = compressor.capture_inputs(blocks, batch_size, offload_dir) if blocks is not None else None
+    original = original_stream(inputs, sequential == "corrective") if inputs is not None else None
     compressor.write_outside_layers()
     stats_by_layer = {s.layer: s for s in stats_in or []}
     plans_by_layer = {lp.layer: lp for lp in plan_in.layers} if plan_in else {}
@@ -260,7 +256,7 @@ def run_streaming(
         if moe is None:
             if inputs is not None:
                 materialize(model, layer, compressor.source)
-                inputs.hidden = run_dense_layer(layer, inputs, index)
+                run_dense_streams(layer, inputs, original, index)
             compressor.write_unchanged(module_name(model, layer), layer)
             release(layer)
             continue
@@ -269,31 +265,43 @@ def run_streaming(
         moe = moe_layer_at(model, architecture, index)
         stats, block = stats_by_layer.get(index), None
         if inputs is not None:
-            stats, inputs.hidden, block = calibrate_layer(model, layer, moe, architecture, inputs, compressor.source,
-                                                          output_samples=output_samples,
-                                                          with_weight_gram=with_weight_gram)
+            stats, outputs, block = calibrate_layer(model, layer, moe, architecture, inputs, compressor.source,
+                                                    output_samples=output_samples, with_weight_gram=with_weight_gram,
+                                                    original=original)
         if stats is not None:
             all_stats.append(stats)
-        if index in plans_by_layer:
-            layer_plan_of, layer_plan = plan_in, copy.deepcopy(plans_by_layer[index])
-        elif isinstance(planner, PerLayerChoice) and block is not None:
-            layer_plan_of, layer_plan = choose_layer_plan(
+        in_memory = True
+        if isinstance(planner, PerLayerChoice) and block is not None and index not in plans_by_layer:
+            _, layer_plan, chosen = choose_layer_plan(
                 planner.candidate_plans(stats, k, router), compressor.compressed_copy(moe, stats, top_k),
                 architecture, stats, block, compressor.output_dtype, refit, router_fit)
+            install(moe, chosen)
         else:
-            layer_plan = planner.plan_layer(stats, k)
-            layer_plan_of = plan_of(planner, router, [layer_plan])
+            if index in plans_by_layer:
+                layer_plan_of, layer_plan = plan_in, copy.deepcopy(plans_by_layer[index])
+            else:
+                layer_plan = planner.plan_layer(stats, k)
+                layer_plan_of = plan_of(planner, router, [layer_plan])
+            in_memory = refit is not None or router_fit is not None or layer_plan_of.merge != "weighted" or sequential
+            if in_memory:  # build the K experts (a group at a time from disk), fit them
+                compressor.build_compressed(moe, compressor.compressed_prefixes(moe), layer_plan_of, layer_plan,
+                                            stats, top_k)
+                fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
+                                     compressor.output_dtype, refit, router_fit)
         layer_plans.append(layer_plan)
-        if refit is not None or router_fit is not None or layer_plan_of.merge != "weighted":
-            compressor.write_fitted_moe_layer(moe, layer_plan, layer_plan_of, stats, block, top_k, refit, router_fit)
-        else:
+        if in_memory:
+            compressor.write_compressed_moe_layer(moe)
+        else:  # a weighted merge with nothing to fit: merged and written a few groups at a time
             compressor.write_moe_layer(moe, layer_plan, layer_plan_of.router, stats)
+        if inputs is not None:  # sequential: the next layers see this layer compressed (its experts are in memory)
+            inputs.hidden = (run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, MemorySource(model)))[0]
+                             if sequential else outputs)
         del block
         release(layer)
         if stats is not None and not keep_samples:
             all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
     return plan_with_layers(plan_in, planner, router, layer_plans, refit and refit.to_dict(),
-                            router_fit and router_fit.to_dict()), all_stats
+                            router_fit and router_fit.to_dict(), sequential), all_stats
 
 
 def write_config(source_dir: Path, config, architecture: Architecture, k: int, dtype: torch.dtype,

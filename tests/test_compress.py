@@ -214,7 +214,7 @@ def test_overwrite_replaces_a_previous_output_whole(tiny_models, tmp_path):
 def test_statistics_file_round_trips_and_replans_at_another_k(tiny_models, tmp_path):
     from hcsmoe.calibrate import TENSOR_FIELDS, Statistics
 
-    first = compress(tiny_models["qwen3_moe"], num_experts=6, output_samples=16, **FAST)
+    first = compress(tiny_models["qwen3_moe"], num_experts=6, method="hc-smoe", output_samples=16, **FAST)
     first.stats.save(tmp_path / "stats.safetensors")
     loaded = Statistics.load(tmp_path / "stats.safetensors")
     for a, b in zip(first.stats.layers, loaded.layers):

@@ -1,5 +1,6 @@
-"""The bundled reference model: loads with plain transformers, matches its card, has no dead experts,
-and HC-SMoE at half the experts beats dropping experts at random."""
+"""The bundled models (the reference Qwen3-MoE and the Qwen2-MoE): load with plain transformers, match their
+cards, have no dead experts; on the reference, HC-SMoE at half the experts beats dropping experts at random
+and the default beats REAP, with and without the refit."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from hcsmoe.data import LANGUAGES, token_stream, wiki_texts
 from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
+from hcsmoe.loading import BUNDLED_MODELS, QWEN2_REFERENCE_MODEL, REFERENCE_MODEL, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
 from hcsmoe.usage import routing_counts, share_of_uniform
 
@@ -52,22 +53,37 @@ def test_architecture_is_fine_grained_qwen3_moe():
     assert size <= 25 * 10**6
 
 
+def test_second_model_has_the_shape_of_qwen1_5_moe():
+    """60 routed experts, top-4, un-normalised top-k, plus the shared expert behind its sigmoid gate."""
+    model = load_model(QWEN2_REFERENCE_MODEL)
+    c = model.config
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert (c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, c.num_hidden_layers, c.hidden_size) == (60, 4, False, 4, 256)
+    assert c.shared_expert_intermediate_size > c.moe_intermediate_size
+    block = model.model.layers[0].mlp
+    assert hasattr(block, "shared_expert") and block.shared_expert_gate.weight.shape == (1, 256)
+    assert sum(f.stat().st_size for f in QWEN2_REFERENCE_MODEL.glob("*.safetensors")) <= 25 * 10**6
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
 @pytest.mark.parametrize("lang", LANGUAGES)
-def test_fresh_process_reproduces_card_perplexity(lang):
+def test_fresh_process_reproduces_card_perplexity(name, lang):
     from hcsmoe.data import wiki_path
 
+    path = BUNDLED_MODELS[name]
     process = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_PPL, str(REFERENCE_MODEL), str(wiki_path(lang, "validation"))],
+        [sys.executable, "-c", FRESH_PROCESS_PPL, str(path), str(wiki_path(lang, "validation"))],
         capture_output=True, text=True, check=True,
     )
     measured = json.loads(process.stdout.strip().splitlines()[-1])
-    card = CARD["validation"][lang]
+    card = json.loads((path / "card.json").read_text())["validation"][lang]
     assert measured["tokens"] == card["tokens"]
     assert measured["ppl"] == pytest.approx(card["ppl"], rel=0.01)
 
 
-def test_no_dead_experts_on_validation_text_of_all_languages():
-    model, tokenizer = load_model(REFERENCE_MODEL), load_tokenizer(REFERENCE_MODEL)
+@pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
+def test_no_dead_experts_on_validation_text_of_all_languages(name):
+    model, tokenizer = load_model(BUNDLED_MODELS[name]), load_tokenizer(BUNDLED_MODELS[name])
     context = model.config.max_position_embeddings
     totals: dict[int, torch.Tensor] = {}
     for lang in LANGUAGES:

@@ -87,8 +87,8 @@ def test_interrupted_streaming_leaves_nothing(tiny_models, tmp_path, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(StreamingCompressor, "write_moe_layer", fail)
-    monkeypatch.setattr(StreamingCompressor, "write_fitted_moe_layer", fail)
-    for method in (None, "hc-smoe"):  # the fitted layer writer (default) and the plain one
+    monkeypatch.setattr(StreamingCompressor, "write_compressed_moe_layer", fail)
+    for method in (None, "hc-smoe"):  # the in-memory layer writer (default) and the chunked one
         with pytest.raises(KeyboardInterrupt):
             compress(tiny_models["qwen3_moe"], num_experts=4, method=method, stream_to=tmp_path / "out", **SMALL)
         assert list(tmp_path.iterdir()) == []
@@ -123,31 +123,43 @@ def test_sequential_mode_sees_compressed_earlier_layers(tiny_models):
     assert torch.equal(first_plain.mean_output, first_sequential.mean_output)  # the first layer's input is the same
     assert not torch.equal(plain.stats.layers[1].mean_output, sequential.stats.layers[1].mean_output)
     assert sequential.model.config.num_experts == 3
-    with pytest.raises(UserError, match="sequential"):
-        compress(tiny_models["qwen3_moe"], num_experts=3, sequential=True, stream_to="/tmp/never", **SMALL)
 
 
-def test_offloaded_token_buffers_give_the_same_bits_and_leave_no_files(tiny_models, tmp_path):
-    offload = tmp_path / "buffers"
-    compress(tiny_models["qwen2_moe"], num_experts=4, **SMALL).save(tmp_path / "memory")
-    mapped = compress(tiny_models["qwen2_moe"], num_experts=4, offload_dir=offload, **SMALL)
-    mapped.save(tmp_path / "mapped")
-    assert_same_checkpoint(tmp_path / "memory", tmp_path / "mapped")
-    compress(tiny_models["qwen2_moe"], num_experts=4, offload_dir=offload, stream_to=tmp_path / "stream", **SMALL)
-    assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
-    assert offload.is_dir() and list(offload.iterdir()) == []  # every buffer file is unlinked once mapped
+@pytest.mark.parametrize("mode, method", [(True, "hc-smoe"), ("corrective", None)])
+def test_sequential_streaming_writes_the_same_weights_as_in_memory(tiny_models, tmp_path, mode, method):
+    options = dict(SMALL, num_experts=4, sequential=mode, method=method)
+    compress(tiny_models["qwen2_moe"], **options).save(tmp_path / "memory")
+    compress(tiny_models["qwen2_moe"], stream_to=tmp_path / "stream", **options)
+    assert_same_checkpoint(tmp_path / "stream", tmp_path / "memory")
 
 
-def test_streaming_offloads_by_itself_when_buffers_would_not_fit(tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr("hcsmoe.pipeline.available_memory", lambda: 1)
-    mapped_files = []
-    original = TokenStore.zeros
+def test_corrective_targets_the_original_models_layer_output(tiny_models):
+    """Layer 0 is damaged (its routed experts silenced) and the stream goes on from it; layer 1's corrective
+    target is the routed output that, added to what the rest of layer 1 gives on the damaged stream, makes
+    the original model's layer-1 output."""
+    from hcsmoe.layerwise import calibrate_model
+    from hcsmoe.loading import load_tokenizer
+    from hcsmoe.pipeline import calibration_blocks
 
-    def spy(self, shape, like):
-        mapped_files.append(self.directory)
-        return original(self, shape, like)
+    model = load_model(tiny_models["qwen3_moe"])
+    architecture = architecture_for(model.config)
+    ids = calibration_blocks(load_tokenizer(tiny_models["qwen3_moe"]), "wiki:en", 2, 32, 64)
+    outputs = []
+    hook = model.model.layers[1].register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        model(input_ids=ids)  # the original model's layer-1 output (the last hidden state is normalised)
+    hook.remove()
+    wanted = (outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]).reshape(-1, model.config.hidden_size)
+    blocks = []
 
-    monkeypatch.setattr(TokenStore, "zeros", spy)
-    compress(tiny_models["qwen2_moe"], num_experts=4, stream_to=tmp_path / "stream", **SMALL)
-    assert mapped_files and all(d is not None and d.name == ".token-buffers" for d in mapped_files)
-    assert not (tmp_path / "stream" / ".token-buffers").exists()
+    def damage_first(moe, stats, block):
+        blocks.append(block)
+        if moe.index == 0:
+            with torch.no_grad():
+                moe.experts.down_proj.zero_()
+        return True
+
+    calibrate_model(model, architecture, ids, after_layer=damage_first, progress=False, corrective=True)
+    second = blocks[1]
+    assert torch.allclose(second.routed + second.rest, wanted, atol=1e-4)
+    assert not torch.allclose(second.rest, wanted - blocks[0].routed, atol=1e-3)  # the damage reached layer 1
