@@ -33,14 +33,11 @@ MERGE = {"method": "ream", "assignment": "nearest", "group_size": 0, "merge": "s
 CANDIDATES: list[tuple[str, dict]] = [
     ("reap (pruning)", {"method": "reap"}),
     ("reap + refit", {"method": "reap", "refit": True}),
-    ("reap + refit, sequential", {"method": "reap", "refit": True, "sequential": True}),
     ("reap + refit, corrective", {"method": "reap", "refit": True, "sequential": "corrective"}),
     ("hc-smoe + refit", {"method": "hc-smoe", "refit": True}),
-    ("hc-smoe, neuron selection + refit", {"method": "hc-smoe", "merge": "select", "refit": True}),
-    ("anchored pairs, neuron selection + refit (no router fit)", MERGE | {"refit": True}),
     ("anchored pairs, neuron selection + router fit + refit", MERGE | {"refit": True, "router_fit": True}),
-    ("anchored pairs, neuron selection + fits, corrective", {"sequential": "corrective"}),
-    ("**default**", {}),
+    ("per-layer choice (pairs or reap) + fits", {"sequential": False}),
+    ("**default**: per-layer choice + fits, corrective", {}),
     ("default, refit alpha 0.001", {"refit": RefitOptions(alpha=0.001)}),
     ("default, refit alpha 0.1", {"refit": RefitOptions(alpha=0.1)}),
 ]
@@ -54,9 +51,10 @@ def texts() -> dict[str, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.set_verbosity_error()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     path = BUNDLED_MODELS[args.model]
     tokenizer, original = load_tokenizer(path), load_model(path)

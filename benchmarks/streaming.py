@@ -178,12 +178,12 @@ def replan() -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-replan-"))
     start = time.perf_counter()
-    first = compress(REFERENCE_MODEL, num_experts=16, progress=False)
+    options = {"method": "hc-smoe", "num_blocks": 32, "progress": False}  # re-planning needs no per-token fit
+    first = compress(REFERENCE_MODEL, num_experts=16, **options)
     calibrated = time.perf_counter() - start
     first.stats.save(root / "stats.safetensors")
     start = time.perf_counter()
-    again = compress(REFERENCE_MODEL, num_experts=24, stats=Statistics.load(root / "stats.safetensors"),
-                     progress=False)
+    again = compress(REFERENCE_MODEL, num_experts=24, stats=Statistics.load(root / "stats.safetensors"), **options)
     replanned = time.perf_counter() - start
     shutil.rmtree(root)
     return {"with_calibration_seconds": round(calibrated, 3), "stages": first.info["seconds"],

@@ -4,6 +4,7 @@ original model's next-token distributions, and multiple-choice accuracy through 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -161,16 +162,17 @@ def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int = GENERAT
     window = context_length(model)
     if prompts.shape[1] + new_tokens > window:
         raise UserError(f"a {prompts.shape[1]}-token prompt plus {new_tokens} tokens exceeds the context of {window}")
+    # transformers renamed past_key_values to cache (5.2x); use whichever this version's models take
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     outputs = []
     for batch in prompts.split(batch_size):
         batch = batch.to(model.device)
         result = model(input_ids=batch, use_cache=True)
-        cache, generated = result.past_key_values, []
+        generated = []
         for _ in range(new_tokens):
             token = result.logits[:, -1].float().argmax(-1, keepdim=True)
             generated.append(token)
-            result = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = result.past_key_values
+            result = model(input_ids=token, use_cache=True, **{name: getattr(result, name)})
         outputs.append(torch.cat(generated, dim=1).cpu())
     return torch.cat(outputs)
 

@@ -74,7 +74,7 @@ class CompressionResult:
         if self.model is None:
             raise UserError(f"this result was streamed and is already saved in {self.saved}")
         target = check_output_dir(out, self.source, overwrite)
-        with atomic_directory(target) as directory:
+        with atomic_directory(target, overwrite) as directory:
             self.model.save_pretrained(directory)
             self.write_extras(directory)
         return target
@@ -460,7 +460,7 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
         plan.validate()
     router_fit = check_fitting(architecture, stats, refit, router_fit)
     fitting = refit is not None or router_fit is not None
-    with atomic_directory(target) as directory:
+    with atomic_directory(target, overwrite) as directory:
         compressor = StreamingCompressor(source, config, architecture, output_dtype, directory, device, progress)
         meta_layers = moe_layers(compressor.model, architecture)
         context = {"seed": seed, "max_subsets": max_subsets, "top_k": k_route,

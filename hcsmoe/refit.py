@@ -16,7 +16,7 @@ of its members: its readout is fitted to what the members produced on the tokens
 
 Two solvers give the same minimiser: "joint" accumulates the (K*I)^2 Gram matrix and solves it once
 (exact; used while K*I is small enough); "blockwise" runs Gauss-Seidel sweeps over experts, each an
-I x I system on the current residual, so memory stays O(K*I^2 + tokens*H) for any model size.
+I x I system on the current residual, so memory stays O(I^2 + tokens*H) beyond the readouts themselves.
 Families with a down-projection bias (GPT-OSS) fit it as one more input column.
 """
 
@@ -190,14 +190,14 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, star
     features = lambda expert: expert_features(experts, architecture, expert, x[per_expert[expert][0]].float(),
                                               per_expert[expert][1])
     prediction = torch.zeros(x.shape[0], hidden, dtype=torch.float64)
-    grams = []
+    trace = 0.0
     for expert in range(k):
         phi = features(expert).double()
-        grams.append(phi.T @ phi)
+        trace += float(phi.pow(2).sum())
         prediction.index_add_(0, per_expert[expert][0], phi @ start[expert])
     energy = float(y.double().pow(2).sum())
     before = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
-    ridge = _ridge(sum(float(g.diagonal().sum()) for g in grams), k * width, options.alpha)
+    ridge = _ridge(trace, k * width, options.alpha)
     eye = torch.eye(width, dtype=torch.float64)
     current = start.clone()
     for _ in range(options.sweeps):
@@ -205,9 +205,9 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, star
             token = per_expert[expert][0]
             if token.numel() == 0:
                 continue
-            phi = features(expert).double()
+            phi = features(expert).double()  # its Gram is recomputed, not stored: O(I^2) memory, not O(K I^2)
             residual = y[token].double() - prediction[token] + phi @ current[expert]
-            updated = torch.linalg.solve(grams[expert] + ridge * eye, phi.T @ residual + ridge * start[expert])
+            updated = torch.linalg.solve(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start[expert])
             prediction.index_add_(0, token, phi @ (updated - current[expert]))
             current[expert] = updated
     after = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
@@ -246,12 +246,14 @@ def fitting_tokens(layer_plan: LayerPlan, block: BlockTokens | None) -> BlockTok
 @torch.no_grad()
 def choose_layer_plan(candidates: list, compressed, architecture: Architecture, stats: LayerStats,
                       block: BlockTokens, output_dtype: torch.dtype, refit: RefitOptions | None,
-                      router_fit: RouterFitOptions | None):
+                      router_fit: RouterFitOptions | None, keep_winner: bool = True):
     """Per-layer choice between plans: each candidate (plan, layer plan) is applied to a fresh copy of the layer
     (`compressed(plan, layer_plan)`), fitted on 7/8 of the calibration tokens and scored by the relative
     error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
     candidate's error and its fits) and its fitted copy of the layer, which is the result: refitting on all
-    tokens would gain little (7/8 of them already) and cost a third of the layer's time."""
+    tokens would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
+    holds one compressed copy at a time and returns None for it: rebuilding and refitting the winner on
+    fitting_tokens() gives the same bits (streaming, where a layer's memory counts)."""
     fitting, held = split_tokens(block)
     energy = float(held.routed.double().pow(2).sum())
     trials = []
@@ -260,7 +262,8 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
         moe = compressed(plan, trial)
         fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
         residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
-        trials.append((float(residual.pow(2).sum()) / max(energy, 1e-30), trial, moe))
+        trials.append((float(residual.pow(2).sum()) / max(energy, 1e-30), trial, moe if keep_winner else None))
+        del moe
     best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
     _, chosen, moe = trials[best]
     chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},

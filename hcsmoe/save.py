@@ -31,8 +31,12 @@ def check_output_dir(out: str | Path, source: Path | None, overwrite: bool) -> P
 
 
 @contextmanager
-def atomic_directory(out: Path):
-    """Yield a temporary directory that becomes `out` only if the block finishes."""
+def atomic_directory(out: Path, overwrite: bool = False):
+    """Yield a temporary directory that becomes `out` only if the block finishes.
+
+    Without `overwrite` the final rename refuses a non-empty `out` that appeared meanwhile (another run
+    finished first): rename(2) onto a non-empty directory fails, so of two runs with one output exactly one
+    succeeds and the other leaves nothing and says so."""
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.parent / f".{out.name}.hcsmoe-partial-{os.getpid()}"
     if temporary.exists():
@@ -43,13 +47,18 @@ def atomic_directory(out: Path):
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    if out.exists():
+    if overwrite and out.exists():
         retired = out.parent / f".{out.name}.hcsmoe-old-{os.getpid()}"
         out.rename(retired)
         temporary.rename(out)
         shutil.rmtree(retired, ignore_errors=True)
-    else:
+        return
+    try:
         temporary.rename(out)
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise UserError(f"output {out} was written by another run while this one worked; nothing of this run "
+                        "was kept: choose another --out, or pass --overwrite to replace it")
 
 
 def write_expert_counts(directory: Path, keys: tuple[str, ...], count: int) -> None:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from tqdm.auto import tqdm
 
 from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
-from hcsmoe.apply import install, merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
+from hcsmoe.apply import merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
 from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view
 from hcsmoe.checkpoint import CheckpointReader, ShardWriter, checkpoint_names
 from hcsmoe.errors import UserError
@@ -270,24 +270,22 @@ def run_streaming(
                                                     original=original)
         if stats is not None:
             all_stats.append(stats)
-        in_memory = True
-        if isinstance(planner, PerLayerChoice) and block is not None and index not in plans_by_layer:
-            _, layer_plan, chosen = choose_layer_plan(
+        if index in plans_by_layer:
+            layer_plan_of, layer_plan = plan_in, copy.deepcopy(plans_by_layer[index])
+        elif isinstance(planner, PerLayerChoice) and block is not None:
+            layer_plan_of, layer_plan, _ = choose_layer_plan(
                 planner.candidate_plans(stats, k, router), compressor.compressed_copy(moe, stats, top_k),
-                architecture, stats, block, compressor.output_dtype, refit, router_fit)
-            install(moe, chosen)
+                architecture, stats, block, compressor.output_dtype, refit, router_fit, keep_winner=False)
         else:
-            if index in plans_by_layer:
-                layer_plan_of, layer_plan = plan_in, copy.deepcopy(plans_by_layer[index])
-            else:
-                layer_plan = planner.plan_layer(stats, k)
-                layer_plan_of = plan_of(planner, router, [layer_plan])
-            in_memory = refit is not None or router_fit is not None or layer_plan_of.merge != "weighted" or sequential
-            if in_memory:  # build the K experts (a group at a time from disk), fit them
-                compressor.build_compressed(moe, compressor.compressed_prefixes(moe), layer_plan_of, layer_plan,
-                                            stats, top_k)
-                fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
-                                     compressor.output_dtype, refit, router_fit)
+            layer_plan = planner.plan_layer(stats, k)
+            layer_plan_of = plan_of(planner, router, [layer_plan])
+        in_memory = (refit is not None or router_fit is not None or layer_plan_of.merge != "weighted" or sequential
+                     or "choice" in layer_plan.details)
+        if in_memory:  # build the K experts (a group at a time from disk), fit them
+            compressor.build_compressed(moe, compressor.compressed_prefixes(moe), layer_plan_of, layer_plan, stats,
+                                        top_k)
+            fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
+                                 compressor.output_dtype, refit, router_fit)
         layer_plans.append(layer_plan)
         if in_memory:
             compressor.write_compressed_moe_layer(moe)

@@ -141,3 +141,43 @@ def test_example_recipe_is_valid():
 
     recipe = read_recipe(str(Path(__file__).parent.parent / "examples" / "recipe.yaml"))
     assert recipe["method"] == "hc-smoe" and recipe["ratio"] == 0.5 and recipe["block_size"] == 2048
+
+
+def test_two_runs_with_one_output_exactly_one_wins(tiny_models, tmp_path):
+    """Two compress runs started together with the same --out: one succeeds, the other exits non-zero with a
+    one-line error; the directory holds the winner's model and nothing else is left behind."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shared-out"
+    runs = [subprocess.Popen([sys.executable, "-m", "hcsmoe", "compress", str(tiny_models["olmoe"]), "-k", str(k),
+                              "--method", "hc-smoe", "--out", str(out), "--no-eval", "-q", "--blocks", "2",
+                              "--block-size", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+            for k in (6, 5)]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    winners = [k for (code, _), k in zip(results, (6, 5)) if code == 0]
+    assert len(winners) == 1, results
+    loser_code, loser_err = next(r for r in results if r[0] != 0)
+    assert_one_line_error(loser_code, "\n".join(l for l in loser_err.splitlines() if "warn" not in l.lower()))
+    assert json.loads((out / "config.json").read_text())["num_experts"] == winners[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared-out"]
+
+
+def test_final_rename_refuses_an_output_that_appeared_meanwhile(tmp_path):
+    """The last line of defence: the other run renamed its output into place after this run's checks."""
+    from hcsmoe.errors import UserError
+    from hcsmoe.save import atomic_directory
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="another run"):
+        with atomic_directory(out) as directory:
+            (directory / "config.json").write_text("{}")
+            out.mkdir()
+            (out / "config.json").write_text('{"winner": true}')
+    assert json.loads((out / "config.json").read_text()) == {"winner": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_directory(out, overwrite=True) as directory:  # --overwrite replaces it whole
+        (directory / "config.json").write_text('{"second": true}')
+    assert json.loads((out / "config.json").read_text()) == {"second": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
