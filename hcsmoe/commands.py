@@ -35,7 +35,7 @@ COMPRESS_DEFAULTS = {
     "stats": None,
     "save_stats": None,
     "overwrite": False,
-    "stream": False,
+    "stream": None,
     "offload_dir": None,
     "sequential": None,
     "refit": None,
@@ -84,8 +84,9 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--stats", help="statistics file from --save-stats: re-plan without calibrating")
     p.add_argument("--save-stats", help="write calibration statistics here for later re-planning")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
-    p.add_argument("--stream", action="store_true", default=None,
-                   help="read, compress and write one layer at a time (models larger than memory)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read, compress and write one layer at a time (models larger than memory) [automatic when "
+                        "the in-memory path would need more than the free memory]")
     p.add_argument("--offload-dir", help="keep calibration hidden states in memory-mapped files in this directory "
                                           "(automatic with --stream when they would not fit)")
     p.add_argument("--sequential", nargs="?", const="on", choices=("on", "off", "corrective"),
@@ -169,7 +170,7 @@ def run_compress(args: argparse.Namespace) -> int:
         router=o["router"], refit=refit_option(o), router_fit=o["fit_router"],
         calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
         batch_size=o["batch_size"], stats=stats, plan=plan, sequential=sequential_mode(o["sequential"]),
-        stream_to=out if o["stream"] else None, keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"],
+        stream_to=out if should_stream(source, o["stream"]) else None, keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"],
         overwrite=bool(o["overwrite"]),
         dtype=o["dtype"],
         device=o["device"], seed=o["seed"], progress=not args.quiet,
@@ -194,6 +195,28 @@ def sequential_mode(value):
     if value not in SEQUENTIAL_FLAGS:
         raise UserError(f"sequential: expected on, off or corrective, got {value!r}")
     return SEQUENTIAL_FLAGS[value]
+
+
+IN_MEMORY_FACTOR = 3  # the in-memory path holds the float32 model, a working copy and calibration buffers
+
+
+def should_stream(source: Path, stream: bool | None) -> bool:
+    """--stream / --no-stream as given; unset, stream when the in-memory path would not fit comfortably in
+    free memory (about 3x a bf16 checkpoint), and say so on stderr."""
+    import sys
+
+    from hcsmoe.pipeline import available_memory
+
+    if stream is not None:
+        return stream
+    size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    free = available_memory()
+    if IN_MEMORY_FACTOR * size <= free:
+        return False
+    print(f"hcsmoe: the checkpoint ({size / 2**30:.1f} GiB) would need about {IN_MEMORY_FACTOR * size / 2**30:.1f} GiB "
+          f"in memory, {free / 2**30:.1f} GiB are free: streaming it one layer at a time (--no-stream forces the "
+          "in-memory path)", file=sys.stderr)
+    return True
 
 
 def refit_option(options: dict):

@@ -181,3 +181,15 @@ def test_final_rename_refuses_an_output_that_appeared_meanwhile(tmp_path):
         (directory / "config.json").write_text('{"second": true}')
     assert json.loads((out / "config.json").read_text()) == {"second": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_model_too_large_for_free_memory_is_streamed(capsys, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr("hcsmoe.pipeline.available_memory", lambda: 1000)  # bytes: nothing fits
+    code, out, err = run_cli(capsys, "compress", str(tiny_models["olmoe"]), "-k", "4", "--method", "hc-smoe",
+                             "--out", str(tmp_path / "o"), "--no-eval", "-q", "--blocks", "2", "--block-size", "32")
+    assert code == 0 and "streaming it one layer at a time" in err and len(err.strip().splitlines()) == 1
+    assert json.loads(out.strip().splitlines()[-1])["seconds"].keys() == {"total"}  # the streaming path's timings
+    code, out, err = run_cli(capsys, "compress", str(tiny_models["olmoe"]), "-k", "4", "--method", "hc-smoe",
+                             "--out", str(tmp_path / "p"), "--no-eval", "-q", "--blocks", "2", "--block-size", "32",
+                             "--no-stream")
+    assert code == 0 and "streaming" not in err
