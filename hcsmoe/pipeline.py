@@ -253,10 +253,13 @@ def compress(
         router_fit = (RouterFitOptions(**plan.router_fit) if plan.router_fit else False) if router_fit is None else router_fit
         sequential = plan.sequential if sequential is None else sequential
     refit, router_fit = resolve_fits(method, refit, router_fit)
-    if sequential is None:
-        sequential = DEFAULT_RECIPE["sequential"] if method is None else False
+    if sequential is None:  # re-planning from a statistics file runs no layer: nothing is sequential
+        sequential = DEFAULT_RECIPE["sequential"] if method is None and stats is None else False
     if sequential not in SEQUENTIAL_MODES:
         raise UserError(f"unknown sequential mode {sequential!r}; use True, False or 'corrective'")
+    if sequential and stats is not None:
+        raise UserError("sequential mode calibrates each layer after compressing the ones before it; it cannot "
+                        "re-plan from a statistics file: drop --stats or --sequential")
     if stream_to is not None:
         if isinstance(model_or_path, PreTrainedModel):
             raise UserError("streaming reads a checkpoint directory; pass its path instead of a loaded model")
