@@ -57,14 +57,17 @@ class RefitOptions:
         return asdict(self)
 
 
-def down_matrices(experts: nn.Module, architecture: Architecture) -> torch.Tensor:
-    """Every expert's readout as [K, I (+1 for a bias row), H] float64 (output = feature @ matrix)."""
-    down = experts.down_proj.double()
-    matrices = down if architecture.transposed else down.transpose(1, 2)  # [K, I, H]
+def down_matrix(experts: nn.Module, architecture: Architecture, expert: int) -> torch.Tensor:
+    """One expert's readout as [I (+1 for a bias row), H] float64 (output = feature @ matrix)."""
+    down = experts.down_proj[expert].double()
+    matrix = down if architecture.transposed else down.T
     bias = getattr(experts, "down_proj_bias", None)
-    if bias is not None:
-        matrices = torch.cat([matrices, bias.double().unsqueeze(1)], dim=1)
-    return matrices
+    return matrix if bias is None else torch.cat([matrix, bias[expert].double().unsqueeze(0)])
+
+
+def down_matrices(experts: nn.Module, architecture: Architecture) -> torch.Tensor:
+    """Every expert's readout, [K, I (+1), H] float64: for the joint solver, whose K x I is bounded."""
+    return torch.stack([down_matrix(experts, architecture, e) for e in range(experts.down_proj.shape[0])])
 
 
 def set_down_matrices(experts: nn.Module, architecture: Architecture, matrices: torch.Tensor) -> None:
@@ -117,14 +120,15 @@ def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
     """Refit the down projections of a compressed MoE layer in place; returns what the fit achieved
     (relative squared error of the routed output on the calibration tokens, before and after)."""
     experts = moe.experts
-    start = down_matrices(experts, architecture)
-    k, width, _ = start.shape
+    k, width = experts.down_proj.shape[0], down_matrix(experts, architecture, 0).shape[0]
     solver = options.solver
     if solver == "auto":
         solver = "joint" if k * width <= JOINT_LIMIT else "blockwise"
     routing = routed(moe, architecture, tokens.inputs)
-    fit = _joint if solver == "joint" else _blockwise
-    fitted, report = fit(experts, architecture, tokens, routing, start, options)
+    if solver == "joint":
+        fitted, report = _joint(experts, architecture, tokens, routing, down_matrices(experts, architecture), options)
+    else:
+        fitted, report = _blockwise(experts, architecture, tokens, routing, options)
     set_down_matrices(experts, architecture, fitted)
     return {"solver": solver, "alpha": options.alpha, "tokens": int(tokens.inputs.shape[0])} | report
 
@@ -180,11 +184,14 @@ def _joint(experts, architecture, tokens: BlockTokens, routing: Routed, start: t
     return solution.view(k, width, hidden), {"error_before": round(error(w0), 6), "error_after": round(error(solution), 6)}
 
 
-def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, start: torch.Tensor,
+def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed,
                options: RefitOptions) -> tuple[torch.Tensor, dict]:
     """Gauss-Seidel over experts: each readout is refitted on the residual the others leave, an I x I
-    system per expert; converges to the joint solution (the system is symmetric positive definite)."""
-    k, width, hidden = start.shape
+    system per expert; converges to the joint solution (the system is symmetric positive definite).
+    Solved in float64, one expert at a time; the readouts between sweeps are kept in float32 (what they are
+    rounded to anyway), so the layer's extra memory is one float32 copy of its down projections."""
+    start = lambda expert: down_matrix(experts, architecture, expert)
+    k, (width, hidden) = experts.down_proj.shape[0], start(0).shape
     x, y = tokens.inputs, tokens.routed
     per_expert = [routing.tokens_of(expert) for expert in range(k)]
     features = lambda expert: expert_features(experts, architecture, expert, x[per_expert[expert][0]].float(),
@@ -194,21 +201,21 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, star
     for expert in range(k):
         phi = features(expert).double()
         trace += float(phi.pow(2).sum())
-        prediction.index_add_(0, per_expert[expert][0], phi @ start[expert])
+        prediction.index_add_(0, per_expert[expert][0], phi @ start(expert))
     energy = float(y.double().pow(2).sum())
     before = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     ridge = _ridge(trace, k * width, options.alpha)
     eye = torch.eye(width, dtype=torch.float64)
-    current = start.clone()
+    current = torch.stack([start(expert).float() for expert in range(k)])
     for _ in range(options.sweeps):
         for expert in range(k):
             token = per_expert[expert][0]
             if token.numel() == 0:
                 continue
             phi = features(expert).double()  # its Gram is recomputed, not stored: O(I^2) memory, not O(K I^2)
-            residual = y[token].double() - prediction[token] + phi @ current[expert]
-            updated = torch.linalg.solve(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start[expert])
-            prediction.index_add_(0, token, phi @ (updated - current[expert]))
+            residual = y[token].double() - prediction[token] + phi @ current[expert].double()
+            updated = torch.linalg.solve(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start(expert)).float()
+            prediction.index_add_(0, token, phi @ (updated - current[expert]).double())
             current[expert] = updated
     after = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     return current, {"error_before": round(before, 6), "error_after": round(after, 6), "sweeps": options.sweeps}
@@ -217,13 +224,12 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, star
 def routed_output(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> torch.Tensor:
     """The compressed block's routed output on tokens x [T, H] (float64): features times readouts."""
     routing = routed(moe, architecture, x)
-    matrices = down_matrices(moe.experts, architecture)
-    out = torch.zeros(x.shape[0], matrices.shape[-1], dtype=torch.float64)
-    for expert in range(matrices.shape[0]):
+    out = torch.zeros(x.shape[0], down_matrix(moe.experts, architecture, 0).shape[1], dtype=torch.float64)
+    for expert in range(moe.experts.down_proj.shape[0]):
         token, gates = routing.tokens_of(expert)
         if token.numel():
             phi = expert_features(moe.experts, architecture, expert, x[token].float(), gates).double()
-            out.index_add_(0, token, phi @ matrices[expert])
+            out.index_add_(0, token, phi @ down_matrix(moe.experts, architecture, expert))
     return out
 
 

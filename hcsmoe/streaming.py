@@ -176,10 +176,15 @@ class StreamingCompressor:
         e = layer_plan.num_experts
         expert_names = list(expert_parameters(moe.experts, e))
         router_names = list(expert_parameters(moe.router, e))
-        merged = [self._merged_group(moe, experts_prefix, expert_names, group, plan.merge, stats, top_k)
-                  for group in layer_plan.groups]
+        layer: dict[str, torch.Tensor] = {}
+        for g, group in enumerate(layer_plan.groups):  # each group written into the layer's tensors: no stacked copy
+            for name, value in self._merged_group(moe, experts_prefix, expert_names, group, plan.merge, stats,
+                                                  top_k).items():
+                if name not in layer:
+                    layer[name] = torch.empty((len(layer_plan.groups), *value.shape), dtype=value.dtype)
+                layer[name][g] = value
         for name in expert_names:
-            replace_tensor(moe.experts, name, torch.stack([m[name] for m in merged]))
+            replace_tensor(moe.experts, name, layer.pop(name))
         for name in router_names:
             rows = router_rows(name, self.source.read(f"{router_prefix}.{name}"), layer_plan.groups, plan.router, stats)
             replace_tensor(moe.router, name, rows)

@@ -1,0 +1,72 @@
+"""The README's results tables, read from benchmarks/results/quality-<model>.json (run benchmarks.quality first).
+
+One table per model: for each size, the original, the default, and every method as published and with the
+fitting stages; the mean perplexity ratio over en/fr/es to the original, mean KL and top-1 agreement against
+the original, and (at 50% removed) the mean matching prefix of greedy continuations. The best compressed value
+of each column at each size is bold.
+
+    python -m benchmarks.headline   # prints markdown
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks.quality import RESULTS
+from hcsmoe.data import LANGUAGES
+
+MODELS = {"reference": "reference Qwen3-MoE (32 experts)", "qwen2-moe": "Qwen2-MoE (60 experts + shared expert)"}
+COLUMNS = [(f"{lang} ppl", f"{lang}/ppl", min) for lang in LANGUAGES] + [
+    ("mean ratio", "ratio", min), ("KL (mean)", "kl", min), ("top-1 (mean)", "top1", max),
+    ("gen prefix (mean)", "gen_prefix", max)]
+
+
+def mean_of(row: dict, key: str) -> float:
+    values = [row.get(f"{lang}/{key}") for lang in LANGUAGES]
+    return math.nan if None in values else sum(values) / len(values)
+
+
+def cells_of(row: dict, original: dict) -> dict:
+    """Every column's value for one row (nan where the row has no such measure)."""
+    cells = {key: row[key] for _, key, _ in COLUMNS[: len(LANGUAGES)]}
+    cells["ratio"] = sum(row[f"{l}/ppl"] / original[f"{l}/ppl"] for l in LANGUAGES) / len(LANGUAGES)
+    for key in ("kl", "top1", "gen_prefix"):
+        cells[key] = mean_of(row, key)
+    return cells
+
+
+def size_table(rows: list[dict]) -> list[str]:
+    original = next(r for r in rows if r["method"] == "original")
+    compressed = [r for r in rows if r["method"] != "original"]
+    values = [cells_of(r, original) for r in compressed]
+    columns = [c for c in COLUMNS if not all(math.isnan(v[c[1]]) for v in values)]
+    best = {key: pick(v[key] for v in values if not math.isnan(v[key])) for _, key, pick in columns}
+    digits = {"ratio": 3, "kl": 3, "top1": 3, "gen_prefix": 1}
+    lines = ["| experts | method | " + " | ".join(name for name, _, _ in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    lines.append(f"| {original['experts']} | original | " + " | ".join(
+        f"{original[key]:.2f}" if key in original else ("1.000" if key == "ratio" else "–")
+        for _, key, _ in columns) + " |")
+    for row, cell in zip(compressed, values):
+        shown = []
+        for _, key, _ in columns:
+            text = "–" if math.isnan(cell[key]) else f"{cell[key]:.{digits.get(key, 2)}f}"
+            shown.append(f"**{text}**" if cell[key] == best[key] else text)
+        lines.append(f"| {row['experts']} | {row['method'].strip('*')} | " + " | ".join(shown) + " |")
+    return lines
+
+
+def main() -> None:
+    for name, title in MODELS.items():
+        path = RESULTS / f"quality-{name}.json"
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        print(f"**{title}**, full validation splits (`benchmarks/results/quality-{name}.md`):\n")
+        for k, rows in report["sizes"].items():
+            print("\n".join(size_table(rows)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
