@@ -43,8 +43,9 @@ CANDIDATES: list[tuple[str, dict]] = [
 ]
 
 
-def texts() -> dict[str, list[str]]:
-    held_out = {f"{lang}-train": wiki_texts(lang, "train")[-HELD_OUT_ARTICLES:] for lang in LANGUAGES}
+def texts(train_label: str = "train") -> dict[str, list[str]]:
+    """Held-out train articles (to choose on) and the validation splits (reported only), per language."""
+    held_out = {f"{lang}-{train_label}": wiki_texts(lang, "train")[-HELD_OUT_ARTICLES:] for lang in LANGUAGES}
     return held_out | {f"{lang}-validation": wiki_texts(lang, "validation") for lang in LANGUAGES}
 
 

@@ -17,28 +17,19 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 from transformers.utils import logging
 
-from hcsmoe.data import LANGUAGES, wiki_texts
+from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, RESULTS, texts
 from hcsmoe.evaluate import evaluate
 from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
 
-RESULTS = Path(__file__).parent / "results"
-HELD_OUT_ARTICLES = 300
-MAX_TOKENS = 8192
 CALIBRATIONS = ("wiki:en", "wiki:en,fr,es")
 GROUP_SIZE_CAPS = (3, 6)
 RANDOM_SEEDS = (0, 1, 2)
 HC_SMOE = {"method": "hc-smoe", "num_blocks": 32, "progress": False}  # as published, with the 8,192 tokens measured
-
-
-def texts() -> dict[str, list[str]]:
-    held_out = {f"{lang}-train-slice": wiki_texts(lang, "train")[-HELD_OUT_ARTICLES:] for lang in LANGUAGES}
-    return held_out | {f"{lang}-validation": wiki_texts(lang, "validation") for lang in LANGUAGES}
 
 
 def scores(model, tokenizer, original, sources) -> dict:
@@ -55,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(2)
     start = time.perf_counter()
     tokenizer, original = load_tokenizer(REFERENCE_MODEL), load_model(REFERENCE_MODEL)
-    sources = texts()
+    sources = texts("train-slice")
     rows = [{"experts": 32, "setting": "original", **scores(original, tokenizer, original, sources)}]
     e = original.config.num_experts
     for k in (e * 3 // 4, e // 2):

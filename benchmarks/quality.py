@@ -117,8 +117,6 @@ class Bench:
         options = options_of(options)
         fitted = options.get("method") is None or options.get("refit") or options.get("router_fit")
         shared = {} if fitted or "calibration" in options or "num_blocks" in options else {"stats": self.stats}
-        if "plan" in options:
-            options.pop("num_experts", None)
         result = compress(self.original, tokenizer=self.tokenizer, progress=False, **shared, **options,
                           **({} if "plan" in options else {"num_experts": k}))
         self.last_plan = result.plan

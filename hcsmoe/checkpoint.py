@@ -35,6 +35,11 @@ INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 512 * 2**20  # a pending shard is held in memory until written
 
 
+def safetensors_bytes(directory: Path) -> int:
+    """Bytes of the checkpoint's safetensors files: what streaming reads and what memory is sized against."""
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
 def checkpoint_files(directory: Path) -> dict[str, Path]:
     """Which safetensors file holds each checkpoint key (index file, or every *.safetensors)."""
     index = directory / INDEX_NAME

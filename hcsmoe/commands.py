@@ -205,11 +205,12 @@ def should_stream(source: Path, stream: bool | None) -> bool:
     free memory (about 3x a bf16 checkpoint), and say so on stderr."""
     import sys
 
+    from hcsmoe.checkpoint import safetensors_bytes
     from hcsmoe.pipeline import available_memory
 
     if stream is not None:
         return stream
-    size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    size = safetensors_bytes(source)
     free = available_memory()
     if IN_MEMORY_FACTOR * size <= free:
         return False

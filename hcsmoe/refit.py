@@ -65,6 +65,13 @@ def down_matrix(experts: nn.Module, architecture: Architecture, expert: int) -> 
     return matrix if bias is None else torch.cat([matrix, bias[expert].double().unsqueeze(0)])
 
 
+def readout_shape(experts: nn.Module, architecture: Architecture) -> tuple[int, int]:
+    """(I (+1 for a bias row), H): the shape of one expert's readout, from down_proj's shape."""
+    _, first, second = experts.down_proj.shape
+    width, hidden = (first, second) if architecture.transposed else (second, first)
+    return width + (getattr(experts, "down_proj_bias", None) is not None), hidden
+
+
 def down_matrices(experts: nn.Module, architecture: Architecture) -> torch.Tensor:
     """Every expert's readout, [K, I (+1), H] float64: for the joint solver, whose K x I is bounded."""
     return torch.stack([down_matrix(experts, architecture, e) for e in range(experts.down_proj.shape[0])])
@@ -120,7 +127,7 @@ def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
     """Refit the down projections of a compressed MoE layer in place; returns what the fit achieved
     (relative squared error of the routed output on the calibration tokens, before and after)."""
     experts = moe.experts
-    k, width = experts.down_proj.shape[0], down_matrix(experts, architecture, 0).shape[0]
+    k, (width, _) = experts.down_proj.shape[0], readout_shape(experts, architecture)
     solver = options.solver
     if solver == "auto":
         solver = "joint" if k * width <= JOINT_LIMIT else "blockwise"
@@ -191,7 +198,7 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed,
     Solved in float64, one expert at a time; the readouts between sweeps are kept in float32 (what they are
     rounded to anyway), so the layer's extra memory is one float32 copy of its down projections."""
     start = lambda expert: down_matrix(experts, architecture, expert)
-    k, (width, hidden) = experts.down_proj.shape[0], start(0).shape
+    k, (width, hidden) = experts.down_proj.shape[0], readout_shape(experts, architecture)
     x, y = tokens.inputs, tokens.routed
     per_expert = [routing.tokens_of(expert) for expert in range(k)]
     features = lambda expert: expert_features(experts, architecture, expert, x[per_expert[expert][0]].float(),
@@ -224,7 +231,7 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed,
 def routed_output(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> torch.Tensor:
     """The compressed block's routed output on tokens x [T, H] (float64): features times readouts."""
     routing = routed(moe, architecture, x)
-    out = torch.zeros(x.shape[0], down_matrix(moe.experts, architecture, 0).shape[1], dtype=torch.float64)
+    out = torch.zeros(x.shape[0], readout_shape(moe.experts, architecture)[1], dtype=torch.float64)
     for expert in range(moe.experts.down_proj.shape[0]):
         token, gates = routing.tokens_of(expert)
         if token.numel():

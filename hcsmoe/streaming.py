@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
 from hcsmoe.apply import merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
 from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view
-from hcsmoe.checkpoint import CheckpointReader, ShardWriter, checkpoint_names
+from hcsmoe.checkpoint import CheckpointReader, ShardWriter, checkpoint_names, safetensors_bytes
 from hcsmoe.errors import UserError
 from hcsmoe.layerwise import (
     CheckpointSource,
@@ -87,8 +87,7 @@ def outside_layers(model: nn.Module, architecture: Architecture) -> list[nn.Modu
 def shard_bytes_for(source_dir: Path) -> int:
     """Output shards of about 1/32 of the input checkpoint (64 MiB to 2 GiB): a shard is held in memory
     until written, so this keeps the writer's share of peak memory a fixed fraction of the model."""
-    size = sum(p.stat().st_size for p in source_dir.glob("*.safetensors"))
-    return min(2 * 2**30, max(64 * 2**20, size // 32))
+    return min(2 * 2**30, max(64 * 2**20, safetensors_bytes(source_dir) // 32))
 
 
 class StreamingCompressor:

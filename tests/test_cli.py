@@ -146,6 +146,7 @@ def test_example_recipe_is_valid():
 def test_two_runs_with_one_output_exactly_one_wins(tiny_models, tmp_path):
     """Two compress runs started together with the same --out: one succeeds, the other exits non-zero with a
     one-line error; the directory holds the winner's model and nothing else is left behind."""
+    import os
     import subprocess
     import sys
 
@@ -153,7 +154,7 @@ def test_two_runs_with_one_output_exactly_one_wins(tiny_models, tmp_path):
     runs = [subprocess.Popen([sys.executable, "-m", "hcsmoe", "compress", str(tiny_models["olmoe"]), "-k", str(k),
                               "--method", "hc-smoe", "--out", str(out), "--no-eval", "-q", "--blocks", "2",
                               "--block-size", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
             for k in (6, 5)]
     results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
     winners = [k for (code, _), k in zip(results, (6, 5)) if code == 0]
