@@ -1,6 +1,7 @@
 """Models larger than memory: peak memory of a streaming run, speed of the statistics pass, re-planning.
 
     python -m benchmarks.streaming memory   # ~8 GB synthetic Qwen3-MoE checkpoint -> 64 experts, peak RSS
+    python -m benchmarks.streaming fp8      # the same in Qwen3-FP8's layout: sizes in/out, kept bits, peak RSS
     python -m benchmarks.streaming speed    # one real-shaped layer: statistics pass vs its bare matmuls
     python -m benchmarks.streaming replan   # reference model: compress from a statistics file vs calibrating
 
@@ -29,15 +30,21 @@ QWEN3_SHAPES = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128
                     vocab_size=32768, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
+FP8_BLOCK = (128, 128)
+
+
 def qwen3_config(layers: int):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(num_hidden_layers=layers, dtype="bfloat16", **QWEN3_SHAPES)
 
 
-def write_synthetic_checkpoint(directory: Path, layers: int, seed: int = 0) -> int:
+def write_synthetic_checkpoint(directory: Path, layers: int, seed: int = 0, fp8: bool = False) -> int:
     """Random bf16 weights with real shapes, in the per-expert naming of Qwen3-MoE checkpoints, one layer
-    at a time (never the whole model in memory). Returns the checkpoint's size in bytes."""
+    at a time (never the whole model in memory); `fp8`: laid out as Qwen3-30B-A3B-FP8 (128x128 blocks).
+    Returns the checkpoint's size in bytes."""
+    from tests.quantized import fp8_config, fp8_tensors
+
     from hcsmoe.checkpoint import ShardWriter, checkpoint_names
     from hcsmoe.loading import REFERENCE_MODEL
     from hcsmoe.streaming import skeleton
@@ -51,9 +58,11 @@ def write_synthetic_checkpoint(directory: Path, layers: int, seed: int = 0) -> i
     groups = [[n for n in state if not n.startswith("model.layers.")]]
     groups += [[n for n in state if n.startswith(f"model.layers.{i}.")] for i in range(layers)]
     for names in groups:
-        tensors = {n: random_weight(n, state[n].shape, generator) for n in names}
-        writer.add(checkpoint_names(model, tensors))
+        tensors = checkpoint_names(model, {n: random_weight(n, state[n].shape, generator) for n in names})
+        writer.add(fp8_tensors(tensors, FP8_BLOCK) if fp8 else tensors)
     writer.finish()
+    if fp8:
+        config.quantization_config = fp8_config(FP8_BLOCK)
     config.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REFERENCE_MODEL / name, directory / name)
@@ -66,25 +75,60 @@ def random_weight(name: str, shape, generator: torch.Generator) -> torch.Tensor:
     return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
 
 
-def memory(layers: int, blocks: int, block_size: int, keep: bool) -> dict:
+def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = False, method: str | None = None) -> dict:
     """Stream-compress the synthetic checkpoint to 64 experts in a child process; its peak RSS vs size."""
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
     source, out = root / "qwen3-synthetic", root / "compressed"
     start = time.perf_counter()
-    size = write_synthetic_checkpoint(source, layers)
+    size = write_synthetic_checkpoint(source, layers, fp8=fp8)
     generated = time.perf_counter() - start
     arguments = ["compress", str(source), "--experts", "64", "--out", str(out), "--stream", "--no-eval", "--quiet",
                  "--blocks", str(blocks), "--block-size", str(block_size), "--batch-size", "1"]
+    arguments += ["--method", method] if method else []
     start = time.perf_counter()
     peak = peak_resident_bytes(arguments)
     seconds = time.perf_counter() - start
     reload = reload_check(out)
     out_size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    formats = format_check(source, out) if fp8 else {}
     if not keep:
         shutil.rmtree(root)
-    return {"layers": layers, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
+    return {"layers": layers, "format": "fp8 128x128 blocks" if fp8 else "bf16", "method": method or "default",
+            **formats, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
             "peak_rss_over_checkpoint": round(peak / size, 4), "calibration_tokens": blocks * block_size,
             "compress_seconds": round(seconds, 1), "generate_seconds": round(generated, 1), "reload": reload}
+
+
+def format_check(source: Path, out: Path) -> dict:
+    """Bytes of the experts in and out, and how many stored tensors (weights and scales) of the experts kept
+    unmerged are the input's bit for bit."""
+    from safetensors import safe_open
+
+    from hcsmoe.checkpoint import checkpoint_files
+
+    def read(files: dict[str, Path], key: str) -> torch.Tensor:
+        with safe_open(str(files[key]), "pt") as handle:
+            return handle.get_tensor(key)
+
+    def expert_bytes(files: dict[str, Path]) -> int:
+        return sum(read(files, key).nbytes for key in files if ".experts." in key)
+
+    before, after = checkpoint_files(source), checkpoint_files(out)
+    same = total = 0
+    for layer in json.loads((out / "hcsmoe_plan.json").read_text())["layers"]:
+        for slot, group in enumerate(layer["groups"]):
+            if len(group["members"]) != 1:
+                continue
+            prefix = f"model.layers.{layer['layer']}.mlp.experts."
+            for key in [k for k in after if k.startswith(f"{prefix}{slot}.")]:
+                original = key.replace(f"{prefix}{slot}.", f"{prefix}{group['members'][0]}.")
+                a, b = read(after, key), read(before, original)
+                same += a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                total += 1
+    quantization = [json.loads((d / "config.json").read_text()).get("quantization_config") for d in (source, out)]
+    return {"expert_bytes_in": expert_bytes(before), "expert_bytes_out": expert_bytes(after),
+            "kept_expert_tensors_bit_identical": f"{same} of {total}",
+            "quantization_config_kept": quantization[0] == quantization[1]}
 
 
 def peak_resident_bytes(arguments: list[str]) -> int:
@@ -193,17 +237,20 @@ def replan() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark", choices=("memory", "speed", "replan"))
+    parser.add_argument("benchmark", choices=("memory", "fp8", "speed", "replan"))
     parser.add_argument("--layers", type=int, default=6, help="memory: decoder layers (6 make about 8 GB)")
     parser.add_argument("--blocks", type=int, default=4, help="memory: calibration blocks")
     parser.add_argument("--block-size", type=int, default=256, help="memory: tokens per block")
     parser.add_argument("--tokens", type=int, default=2048, help="speed: tokens through the layer")
     parser.add_argument("--repeats", type=int, default=2, help="speed: runs of each (the best is kept)")
     parser.add_argument("--keep", action="store_true", help="memory: keep the synthetic checkpoint")
+    parser.add_argument("--method", help="memory, fp8: compression method [default; fp8: reap]")
     args = parser.parse_args()
     torch.set_num_threads(min(os.cpu_count() or 1, 2))
     if args.benchmark == "memory":
-        result = memory(args.layers, args.blocks, args.block_size, args.keep)
+        result = memory(args.layers, args.blocks, args.block_size, args.keep, method=args.method)
+    elif args.benchmark == "fp8":
+        result = memory(args.layers, args.blocks, args.block_size, args.keep, fp8=True, method=args.method or "reap")
     elif args.benchmark == "speed":
         result = speed(args.tokens, args.repeats)
     else:

@@ -30,6 +30,7 @@ from transformers.core_model_loading import (
 )
 
 from hcsmoe.errors import UserError
+from hcsmoe.formats import SAFETENSORS_TO_TORCH, Format, format_of
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 512 * 2**20  # a pending shard is held in memory until written
@@ -56,6 +57,47 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
     return found
 
 
+def stored_metadata(file_of: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and safetensors dtype of every stored tensor, read from the file headers only."""
+    found = {}
+    for path in sorted(set(file_of.values())):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                found[key] = (tuple(view.get_shape()), view.get_dtype())
+    return {key: found[key] for key in file_of}
+
+
+class StoredCheckpoint:
+    """A checkpoint's tensors by logical key (the names an unquantized checkpoint would use), decoded to float
+    on demand from whatever the format stores (fp8 + block scales, MXFP4 blocks + exponents, or plain)."""
+
+    def __init__(self, directory: Path, fmt: Format):
+        self.directory = directory
+        self.format = fmt
+        self.file_of = checkpoint_files(directory)
+        self.layout = fmt.layout(stored_metadata(self.file_of))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.layout
+
+    def parts(self, key: str, start: int | None = None, stop: int | None = None) -> list[torch.Tensor]:
+        """The stored tensors of a logical key, as stored (rows start:stop of each when given).
+
+        The file is mapped only for this read: pages of a mapping kept open would count as resident
+        memory, and a whole checkpoint read through one mapping would end up counted.
+        """
+        parts = []
+        for stored_key in self.layout[key].keys:
+            with safe_open(str(self.file_of[stored_key]), "pt") as handle:
+                parts.append(handle.get_tensor(stored_key) if start is None else handle.get_slice(stored_key)[start:stop])
+        return parts
+
+    def raw(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """One logical tensor (rows start:stop when given): as stored, or decoded to float32 if quantized."""
+        return self.format.decode(self.layout[key], self.parts(key, start, stop))
+
+
 @dataclass
 class _Source:
     """The checkpoint keys that make one model parameter, and the conversion that joins them."""
@@ -70,7 +112,7 @@ class CheckpointReader:
     def __init__(self, directory: Path, model: nn.Module):
         self.directory = directory
         self.model = model
-        self.file_of = checkpoint_files(directory)
+        self.stored = StoredCheckpoint(directory, format_of(model.config))
         self.sources = self._map_sources(model)
 
     def _map_sources(self, model: nn.Module) -> dict[str, _Source]:
@@ -80,7 +122,7 @@ class CheckpointReader:
         by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
         wanted = model.state_dict()
         sources: dict[str, _Source] = {}
-        for key in sorted(self.file_of, key=dot_natural_key):
+        for key in sorted(self.stored.layout, key=dot_natural_key):
             name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, wanted)
             if name not in wanted:
                 continue
@@ -89,21 +131,14 @@ class CheckpointReader:
         return sources
 
     def raw(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """One checkpoint tensor as stored (rows start:stop when given).
-
-        The file is mapped only for this read: pages of a mapping kept open would count as resident
-        memory, and a whole checkpoint read through one mapping would end up counted.
-        """
-        with safe_open(str(self.file_of[key]), "pt") as handle:
-            if start is None:
-                return handle.get_tensor(key)
-            return handle.get_slice(key)[start:stop]
+        return self.stored.raw(key, start, stop)
 
     def __contains__(self, name: str) -> bool:
         return name in self.sources
 
     def tensor(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Model parameter `name` (rows start:stop of its leading expert axis when given), in the stored dtype."""
+        """Model parameter `name` (rows start:stop of its leading expert axis when given), in the stored dtype
+        (float32 where the checkpoint stores it quantized)."""
         source = self.sources.get(name)
         if source is None:
             raise UserError(f"the checkpoint in {self.directory} has no weights for {name}; is it complete?")
@@ -190,3 +225,70 @@ class ShardWriter:
             weight_map.update({key: name for key in keys})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.")
+
+
+class FormatEncoder:
+    """Output tensors (checkpoint-named, float) written back in the input checkpoint's stored format.
+
+    A tensor the input stored quantized is copied bit for bit (weight and scales) when its value is exactly the
+    input's decoded value: untouched tensors, and experts kept unmerged whose weights nothing refitted (`slots`:
+    per MoE layer, the input expert each output expert copies, None for a merge). Every other value of a
+    quantized tensor is quantized again in the same format. Unquantized tensors keep their stored dtype."""
+
+    def __init__(self, stored: StoredCheckpoint):
+        self.stored = stored
+        self.slots: dict[int, list[int | None]] = {}
+
+    def encode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoded: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            if key not in self.stored:
+                raise UserError(f"the output has a tensor {key} that the input checkpoint does not store; "
+                                "write it dequantized with --dtype bfloat16")
+            layout = self.stored.layout[key]
+            if not self.stored.format.is_encoded(layout):
+                encoded[key] = value.to(SAFETENSORS_TO_TORCH[layout.dtypes[0]])
+            elif value.shape[0] == len(self._slots(key)) and value.ndim >= 3:
+                encoded.update(self._fused_experts(key, value))
+            else:
+                encoded.update(self._one(key, value, self._source_key(key)))
+        return encoded
+
+    def _slots(self, key: str) -> list[int | None]:
+        layer = _LAYER_INDEX.search(key)
+        return self.slots.get(int(layer.group(1)), []) if layer and ".experts." in key else []
+
+    def _source_key(self, key: str) -> str | None:
+        """The input key whose stored bits this output key may reuse: itself, or for expert G of a compressed
+        layer, the input expert it copies (None for a merged expert)."""
+        expert = _EXPERT_KEY.search(key)
+        if expert is None or int(expert.group(1)) not in self.slots:
+            return key
+        member = self.slots[int(expert.group(1))][int(expert.group(2))]
+        if member is None:
+            return None
+        start, stop = expert.span(2)
+        return key[:start] + str(member) + key[stop:]
+
+    def _one(self, key: str, value: torch.Tensor, source: str | None) -> dict[str, torch.Tensor]:
+        layout = self.stored.layout[key]
+        if source is not None and torch.equal(value.float(), self.stored.raw(source)):
+            return dict(zip(layout.keys, self.stored.parts(source)))
+        return self.stored.format.encode(key, value, layout)
+
+    def _fused_experts(self, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A fused [K, ...] expert tensor, one expert at a time: the copied expert's stored slice, or quantized."""
+        layout = self.stored.layout[key]
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for slot, member in enumerate(self._slots(key)):
+            kept = member is not None and torch.equal(value[slot:slot + 1].float(),
+                                                       self.stored.raw(key, member, member + 1))
+            piece = (dict(zip(layout.keys, self.stored.parts(key, member, member + 1))) if kept
+                     else self.stored.format.encode(key, value[slot:slot + 1], layout))
+            for name, tensor in piece.items():
+                pieces.setdefault(name, []).append(tensor)
+        return {name: torch.cat(tensors) for name, tensors in pieces.items()}

@@ -206,15 +206,19 @@ def should_stream(source: Path, stream: bool | None) -> bool:
     import sys
 
     from hcsmoe.checkpoint import safetensors_bytes
+    from hcsmoe.formats import format_of
+    from hcsmoe.loading import load_config
     from hcsmoe.pipeline import available_memory
 
     if stream is not None:
         return stream
-    size = safetensors_bytes(source)
+    fmt = format_of(load_config(source))
+    size = int(safetensors_bytes(source) * fmt.expansion)
     free = available_memory()
     if IN_MEMORY_FACTOR * size <= free:
         return False
-    print(f"hcsmoe: the checkpoint ({size / 2**30:.1f} GiB) would need about {IN_MEMORY_FACTOR * size / 2**30:.1f} GiB "
+    decoded = " once decoded to bf16" if fmt.quantized else ""
+    print(f"hcsmoe: the checkpoint ({size / 2**30:.1f} GiB{decoded}) would need about {IN_MEMORY_FACTOR * size / 2**30:.1f} GiB "
           f"in memory, {free / 2**30:.1f} GiB are free: streaming it one layer at a time (--no-stream forces the "
           "in-memory path)", file=sys.stderr)
     return True
@@ -255,6 +259,7 @@ def add_inspect_parser(sub) -> None:
 def describe(model_path: str | None) -> dict:
     """Architecture, expert layout, routing, shared parts and size, read from config and weights only."""
     from hcsmoe.adapters import architecture_for, dense_layers, expert_count, moe_layers, top_k
+    from hcsmoe.formats import format_of
     from hcsmoe.loading import load_config, model_dir
 
     source = model_dir(model_path)
@@ -277,6 +282,7 @@ def describe(model_path: str | None) -> dict:
         **expert_layout(skeleton, architecture),
         "hidden_size": config.hidden_size,
         "dtype": str(getattr(config, "dtype", None) or "unknown").removeprefix("torch."),
+        "format": format_of(config).description,
         "size_bytes": sum(f.stat().st_size for f in weight_files),
     }
 

@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hcsmoe.errors import UserError
+from hcsmoe.formats import format_of
 
 REFERENCE_MODEL = Path(__file__).parent / "reference"
 QWEN2_REFERENCE_MODEL = Path(__file__).parent / "reference-qwen2-moe"
@@ -78,6 +79,10 @@ def load_model(path: str | Path | None, dtype: str = "float32", device: str = "c
     directory = model_dir(path)
     config = load_config(directory)
     check_causal_lm(directory, config)
+    if format_of(config).quantized:  # decoded by hcsmoe.formats: any CPU, any block shape, float32 exactly
+        from hcsmoe.streaming import load_dequantized
+
+        return load_dequantized(directory, config, device).to(parse_dtype(dtype)).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype))
     except ValueError as error:

@@ -28,6 +28,7 @@ from hcsmoe.apply import apply_layer, apply_plan, install
 from hcsmoe.calibrate import Statistics
 from hcsmoe.data import load_texts, token_blocks
 from hcsmoe.errors import UserError
+from hcsmoe.formats import Format, Plain, drop_quantization, format_of
 from hcsmoe.layerwise import calibrate_model
 from hcsmoe.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype
 from hcsmoe.plan import (
@@ -68,6 +69,7 @@ class CompressionResult:
     source: Path | None
     info: dict = field(default_factory=dict)
     saved: Path | None = None  # where a streaming run already wrote the checkpoint
+    keep_format: bool = False  # save in the source checkpoint's quantized format (the model holds float32)
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """Write an ordinary checkpoint plus plan, dendrograms and model card; atomically."""
@@ -75,7 +77,12 @@ class CompressionResult:
             raise UserError(f"this result was streamed and is already saved in {self.saved}")
         target = check_output_dir(out, self.source, overwrite)
         with atomic_directory(target, overwrite) as directory:
-            self.model.save_pretrained(directory)
+            if self.keep_format:
+                from hcsmoe.streaming import save_in_stored_format
+
+                save_in_stored_format(self.model, self.source, self.plan, directory)
+            else:
+                self.model.save_pretrained(directory)
             self.write_extras(directory)
         return target
 
@@ -276,18 +283,20 @@ def compress(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(seed)
+    fmt: Format = Plain()
     if isinstance(model_or_path, PreTrainedModel):
         source = None
-        original_dtype = next(model_or_path.parameters()).dtype
+        output_dtype = parse_dtype(dtype) if dtype else next(model_or_path.parameters()).dtype
         model = copy.deepcopy(model_or_path).float().eval()
         if tokenizer is None and stats is None:
             raise UserError("pass tokenizer= with a model object (needed to tokenize calibration text)")
     else:
         source = model_dir(model_or_path)
-        original_dtype = checkpoint_dtype(load_config(source))
+        config = load_config(source)
+        fmt = format_of(config)
+        output_dtype = output_dtype_for(fmt, dtype, config)
         model = load_model(source, "float32", device)
         tokenizer = tokenizer or load_tokenizer(source)
-    output_dtype = parse_dtype(dtype) if dtype else original_dtype
     architecture = architecture_for(model.config)
     layers = moe_layers(model, architecture)
     e, k_route = layers[0].num_experts, top_k(model.config, architecture)
@@ -310,7 +319,8 @@ def compress(
             check_plan_layers(plan, layers)
         layer_plans: list[LayerPlan] = []
         after_layer = compress_layer_in_place(planner, plan, k, router, architecture, k_route, layer_plans,
-                                              refit=refit, router_fit=router_fit, output_dtype=output_dtype,
+                                              refit=refit, router_fit=router_fit,
+                                              output_dtype=output_dtype or torch.float32,
                                               sequential=sequential)
         stats = calibration_statistics(model, architecture, layers, tokenizer, calibration, num_blocks=num_blocks,
                                        block_size=block_size, batch_size=batch_size, output_samples=output_samples,
@@ -329,9 +339,11 @@ def compress(
         mark = time.perf_counter()
         apply_plan(model, architecture, layers, plan, stats.layers if stats else None, progress=progress)
         timings["apply"] = time.perf_counter() - mark
-    model.to(output_dtype)
-    info = run_info(source, architecture, e, plan, k_route, output_dtype, seed, timings)
-    return CompressionResult(model, tokenizer, plan, stats, architecture, source, info)
+    if output_dtype is not None:
+        model.to(output_dtype)
+        drop_quantization(model.config)
+    info = run_info(source, architecture, e, plan, k_route, output_dtype, seed, timings, fmt)
+    return CompressionResult(model, tokenizer, plan, stats, architecture, source, info, keep_format=output_dtype is None)
 
 
 def within_routing_groups(planner, config, architecture: Architecture):
@@ -340,19 +352,33 @@ def within_routing_groups(planner, config, architecture: Architecture):
     return WithinRoutingGroups(planner, limits[0]) if limits and limits[0] > 1 else planner
 
 
-def run_info(source, architecture: Architecture, e: int, plan: Plan, k_route: int, output_dtype: torch.dtype,
-             seed: int, timings: dict) -> dict:
+def run_info(source, architecture: Architecture, e: int, plan: Plan, k_route: int, output_dtype: torch.dtype | None,
+             seed: int, timings: dict, fmt: Format = Plain()) -> dict:
+    """What the run did, for the model card and the summary; `output_dtype` None: saved in the input's format."""
     return {
         "source": str(source) if source else None,
         "architecture": architecture.name,
         "experts_before": e,
         "experts_after": len(plan.layers[0].groups),
         "top_k": k_route,
-        "dtype": str(output_dtype).removeprefix("torch."),
+        "dtype": saved_format(fmt, output_dtype),
         "seed": seed,
         "seconds": {name: round(value, 3) for name, value in timings.items()},
         "hcsmoe_version": __version__,
     }
+
+
+def saved_format(fmt: Format, output_dtype: torch.dtype | None) -> str:
+    if output_dtype is not None:
+        return str(output_dtype).removeprefix("torch.")
+    return f"{fmt.description} as in the input, other tensors in their stored dtype"
+
+
+def output_dtype_for(fmt: Format, dtype: str | None, config) -> torch.dtype | None:
+    """--dtype when given; else the checkpoint's dtype, or None (keep the stored format) for a quantized one."""
+    if dtype:
+        return parse_dtype(dtype)
+    return None if fmt.quantized else checkpoint_dtype(config)
 
 
 def check_plan_layers(plan: Plan, layers: list[MoELayer]) -> None:
@@ -457,7 +483,8 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
     k = len(plan.layers[0].groups) if plan else experts_to_keep(e, num_experts, ratio)
     check_k(k, e, k_route)
     check_k_for(config, architecture, k)
-    output_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(config)
+    fmt = format_of(config)
+    output_dtype = output_dtype_for(fmt, dtype, config)
     tokenizer = tokenizer or load_tokenizer(source)
     if plan is not None:
         plan.validate()
@@ -497,7 +524,7 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
             stats = Statistics(layer_stats, k_route, info)
         write_config(source, config, architecture, k, output_dtype, directory)
         timings["total"] = time.perf_counter() - start
-        info = run_info(source, architecture, e, plan, k_route, output_dtype, seed, timings)
+        info = run_info(source, architecture, e, plan, k_route, output_dtype, seed, timings, fmt)
         info["streamed"] = True
         result = CompressionResult(None, tokenizer, plan, stats, architecture, source, info, saved=target)
         result.write_extras(directory)

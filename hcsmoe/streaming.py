@@ -19,11 +19,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from tqdm.auto import tqdm
 
-from hcsmoe.adapters import Architecture, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
+from hcsmoe.adapters import Architecture, architecture_for, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
 from hcsmoe.apply import merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
 from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view
-from hcsmoe.checkpoint import CheckpointReader, ShardWriter, checkpoint_names, safetensors_bytes
+from hcsmoe.checkpoint import CheckpointReader, FormatEncoder, ShardWriter, checkpoint_names, safetensors_bytes
 from hcsmoe.errors import UserError
+from hcsmoe.formats import drop_quantization
+from hcsmoe.loading import load_config
 from hcsmoe.layerwise import (
     CheckpointSource,
     LayerInputs,
@@ -72,6 +74,33 @@ def materialize(model: nn.Module, module: nn.Module, source: CheckpointSource, s
                 break
 
 
+def load_dequantized(directory: Path, config, device: str = "cpu") -> nn.Module:
+    """The whole model in float32 from a quantized checkpoint, decoded by our own formats (the same values
+    the streaming path reads), so that in-memory and streaming runs compute on identical weights."""
+    model = skeleton(config)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    materialize(model, model, CheckpointSource(CheckpointReader(directory, model), device), skip=tied)
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def save_in_stored_format(model: nn.Module, source_dir: Path, plan: Plan, directory: Path) -> None:
+    """Write a compressed model held in float32 in its source checkpoint's format: quantized tensors re-encoded
+    (copied bit for bit where unchanged), others in their stored dtype, config with its quantization_config."""
+    stored = CheckpointReader(source_dir, skeleton(load_config(source_dir))).stored
+    encoder = FormatEncoder(stored)
+    encoder.slots = {layer_plan.layer: expert_slots(layer_plan) for layer_plan in plan.layers}
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    writer = ShardWriter(directory, shard_bytes_for(source_dir))
+    state = {name: tensor for name, tensor in model.state_dict().items() if name not in tied}
+    writer.add(encoder.encode(checkpoint_names(model, state)))
+    writer.finish()
+    source_config = load_config(source_dir)
+    architecture = architecture_for(source_config)
+    write_config(source_dir, source_config, architecture, len(plan.layers[0].groups), None, directory)
+
+
 def release(module: nn.Module) -> None:
     """Drop a module's weights (back to the meta device) once it has been written."""
     module.to("meta")
@@ -93,20 +122,28 @@ def shard_bytes_for(source_dir: Path) -> int:
 class StreamingCompressor:
     """State of one streaming run: the skeleton, the reader and the writer."""
 
-    def __init__(self, source_dir: Path, config, architecture: Architecture, output_dtype: torch.dtype,
+    def __init__(self, source_dir: Path, config, architecture: Architecture, output_dtype: torch.dtype | None,
                  directory: Path, device: str = "cpu", progress: bool = True):
+        """`output_dtype` None: every tensor in the input's own format (quantized ones re-encoded), else that dtype."""
         self.model = skeleton(config)
         self.architecture = architecture
         self.reader = CheckpointReader(source_dir, self.model)
         self.source = CheckpointSource(self.reader, device)
-        self.output_dtype = output_dtype
+        self.encoder = FormatEncoder(self.reader.stored) if output_dtype is None else None
+        self.output_dtype = output_dtype or torch.float32
         self.writer = ShardWriter(directory, shard_bytes_for(source_dir))
         self.progress = progress
         self.tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
 
     def write(self, tensors: dict[str, torch.Tensor], first_expert: int = 0) -> None:
         cast = {name: tensor.to(self.output_dtype) for name, tensor in tensors.items() if name not in self.tied}
-        self.writer.add(checkpoint_names(self.model, cast, first_expert))
+        named = checkpoint_names(self.model, cast, first_expert)
+        self.writer.add(self.encoder.encode(named) if self.encoder else named)
+
+    def keep_layer_plan(self, layer_plan: LayerPlan) -> None:
+        """Tell the encoder which input expert each output expert of the layer copies (bit-for-bit candidates)."""
+        if self.encoder is not None:
+            self.encoder.slots[layer_plan.layer] = expert_slots(layer_plan)
 
     def write_unchanged(self, prefix: str, module: nn.Module, skip: set[str] = frozenset()) -> None:
         """Every stored tensor of a module, as read (only cast to the output dtype)."""
@@ -291,6 +328,7 @@ def run_streaming(
             fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
                                  compressor.output_dtype, refit, router_fit)
         layer_plans.append(layer_plan)
+        compressor.keep_layer_plan(layer_plan)
         if in_memory:
             compressor.write_compressed_moe_layer(moe)
         else:  # a weighted merge with nothing to fit: merged and written a few groups at a time
@@ -306,11 +344,20 @@ def run_streaming(
                             router_fit and router_fit.to_dict(), sequential), all_stats
 
 
-def write_config(source_dir: Path, config, architecture: Architecture, k: int, dtype: torch.dtype,
+def expert_slots(layer_plan: LayerPlan) -> list[int | None]:
+    """Per output expert, the input expert it copies (a group of one), or None for a merge."""
+    return [group.members[0] if len(group.members) == 1 else None for group in layer_plan.groups]
+
+
+def write_config(source_dir: Path, config, architecture: Architecture, k: int, dtype: torch.dtype | None,
                  directory: Path) -> None:
-    """config.json with every expert-count key updated, and the generation config as it was."""
+    """config.json with every expert-count key updated, and the generation config as it was. `dtype` None: the
+    weights keep the input's format (its quantization_config stays); else they were written dequantized in it."""
+    config = copy.deepcopy(config)
     set_expert_count(config, architecture, k)
-    config.dtype = dtype
+    if dtype is not None:
+        config.dtype = dtype
+        drop_quantization(config)
     config.save_pretrained(directory)
     for name in GENERATION_FILES:
         if (source_dir / name).is_file():

@@ -70,11 +70,14 @@ TINY_CONFIGS = {
 ARCHITECTURES = tuple(TINY_CONFIGS)
 
 
-def make_tiny_model(directory: Path, model_type: str, seed: int = 0, dtype=torch.float32) -> Path:
+def make_tiny_model(directory: Path, model_type: str, seed: int = 0, dtype=torch.float32, **config_changes) -> Path:
     """Save a random tiny model with the reference tokenizer; router rows spread so routing varies, and every
     per-expert bias or score correction (zero at initialisation) random so that merging them is tested."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type]())
+    config = TINY_CONFIGS[model_type]()
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for moe in moe_layers(model, architecture_for(model.config)):
             for tensor in expert_parameters(moe.router, moe.num_experts).values():
