@@ -3,6 +3,8 @@ log-probabilities as in transformers.
 
     python -m benchmarks.gguf_check                  # the bundled models, original and compressed (4 checkpoints)
     python -m benchmarks.gguf_check DIR [DIR ...]    # given checkpoint directories
+    python -m benchmarks.gguf_check --quantized      # tiny random Qwen3-MoE in FP8 and GPT-OSS in MXFP4, and
+                                                     # their compressions to 4 of 8 experts (written in the same format)
     python -m benchmarks.gguf_check --llama-cpp SDIST/vendor/llama.cpp
 
 Each checkpoint is converted with llama.cpp's convert_hf_to_gguf.py at --outtype f32 (nothing quantized), loaded
@@ -61,6 +63,7 @@ from transformers.utils import logging as transformers_logging
 from hcsmoe.data import LANGUAGES, interleave, token_blocks, wiki_texts
 from hcsmoe.loading import QWEN2_REFERENCE_MODEL, REFERENCE_MODEL
 from hcsmoe.pipeline import compress
+from tests.quantized import fp8_checkpoint, mxfp4_checkpoint  # before the converter's gguf-py/tests shadows it
 
 RESULTS = Path(__file__).parent / "results"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -215,6 +218,18 @@ def bundled_checkpoints(work: Path, experts: int, blocks: int) -> dict[str, Path
     return checkpoints
 
 
+def quantized_checkpoints(work: Path) -> dict[str, Path]:
+    """Tiny random checkpoints laid out as Qwen3-30B-A3B-FP8 and GPT-OSS (MXFP4), made by the tests' helper, and
+    their compressions to 4 of 8 experts, which keep the input's format."""
+    checkpoints = {}
+    for source in (fp8_checkpoint(work / "qwen3-moe-fp8", "qwen3_moe", (128, 128)),
+                   mxfp4_checkpoint(work / "gpt-oss-mxfp4")):
+        compressed = work / f"{source.name}-4e"
+        compress(source, num_experts=4, num_blocks=4, block_size=32, progress=False).save(compressed)
+        checkpoints |= {source.name: source, compressed.name: compressed}
+    return checkpoints
+
+
 def ties_embeddings(model_dir: Path) -> bool:
     """Whether the checkpoint's output layer is its input embedding (no lm_head.weight stored)."""
     return bool(json.loads((model_dir / "config.json").read_text()).get("tie_word_embeddings"))
@@ -307,6 +322,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", type=Path, help="checkpoint directories [the bundled models, "
                         "original and compressed]")
+    parser.add_argument("--quantized", action="store_true", help="check tiny FP8 and MXFP4 checkpoints instead")
     parser.add_argument("--llama-cpp", type=Path, help="llama.cpp tree holding convert_hf_to_gguf.py and gguf-py "
                         "[downloaded: the installed llama-cpp-python's sdist]")
     parser.add_argument("--experts", type=int, default=16, help="experts kept when compressing the bundled models")
@@ -327,8 +343,12 @@ def main() -> None:
     prepare_converter(llama_cpp_dir)
     with tempfile.TemporaryDirectory(prefix="hcsmoe-gguf-") as scratch:
         work = Path(scratch)
-        checkpoints = ({m.name: m for m in args.models} if args.models
-                       else bundled_checkpoints(work, args.experts, args.blocks))
+        if args.models:
+            checkpoints = {m.name: m for m in args.models}
+        elif args.quantized:
+            checkpoints = quantized_checkpoints(work)
+        else:
+            checkpoints = bundled_checkpoints(work, args.experts, args.blocks)
         rows = []
         for name, path in checkpoints.items():
             row = {"checkpoint": name, **describe(path),
@@ -339,7 +359,7 @@ def main() -> None:
     setup = {"llama_cpp_python": version, "gguf_py": gguf_py_version(llama_cpp_dir), "converter": converter,
              "transformers": transformers.__version__, "torch": torch.__version__, "sequences": args.sequences,
              "tokens": args.tokens, "threads": args.threads, "seconds": round(time.perf_counter() - start, 1)}
-    if not args.models:
+    if not args.models and not args.quantized:
         setup |= {"experts": args.experts, "blocks": args.blocks}
     print(report(rows, setup, args.out))
 

@@ -78,7 +78,8 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--block-size", type=int, help="tokens per block, capped at the model's context [2048]")
     p.add_argument("--batch-size", type=int, help="blocks per forward pass during calibration [4]")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--dtype", help="dtype of the saved weights: float32, bfloat16, float16 [the checkpoint's]")
+    p.add_argument("--dtype", help="dtype of the saved weights: float32, bfloat16, float16 [the checkpoint's own: "
+                                   "FP8 and MXFP4 checkpoints stay in their format]")
     p.add_argument("--seed", type=int, help="seed for every random choice [0]")
     p.add_argument("--plan", help="apply this hcsmoe_plan.json instead of planning")
     p.add_argument("--stats", help="statistics file from --save-stats: re-plan without calibrating")

@@ -136,9 +136,14 @@ class StreamingCompressor:
         self.tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
 
     def write(self, tensors: dict[str, torch.Tensor], first_expert: int = 0) -> None:
-        cast = {name: tensor.to(self.output_dtype) for name, tensor in tensors.items() if name not in self.tied}
-        named = checkpoint_names(self.model, cast, first_expert)
-        self.writer.add(self.encoder.encode(named) if self.encoder else named)
+        """Tensors in the output dtype, or (keeping the input's format) as they are: the encoder gives each its
+        stored format, and an embedding read in bf16 is not copied to float32 on the way."""
+        kept = {name: tensor for name, tensor in tensors.items() if name not in self.tied}
+        if self.encoder is not None:
+            self.writer.add(self.encoder.encode(checkpoint_names(self.model, kept, first_expert)))
+            return
+        cast = {name: tensor.to(self.output_dtype) for name, tensor in kept.items()}
+        self.writer.add(checkpoint_names(self.model, cast, first_expert))
 
     def keep_layer_plan(self, layer_plan: LayerPlan) -> None:
         """Tell the encoder which input expert each output expert of the layer copies (bit-for-bit candidates)."""
