@@ -311,4 +311,5 @@ def expert_pass(
                     accumulator.add_routed(first + local, y, gates)
         if accumulator is not None:
             accumulator.finish_chunk(first, view)
+        view = h = None  # let the chunk go before the next one is read
     return out
