@@ -221,11 +221,17 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed,
                 continue
             phi = features(expert).double()  # its Gram is recomputed, not stored: O(I^2) memory, not O(K I^2)
             residual = y[token].double() - prediction[token] + phi @ current[expert].double()
-            updated = torch.linalg.solve(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start(expert)).float()
+            updated = _solve_spd(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start(expert)).float()
             prediction.index_add_(0, token, phi @ (updated - current[expert]).double())
             current[expert] = updated
     after = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     return current, {"error_before": round(before, 6), "error_after": round(after, 6), "sweeps": options.sweeps}
+
+
+def _solve_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve a symmetric positive definite system by Cholesky (half the work of LU); LU if it is not."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    return torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(system, rhs)
 
 
 def routed_output(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> torch.Tensor:
@@ -265,18 +271,22 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
     candidate's error and its fits) and its fitted copy of the layer, which is the result: refitting on all
     tokens would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
-    holds one compressed copy at a time and returns None for it: rebuilding and refitting the winner on
-    fitting_tokens() gives the same bits (streaming, where a layer's memory counts)."""
+    holds one compressed copy at a time (streaming, where a layer's memory counts): the candidates are fitted
+    last to first, and the first one's copy (the recipe's merge, which wins most layers) is returned if it
+    wins, else None: rebuilding and refitting the winner on fitting_tokens() gives the same bits."""
     fitting, held = split_tokens(block)
     energy = float(held.routed.double().pow(2).sum())
-    trials = []
-    for plan, layer_plan in candidates:
+    trials = {}
+    for position in reversed(range(len(candidates))):
+        plan, layer_plan = candidates[position]
         trial = copy.deepcopy(layer_plan)
         moe = compressed(plan, trial)
         fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
         residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
-        trials.append((float(residual.pow(2).sum()) / max(energy, 1e-30), trial, moe if keep_winner else None))
-        del moe
+        kept = moe if keep_winner or position == 0 else None
+        trials[position] = (float(residual.pow(2).sum()) / max(energy, 1e-30), trial, kept)
+        del moe, kept
+    trials = [trials[position] for position in range(len(candidates))]
     best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
     _, chosen, moe = trials[best]
     chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from tqdm.auto import tqdm
 
 from hcsmoe.adapters import Architecture, architecture_for, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
-from hcsmoe.apply import merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
+from hcsmoe.apply import install, merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
 from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view
 from hcsmoe.checkpoint import CheckpointReader, FormatEncoder, ShardWriter, checkpoint_names, safetensors_bytes
 from hcsmoe.errors import UserError
@@ -316,10 +316,11 @@ def run_streaming(
                                                     original=original)
         if stats is not None:
             all_stats.append(stats)
+        fitted = None  # the per-layer choice's fitted winner, when it could be kept
         if index in plans_by_layer:
             layer_plan_of, layer_plan = plan_in, copy.deepcopy(plans_by_layer[index])
         elif isinstance(planner, PerLayerChoice) and block is not None:
-            layer_plan_of, layer_plan, _ = choose_layer_plan(
+            layer_plan_of, layer_plan, fitted = choose_layer_plan(
                 planner.candidate_plans(stats, k, router), compressor.compressed_copy(moe, stats, top_k),
                 architecture, stats, block, compressor.output_dtype, refit, router_fit, keep_winner=False)
         else:
@@ -327,7 +328,10 @@ def run_streaming(
             layer_plan_of = plan_of(planner, router, [layer_plan])
         in_memory = (refit is not None or router_fit is not None or layer_plan_of.merge != "weighted" or sequential
                      or "choice" in layer_plan.details)
-        if in_memory:  # build the K experts (a group at a time from disk), fit them
+        if fitted is not None:
+            install(moe, fitted)
+            del fitted
+        elif in_memory:  # build the K experts (a group at a time from disk), fit them
             compressor.build_compressed(moe, compressor.compressed_prefixes(moe), layer_plan_of, layer_plan, stats,
                                         top_k)
             fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
