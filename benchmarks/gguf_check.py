@@ -3,8 +3,8 @@ log-probabilities as in transformers.
 
     python -m benchmarks.gguf_check                  # the bundled models, original and compressed (4 checkpoints)
     python -m benchmarks.gguf_check DIR [DIR ...]    # given checkpoint directories
-    python -m benchmarks.gguf_check --quantized      # tiny random Qwen3-MoE in FP8 and GPT-OSS in MXFP4, and
-                                                     # their compressions to 4 of 8 experts (written in the same format)
+    python -m benchmarks.gguf_check --tiny           # tiny random Mixtral (bf16), Qwen3-MoE in FP8 and GPT-OSS in
+                                                     # MXFP4, and their compressions to 4 of 8 experts (same format)
     python -m benchmarks.gguf_check --llama-cpp SDIST/vendor/llama.cpp
 
 Each checkpoint is converted with llama.cpp's convert_hf_to_gguf.py at --outtype f32 (nothing quantized), loaded
@@ -63,7 +63,8 @@ from transformers.utils import logging as transformers_logging
 from hcsmoe.data import LANGUAGES, interleave, token_blocks, wiki_texts
 from hcsmoe.loading import QWEN2_REFERENCE_MODEL, REFERENCE_MODEL
 from hcsmoe.pipeline import compress
-from tests.quantized import fp8_checkpoint, mxfp4_checkpoint  # before the converter's gguf-py/tests shadows it
+from tests.conftest import make_tiny_model  # imported before the converter's gguf-py/tests could shadow `tests`
+from tests.quantized import fp8_checkpoint, mxfp4_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -218,11 +219,12 @@ def bundled_checkpoints(work: Path, experts: int, blocks: int) -> dict[str, Path
     return checkpoints
 
 
-def quantized_checkpoints(work: Path) -> dict[str, Path]:
-    """Tiny random checkpoints laid out as Qwen3-30B-A3B-FP8 and GPT-OSS (MXFP4), made by the tests' helper, and
-    their compressions to 4 of 8 experts, which keep the input's format."""
+def tiny_checkpoints(work: Path) -> dict[str, Path]:
+    """Tiny random checkpoints made by the tests' helpers: Mixtral in bf16, and Qwen3-MoE and GPT-OSS laid out as
+    Qwen3-30B-A3B-FP8 and GPT-OSS (MXFP4), with their compressions to 4 of 8 experts (which keep the format)."""
     checkpoints = {}
-    for source in (fp8_checkpoint(work / "qwen3-moe-fp8", "qwen3_moe", (128, 128)),
+    for source in (make_tiny_model(work / "mixtral", "mixtral", dtype=torch.bfloat16),
+                   fp8_checkpoint(work / "qwen3-moe-fp8", "qwen3_moe", (128, 128)),
                    mxfp4_checkpoint(work / "gpt-oss-mxfp4")):
         compressed = work / f"{source.name}-4e"
         compress(source, num_experts=4, num_blocks=4, block_size=32, progress=False).save(compressed)
@@ -322,7 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", type=Path, help="checkpoint directories [the bundled models, "
                         "original and compressed]")
-    parser.add_argument("--quantized", action="store_true", help="check tiny FP8 and MXFP4 checkpoints instead")
+    parser.add_argument("--tiny", action="store_true", help="check tiny Mixtral, FP8 and MXFP4 checkpoints instead")
     parser.add_argument("--llama-cpp", type=Path, help="llama.cpp tree holding convert_hf_to_gguf.py and gguf-py "
                         "[downloaded: the installed llama-cpp-python's sdist]")
     parser.add_argument("--experts", type=int, default=16, help="experts kept when compressing the bundled models")
@@ -345,8 +347,8 @@ def main() -> None:
         work = Path(scratch)
         if args.models:
             checkpoints = {m.name: m for m in args.models}
-        elif args.quantized:
-            checkpoints = quantized_checkpoints(work)
+        elif args.tiny:
+            checkpoints = tiny_checkpoints(work)
         else:
             checkpoints = bundled_checkpoints(work, args.experts, args.blocks)
         rows = []
@@ -359,7 +361,7 @@ def main() -> None:
     setup = {"llama_cpp_python": version, "gguf_py": gguf_py_version(llama_cpp_dir), "converter": converter,
              "transformers": transformers.__version__, "torch": torch.__version__, "sequences": args.sequences,
              "tokens": args.tokens, "threads": args.threads, "seconds": round(time.perf_counter() - start, 1)}
-    if not args.models and not args.quantized:
+    if not args.models and not args.tiny:
         setup |= {"experts": args.experts, "blocks": args.blocks}
     print(report(rows, setup, args.out))
 

@@ -213,7 +213,9 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed,
     before = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     ridge = _ridge(trace, k * width, options.alpha)
     eye = torch.eye(width, dtype=torch.float64)
-    current = torch.stack([start(expert).float() for expert in range(k)])
+    current = torch.empty(k, width, hidden)  # filled in place: a stacked list would hold the readouts twice
+    for expert in range(k):
+        current[expert] = start(expert)
     for _ in range(options.sweeps):
         for expert in range(k):
             token = per_expert[expert][0]

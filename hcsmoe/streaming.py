@@ -10,7 +10,9 @@ bit-identical to `compress(...).save(...)`.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
+import sys
 import shutil
 from pathlib import Path
 
@@ -102,8 +104,16 @@ def save_in_stored_format(model: nn.Module, source_dir: Path, plan: Plan, direct
 
 
 def release(module: nn.Module) -> None:
-    """Drop a module's weights (back to the meta device) once it has been written."""
+    """Drop a module's weights (back to the meta device) once it has been written, and hand the freed memory
+    back to the system (glibc keeps freed blocks of up to 32 MB in its heap: without this a layer's
+    temporaries stay resident)."""
     module.to("meta")
+    trim_heap()
+
+
+def trim_heap() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def outside_layers(model: nn.Module, architecture: Architecture) -> list[nn.Module]:
@@ -200,6 +210,7 @@ class StreamingCompressor:
         prefixes = self.compressed_prefixes(moe)
 
         def compressed(plan: Plan, layer_plan: LayerPlan) -> MoELayer:
+            trim_heap()  # the previous candidate's copy and fits were just freed
             trial = copy.deepcopy(moe)
             self.build_compressed(trial, prefixes, plan, layer_plan, stats, top_k)
             return trial
@@ -332,6 +343,7 @@ def run_streaming(
             install(moe, fitted)
             del fitted
         elif in_memory:  # build the K experts (a group at a time from disk), fit them
+            trim_heap()
             compressor.build_compressed(moe, compressor.compressed_prefixes(moe), layer_plan_of, layer_plan, stats,
                                         top_k)
             fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
