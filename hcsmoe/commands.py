@@ -141,6 +141,16 @@ def default_output(model: str | None, k: int) -> Path:
     return Path(f"{name}-hcsmoe-{k}e")
 
 
+def refuse_parallel_launch() -> None:
+    """Under torchrun every rank would run the whole compression and race for one output: refuse it until
+    expert-parallel compression exists, rather than doing the work N times."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes (torchrun), but compression does not run "
+                        "distributed yet: run `hcsmoe compress` as one process (--stream for models larger than memory)")
+
+
 def run_compress(args: argparse.Namespace) -> int:
     from hcsmoe.adapters import architecture_for, expert_count
     from hcsmoe.calibrate import Statistics
@@ -149,6 +159,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from hcsmoe.plan import Plan
     from hcsmoe.save import check_output_dir
 
+    refuse_parallel_launch()
     o = resolve_options(args)
     source = model_dir(o["model"])
     config = load_config(source)
