@@ -2,6 +2,7 @@
 
     python -m benchmarks.streaming memory   # ~8 GB synthetic Qwen3-MoE checkpoint -> 64 experts, peak RSS
     python -m benchmarks.streaming fp8      # the same in Qwen3-FP8's layout: sizes in/out, kept bits, peak RSS
+    python -m benchmarks.streaming in-memory --layers 1   # peak RSS of the in-memory path over the checkpoint
     python -m benchmarks.streaming speed    # one real-shaped layer: statistics pass vs its bare matmuls
     python -m benchmarks.streaming replan   # reference model: compress from a statistics file vs calibrating
 
@@ -97,6 +98,26 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
             **formats, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
             "peak_rss_over_checkpoint": round(peak / size, 4), "calibration_tokens": blocks * block_size,
             "compress_seconds": round(seconds, 1), "generate_seconds": round(generated, 1), "reload": reload}
+
+
+def in_memory(layers: int, blocks: int, block_size: int) -> dict:
+    """Peak memory of the in-memory path (--no-stream) over the checkpoint's size, for a weighted merge and for
+    the default recipe: what `hcsmoe compress` sizes its choice of streaming by (commands.IN_MEMORY_FACTOR)."""
+    root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
+    source = root / "qwen3-synthetic"
+    size = write_synthetic_checkpoint(source, layers)
+    result = {"layers": layers, "checkpoint_bytes": size, "calibration_tokens": blocks * block_size}
+    for name, method in (("hc-smoe", ["--method", "hc-smoe"]), ("default", [])):
+        out = root / name
+        start = time.perf_counter()
+        peak = peak_resident_bytes(["compress", str(source), "--experts", "64", "--out", str(out), "--no-stream",
+                                    "--no-eval", "--quiet", "--blocks", str(blocks), "--block-size", str(block_size),
+                                    "--batch-size", "1", *method])
+        result[name] = {"peak_rss_bytes": peak, "peak_over_checkpoint": round(peak / size, 2),
+                        "seconds": round(time.perf_counter() - start, 1)}
+        shutil.rmtree(out)
+    shutil.rmtree(root)
+    return result
 
 
 def format_check(source: Path, out: Path) -> dict:
@@ -237,7 +258,7 @@ def replan() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark", choices=("memory", "fp8", "speed", "replan"))
+    parser.add_argument("benchmark", choices=("memory", "fp8", "in-memory", "speed", "replan"))
     parser.add_argument("--layers", type=int, default=6, help="memory: decoder layers (6 make about 8 GB)")
     parser.add_argument("--blocks", type=int, default=4, help="memory: calibration blocks")
     parser.add_argument("--block-size", type=int, default=256, help="memory: tokens per block")
@@ -249,6 +270,8 @@ def main() -> None:
     torch.set_num_threads(min(os.cpu_count() or 1, 2))
     if args.benchmark == "memory":
         result = memory(args.layers, args.blocks, args.block_size, args.keep, method=args.method)
+    elif args.benchmark == "in-memory":
+        result = in_memory(args.layers, args.blocks, args.block_size)
     elif args.benchmark == "fp8":
         result = memory(args.layers, args.blocks, args.block_size, args.keep, fp8=True, method=args.method or "reap")
     elif args.benchmark == "speed":
