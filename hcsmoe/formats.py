@@ -53,15 +53,29 @@ class Plain:
         return {key: value}
 
 
+class Quantized:
+    """A quantized format: a logical key is stored as (values, scales), or as is when it is not quantized."""
+
+    quantized = True
+
+    def is_encoded(self, stored: Stored) -> bool:
+        return len(stored.keys) == 2
+
+    def decode(self, stored: Stored, parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else self.decode_pair(*parts)
+
+    def decode_pair(self, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Fp8Blocks:
+class Fp8Blocks(Quantized):
     """Block-scaled FP8: `X.weight` float8_e4m3fn [.., R, C] with `X.weight_scale_inv` float32
     [.., ceil(R/bR), ceil(C/bC)] (the last block of a dimension that is not a multiple may be partial);
     a fused 3-D tensor `X.name` has its scales in `X.name_scale_inv`. weight = fp8 x scale_inv per block."""
 
     block: tuple[int, int]
     name = "fp8"
-    quantized = True
     expansion = 2.0
 
     @property
@@ -98,13 +112,7 @@ class Fp8Blocks:
                             "the checkpoint is inconsistent")
         return layout
 
-    def is_encoded(self, stored: Stored) -> bool:
-        return len(stored.keys) == 2
-
-    def decode(self, stored: Stored, parts: list[torch.Tensor]) -> torch.Tensor:
-        if len(parts) == 1:
-            return parts[0]
-        weight, scale = parts
+    def decode_pair(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return weight.float() * self._expand(scale.float(), weight.shape)
 
     def _expand(self, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -125,13 +133,12 @@ class Fp8Blocks:
         return {key: weight, self.scale_key(key): scale.to(SAFETENSORS_TO_TORCH[stored.dtypes[1]])}
 
 
-class Mxfp4:
+class Mxfp4(Quantized):
     """OCP MXFP4 as GPT-OSS stores its experts: for a model tensor `X.name` [E, in, out], `X.name_blocks`
     uint8 [E, out, in/32, 16] (two e2m1 values per byte, low nibble first) and `X.name_scales` uint8
     [E, out, in/32] (a power-of-two exponent, biased by 127). Values run along the input dimension."""
 
     name = "mxfp4"
-    quantized = True
     description = "mxfp4 experts (blocks of 32, power-of-two scales)"
     expansion = 16 / 4.25  # 4 bits per value plus an 8-bit scale per 32
 
@@ -156,13 +163,7 @@ class Mxfp4:
             layout[base] = Stored((key, scales), (shape, scale_shape), (dtype, scale_dtype))
         return layout
 
-    def is_encoded(self, stored: Stored) -> bool:
-        return len(stored.keys) == 2
-
-    def decode(self, stored: Stored, parts: list[torch.Tensor]) -> torch.Tensor:
-        if len(parts) == 1:
-            return parts[0]
-        blocks, scales = parts
+    def decode_pair(self, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         lut = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=torch.float32)
         values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)
         values = values.reshape(*blocks.shape[:-1], MXFP4_BLOCK)
