@@ -61,7 +61,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from hcsmoe.data import LANGUAGES, interleave, token_blocks, wiki_texts
-from hcsmoe.loading import QWEN2_REFERENCE_MODEL, REFERENCE_MODEL
+from hcsmoe.adapters import architecture_for, expert_count
+from hcsmoe.checkpoint import INDEX_NAME
+from hcsmoe.loading import BUNDLED_MODELS, load_config
 from hcsmoe.pipeline import compress
 from tests.conftest import make_tiny_model  # imported before the converter's gguf-py/tests could shadow `tests`
 from tests.quantized import fp8_checkpoint, mxfp4_checkpoint
@@ -70,9 +72,7 @@ RESULTS = Path(__file__).parent / "results"
 CONVERTER = "convert_hf_to_gguf.py"
 CONVERTER_PARTS = (CONVERTER, "conversion/", "gguf-py/")  # what the converter needs from a llama.cpp tree
 FALLBACK_PRE_TOKENIZER = "gpt-2"  # llama.cpp's byte-level BPE split, as in the bundled tokenizer
-BUNDLED = {"reference": REFERENCE_MODEL, "qwen2-moe": QWEN2_REFERENCE_MODEL}
 TOKENIZER_TEXTS = 16  # validation texts on which the two tokenizers are compared
-INDEX = "model.safetensors.index.json"
 EMBEDDING = "model.embed_tokens.weight"
 LM_HEAD_PART = "model-untied-lm_head.safetensors"  # named so that the converter's model*.safetensors finds it
 UNTIED_NOTE = ("llama.cpp does not load the GGUF converted as is (tied embeddings, no output.weight); "
@@ -202,16 +202,15 @@ def compare(reference: torch.Tensor, other: torch.Tensor, ids: torch.Tensor) -> 
 
 
 def describe(model_dir: Path) -> dict:
-    """Architecture and expert count from a checkpoint's config.json."""
-    config = json.loads((model_dir / "config.json").read_text())
-    experts = config.get("num_local_experts", config.get("num_experts"))
-    return {"architecture": config["architectures"][0], "experts": experts}
+    """Architecture and expert count from a checkpoint's config.json (expert-count keys from hcsmoe's adapters)."""
+    config = load_config(model_dir)
+    return {"architecture": config.architectures[0], "experts": expert_count(config, architecture_for(config))}
 
 
 def bundled_checkpoints(work: Path, experts: int, blocks: int) -> dict[str, Path]:
     """The bundled models and their compressions to `experts` experts on `blocks` calibration blocks."""
     checkpoints = {}
-    for name, path in BUNDLED.items():
+    for name, path in BUNDLED_MODELS.items():
         checkpoints[name] = path
         compressed = work / f"{name}-{experts}e"
         compress(path, num_experts=experts, num_blocks=blocks, progress=False).save(compressed)
@@ -241,17 +240,17 @@ def untied_copy(model_dir: Path, target: Path) -> Path:
     """model_dir (files linked, not copied) with its tied input embedding also stored as lm_head.weight."""
     target.mkdir()
     for file in model_dir.iterdir():
-        if file.name not in ("config.json", INDEX):
+        if file.name not in ("config.json", INDEX_NAME):
             (target / file.name).symlink_to(file.resolve())
     config = json.loads((model_dir / "config.json").read_text()) | {"tie_word_embeddings": False}
     (target / "config.json").write_text(json.dumps(config, indent=2))
-    index = json.loads((model_dir / INDEX).read_text()) if (model_dir / INDEX).exists() else None
+    index = json.loads((model_dir / INDEX_NAME).read_text()) if (model_dir / INDEX_NAME).exists() else None
     part = index["weight_map"][EMBEDDING] if index else "model.safetensors"
     with safe_open(model_dir / part, "pt") as weights:
         save_file({"lm_head.weight": weights.get_tensor(EMBEDDING)}, target / LM_HEAD_PART, metadata={"format": "pt"})
     if index:
         index["weight_map"]["lm_head.weight"] = LM_HEAD_PART
-        (target / INDEX).write_text(json.dumps(index, indent=2))
+        (target / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return target
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -125,14 +126,16 @@ def format_check(source: Path, out: Path) -> dict:
     unmerged are the input's bit for bit."""
     from safetensors import safe_open
 
-    from hcsmoe.checkpoint import checkpoint_files
+    from hcsmoe.checkpoint import checkpoint_files, stored_metadata
+    from hcsmoe.formats import SAFETENSORS_TO_TORCH
 
     def read(files: dict[str, Path], key: str) -> torch.Tensor:
         with safe_open(str(files[key]), "pt") as handle:
             return handle.get_tensor(key)
 
-    def expert_bytes(files: dict[str, Path]) -> int:
-        return sum(read(files, key).nbytes for key in files if ".experts." in key)
+    def expert_bytes(files: dict[str, Path]) -> int:  # from the file headers: no tensor is read
+        return sum(math.prod(shape) * SAFETENSORS_TO_TORCH[dtype].itemsize
+                   for key, (shape, dtype) in stored_metadata(files).items() if ".experts." in key)
 
     before, after = checkpoint_files(source), checkpoint_files(out)
     same = total = 0

@@ -274,21 +274,23 @@ class FormatEncoder:
         start, stop = expert.span(2)
         return key[:start] + str(member) + key[stop:]
 
-    def _one(self, key: str, value: torch.Tensor, source: str | None) -> dict[str, torch.Tensor]:
+    def _one(self, key: str, value: torch.Tensor, source: str | None, start: int | None = None,
+             stop: int | None = None) -> dict[str, torch.Tensor]:
+        """The source's stored tensors (rows start:stop), renamed to `key`'s, when they decode exactly to
+        `value`; else `value` quantized. The source is read once for both the check and the copy."""
         layout = self.stored.layout[key]
-        if source is not None and torch.equal(value.float(), self.stored.raw(source)):
-            return dict(zip(layout.keys, self.stored.parts(source)))
+        if source is not None:
+            parts = self.stored.parts(source, start, stop)
+            if torch.equal(value.float(), self.stored.format.decode(self.stored.layout[source], parts)):
+                return dict(zip(layout.keys, parts))
         return self.stored.format.encode(key, value, layout)
 
     def _fused_experts(self, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """A fused [K, ...] expert tensor, one expert at a time: the copied expert's stored slice, or quantized."""
-        layout = self.stored.layout[key]
         pieces: dict[str, list[torch.Tensor]] = {}
         for slot, member in enumerate(self._slots(key)):
-            kept = member is not None and torch.equal(value[slot:slot + 1].float(),
-                                                       self.stored.raw(key, member, member + 1))
-            piece = (dict(zip(layout.keys, self.stored.parts(key, member, member + 1))) if kept
-                     else self.stored.format.encode(key, value[slot:slot + 1], layout))
+            piece = (self.stored.format.encode(key, value[slot:slot + 1], self.stored.layout[key]) if member is None
+                     else self._one(key, value[slot:slot + 1], key, member, member + 1))
             for name, tensor in piece.items():
                 pieces.setdefault(name, []).append(tensor)
         return {name: torch.cat(tensors) for name, tensors in pieces.items()}

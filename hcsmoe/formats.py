@@ -25,10 +25,9 @@ SAFETENSORS_TO_TORCH = {"F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "F32"
 
 @dataclass(frozen=True)
 class Stored:
-    """What the checkpoint holds for one logical key: its stored keys, shapes and dtypes."""
+    """What the checkpoint holds for one logical key: its stored keys and their safetensors dtypes."""
 
     keys: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
 
 
@@ -41,7 +40,7 @@ class Plain:
     expansion = 1.0  # bytes in bf16 per stored byte: sizes the decoded model in memory
 
     def layout(self, found: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, Stored]:
-        return {key: Stored((key,), (shape,), (dtype,)) for key, (shape, dtype) in found.items()}
+        return {key: Stored((key,), (dtype,)) for key, (_, dtype) in found.items()}
 
     def is_encoded(self, stored: Stored) -> bool:
         return False
@@ -96,7 +95,7 @@ class Fp8Blocks(Quantized):
             if key in scales:
                 continue
             if dtype != "F8_E4M3":
-                layout[key] = Stored((key,), (shape,), (dtype,))
+                layout[key] = Stored((key,), (dtype,))
                 continue
             scale = self.scale_key(key)
             if scale not in found:
@@ -105,7 +104,7 @@ class Fp8Blocks(Quantized):
             if len(shape) < 2 or tuple(scale_shape) != self.scale_shape(shape):
                 raise UserError(f"{scale} has shape {list(scale_shape)}, but {key} {list(shape)} in blocks of "
                                 f"{list(self.block)} needs {list(self.scale_shape(shape))}; the scales do not match")
-            layout[key] = Stored((key, scale), (shape, scale_shape), (dtype, scale_dtype))
+            layout[key] = Stored((key, scale), (dtype, scale_dtype))
         stray = [key for key in found if key.endswith("_scale_inv") and key not in scales]
         if stray:
             raise UserError(f"{stray[0]} scales no float8 weight (its weight is missing or not float8); "
@@ -150,7 +149,7 @@ class Mxfp4(Quantized):
             if not key.endswith("_blocks"):
                 if key.endswith("_scales"):
                     raise UserError(f"{key} scales no MXFP4 blocks ({key[:-len('_scales')]}_blocks is missing)")
-                layout[key] = Stored((key,), (shape,), (dtype,))
+                layout[key] = Stored((key,), (dtype,))
                 continue
             base = key[: -len("_blocks")]
             scales = f"{base}_scales"
@@ -160,7 +159,7 @@ class Mxfp4(Quantized):
             if dtype != "U8" or len(shape) < 3 or shape[-1] != MXFP4_BLOCK // 2 or tuple(scale_shape) != tuple(shape[:-1]):
                 raise UserError(f"{key} {list(shape)} / {scales} {list(scale_shape)}: MXFP4 needs uint8 blocks "
                                 f"[..., rows, groups, 16] and scales [..., rows, groups]; the scales do not match")
-            layout[base] = Stored((key, scales), (shape, scale_shape), (dtype, scale_dtype))
+            layout[base] = Stored((key, scales), (dtype, scale_dtype))
         return layout
 
     def decode_pair(self, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

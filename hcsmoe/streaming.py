@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -21,12 +21,27 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from tqdm.auto import tqdm
 
-from hcsmoe.adapters import Architecture, architecture_for, MoELayer, decoder_layers, expert_parameters, moe_layer_at, set_expert_count
+from hcsmoe.adapters import (
+    Architecture,
+    MoELayer,
+    architecture_for,
+    decoder_layers,
+    expert_parameters,
+    moe_layer_at,
+    set_expert_count,
+)
 from hcsmoe.apply import install, merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
 from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view
-from hcsmoe.checkpoint import CheckpointReader, FormatEncoder, ShardWriter, checkpoint_names, safetensors_bytes
+from hcsmoe.checkpoint import (
+    CheckpointReader,
+    FormatEncoder,
+    ShardWriter,
+    StoredCheckpoint,
+    checkpoint_names,
+    safetensors_bytes,
+)
 from hcsmoe.errors import UserError
-from hcsmoe.formats import drop_quantization
+from hcsmoe.formats import drop_quantization, format_of
 from hcsmoe.loading import load_config
 from hcsmoe.layerwise import (
     CheckpointSource,
@@ -90,17 +105,15 @@ def load_dequantized(directory: Path, config, device: str = "cpu") -> nn.Module:
 def save_in_stored_format(model: nn.Module, source_dir: Path, plan: Plan, directory: Path) -> None:
     """Write a compressed model held in float32 in its source checkpoint's format: quantized tensors re-encoded
     (copied bit for bit where unchanged), others in their stored dtype, config with its quantization_config."""
-    stored = CheckpointReader(source_dir, skeleton(load_config(source_dir))).stored
-    encoder = FormatEncoder(stored)
+    config = load_config(source_dir)
+    encoder = FormatEncoder(StoredCheckpoint(source_dir, format_of(config)))
     encoder.slots = {layer_plan.layer: expert_slots(layer_plan) for layer_plan in plan.layers}
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     writer = ShardWriter(directory, shard_bytes_for(source_dir))
     state = {name: tensor for name, tensor in model.state_dict().items() if name not in tied}
     writer.add(encoder.encode(checkpoint_names(model, state)))
     writer.finish()
-    source_config = load_config(source_dir)
-    architecture = architecture_for(source_config)
-    write_config(source_dir, source_config, architecture, len(plan.layers[0].groups), None, directory)
+    write_config(source_dir, config, architecture_for(config), len(plan.layers[0].groups), None, directory)
 
 
 def release(module: nn.Module) -> None:
@@ -112,6 +125,7 @@ def release(module: nn.Module) -> None:
 
 
 def trim_heap() -> None:
+    """Return the heap's free memory to the system (glibc malloc_trim; nothing to do elsewhere)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).malloc_trim(0)
 

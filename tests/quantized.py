@@ -49,7 +49,7 @@ def fp8_config(block: tuple[int, int]) -> dict:
 
 def fp8_tensors(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Checkpoint tensors as the released FP8 checkpoints store them (see fp8_checkpoint)."""
-    fmt, stored = Fp8Blocks(block), Stored(((), ()), ((), ()), ("F8_E4M3", "F32"))
+    fmt, stored = Fp8Blocks(block), Stored(((), ()), ("F8_E4M3", "F32"))
     encoded = {}
     for key, value in tensors.items():
         if key.endswith(".weight") and value.ndim == 2 and not any(part in key for part in NOT_QUANTIZED):
@@ -66,7 +66,7 @@ def mxfp4_checkpoint(directory: Path, seed: int = 0) -> Path:
     fmt, tensors = Mxfp4(), {}
     for key, value in read_all(directory).items():
         if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            tensors.update(fmt.encode(key, value, Stored((), (), ())))
+            tensors.update(fmt.encode(key, value, Stored((), ())))
         else:
             tensors[key] = value.to(torch.bfloat16)
     return rewrite(directory, tensors, MXFP4_CONFIG)

@@ -17,7 +17,7 @@ from tests.test_cli import assert_one_line_error, run_cli
 
 CALIBRATION = dict(num_blocks=4, block_size=32, progress=False)
 PER_EXPERT = re.compile(r"\.experts\.\d+\.")
-FP8_STORED = Stored(("w", "w_scale_inv"), ((), ()), ("F8_E4M3", "F32"))
+FP8_STORED = Stored(("w", "w_scale_inv"), ("F8_E4M3", "F32"))
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +62,15 @@ def test_fp8_blocks_round_trip_within_the_format_rounding():
 def test_mxfp4_round_trip_within_the_format_rounding():
     fmt = Mxfp4()
     value = torch.randn(2, 64, 48) * 0.02  # [E, in, out] as GPT-OSS holds gate_up_proj
-    stored = fmt.encode("x", value, Stored((), (), ()))
+    stored = fmt.encode("x", value, Stored((), ()))
     assert stored["x_blocks"].shape == (2, 48, 2, 16) and stored["x_scales"].shape == (2, 48, 2)
-    decoded = fmt.decode(Stored(("x_blocks", "x_scales"), ((), ()), ("U8", "U8")),
+    decoded = fmt.decode(Stored(("x_blocks", "x_scales"), ("U8", "U8")),
                          [stored["x_blocks"], stored["x_scales"]])
     step = torch.exp2(stored["x_scales"].float() - 127)  # half the largest e2m1 step (2) at the block's exponent
     step = step.repeat_interleave(32, -1).transpose(-1, -2)
     assert decoded.shape == value.shape and ((decoded - value).abs() <= step).all()
-    assert fmt.decode(Stored(("b", "s"), ((), ()), ("U8", "U8")),
-                      list(fmt.encode("y", decoded, Stored((), (), ())).values())).equal(decoded)
+    assert fmt.decode(Stored(("b", "s"), ("U8", "U8")),
+                      list(fmt.encode("y", decoded, Stored((), ())).values())).equal(decoded)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streaming"])
