@@ -5,6 +5,7 @@
     python -m benchmarks.streaming in-memory --layers 1   # peak RSS of the in-memory path over the checkpoint
     python -m benchmarks.streaming speed    # one real-shaped layer: statistics pass vs its bare matmuls
     python -m benchmarks.streaming replan   # reference model: compress from a statistics file vs calibrating
+    python -m benchmarks.streaming ranks    # 1 vs 2 torchrun processes: bytes read, peak RSS and time per rank
 
 Each writes benchmarks/results/streaming-<name>.json and prints it. Numbers are ratios measured in one
 run (same machine, same threads), not absolute times.
@@ -173,6 +174,72 @@ def peak_resident_bytes(arguments: list[str]) -> int:
     return int(next(l for l in result.stderr.splitlines() if l.startswith("VMHWM")).split()[1])
 
 
+RANK_PROBE = """import atexit, os, sys
+from hcsmoe.checkpoint import StoredCheckpoint
+read = [0]
+parts = StoredCheckpoint.parts
+def counted(self, key, start=None, stop=None):
+    found = parts(self, key, start, stop)
+    read[0] += sum(p.numel() * p.element_size() for p in found)
+    return found
+StoredCheckpoint.parts = counted
+def report():
+    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+    print('RANK', os.environ.get('RANK', '0'), int(line.split()[1]) * 1024, read[0], file=sys.stderr)
+atexit.register(report)
+from hcsmoe.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_ranks(processes: int, arguments: list[str], probe: Path) -> dict:
+    """`hcsmoe ARGUMENTS` as one process or as a torchrun job: per rank, the checkpoint bytes it read (counted
+    where every stored tensor is fetched) and its peak resident memory; the job's wall time."""
+    launcher = ([sys.executable] if processes == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"])
+    start = time.perf_counter()
+    result = subprocess.run([*launcher, str(probe), *arguments], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    ranks = sorted(tuple(map(int, line.split()[1:])) for line in result.stderr.splitlines() if line.startswith("RANK "))
+    return {"processes": processes, "seconds": round(seconds, 1),
+            "per_rank": [{"rank": r, "peak_rss_bytes": peak, "checkpoint_bytes_read": read} for r, peak, read in ranks]}
+
+
+def ranks(layers: int, blocks: int, block_size: int, method: str | None) -> dict:
+    """The synthetic checkpoint compressed to 64 experts by 1 process and by 2 torchrun ranks (each rank gets
+    its share of the cores): bytes read and peak memory per rank, wall time, and that both write the same bits."""
+    from tests.test_streaming import assert_same_checkpoint
+
+    root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
+    source = root / "qwen3-synthetic"
+    size = write_synthetic_checkpoint(source, layers)
+    probe = root / "probe.py"
+    probe.write_text(RANK_PROBE)
+    cores = len(os.sched_getaffinity(0))
+    runs = {}
+    for processes in (1, 2):
+        threads = max(1, cores // processes)
+        arguments = ["compress", str(source), "--experts", "64", "--out", str(root / f"out-{processes}"), "--stream",
+                     "--no-eval", "--quiet", "--blocks", str(blocks), "--block-size", str(block_size),
+                     "--batch-size", "1", "--threads", str(threads)] + (["--method", method] if method else [])
+        runs[processes] = run_ranks(processes, arguments, probe) | {"threads_per_rank": threads}
+    try:
+        assert_same_checkpoint(root / "out-1", root / "out-2")
+        same = "bit-identical"
+    except AssertionError:
+        same = "differ (threads per rank differ: see README)"
+    shutil.rmtree(root)
+    one, two = runs[1]["per_rank"][0], runs[2]["per_rank"]
+    return {"layers": layers, "checkpoint_bytes": size, "method": method or "default", "cores": cores,
+            "calibration_tokens": blocks * block_size, "one_process": runs[1], "two_processes": runs[2],
+            "outputs": same,
+            "read_per_rank_over_one": [round(r["checkpoint_bytes_read"] / one["checkpoint_bytes_read"], 3) for r in two],
+            "peak_per_rank_over_one": [round(r["peak_rss_bytes"] / one["peak_rss_bytes"], 3) for r in two],
+            "wall_two_over_one": round(runs[2]["seconds"] / runs[1]["seconds"], 3)}
+
+
 def reload_check(out: Path) -> dict:
     """Load the output with plain transformers in a fresh process and run a forward pass."""
     code = (
@@ -261,14 +328,14 @@ def replan() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark", choices=("memory", "fp8", "in-memory", "speed", "replan"))
+    parser.add_argument("benchmark", choices=("memory", "fp8", "in-memory", "speed", "replan", "ranks"))
     parser.add_argument("--layers", type=int, default=6, help="memory: decoder layers (6 make about 8 GB)")
     parser.add_argument("--blocks", type=int, default=4, help="memory: calibration blocks")
     parser.add_argument("--block-size", type=int, default=256, help="memory: tokens per block")
     parser.add_argument("--tokens", type=int, default=2048, help="speed: tokens through the layer")
     parser.add_argument("--repeats", type=int, default=2, help="speed: runs of each (the best is kept)")
     parser.add_argument("--keep", action="store_true", help="memory: keep the synthetic checkpoint")
-    parser.add_argument("--method", help="memory, fp8: compression method [default; fp8: reap]")
+    parser.add_argument("--method", help="memory, fp8, ranks: compression method [default; fp8: reap]")
     args = parser.parse_args()
     torch.set_num_threads(min(os.cpu_count() or 1, 2))
     if args.benchmark == "memory":
@@ -279,10 +346,13 @@ def main() -> None:
         result = memory(args.layers, args.blocks, args.block_size, args.keep, fp8=True, method=args.method or "reap")
     elif args.benchmark == "speed":
         result = speed(args.tokens, args.repeats)
+    elif args.benchmark == "ranks":
+        result = ranks(args.layers, args.blocks, args.block_size, args.method)
     else:
         result = replan()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"streaming-{args.benchmark}.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = f"{args.benchmark}-{args.method}" if args.benchmark == "ranks" and args.method else args.benchmark
+    (RESULTS / f"streaming-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate, expert_parameters, set_expert_count
 from hcsmoe.calibrate import LayerStats, expert_view
 from hcsmoe.errors import UserError
+from hcsmoe.layerwise import in_float32
 from hcsmoe.plan import Group, LayerPlan, Plan
 
 RIDGE = 1e-4  # relative to the mean diagonal of X^T X; keeps the fit well posed for rare experts
@@ -234,8 +235,10 @@ def neuron_layout(view: nn.Module, position: int, architecture: Architecture):
 
 
 def members_view(experts: nn.Module, members: list[int]) -> nn.Module:
-    """The experts module holding only `members`, in order (what a neuron-level merge of one group reads)."""
-    return expert_view(experts, {n: p[members] for n, p in expert_parameters(experts, experts.gate_up_proj.shape[0]).items()})
+    """The experts module holding only `members`, in order, in float32 (what a neuron-level merge of one group
+    reads; a model held in bf16 is upcast one group at a time)."""
+    return expert_view(experts, {n: p[members].float()
+                                 for n, p in expert_parameters(experts, experts.gate_up_proj.shape[0]).items()})
 
 
 def merged_group(view: nn.Module, architecture: Architecture, group: Group, merge: str,
@@ -338,7 +341,8 @@ def apply_plan(
         raise UserError(f"the plan keeps different expert counts per layer ({sorted(sizes)}); the config allows one")
     top_k = int(getattr(model.config, architecture.top_k_key))
     for moe in tqdm(layers, desc="merging", unit="layer", disable=not progress):
-        apply_layer(moe, architecture, by_index[moe.index], plan, stats_by_index.get(moe.index), top_k)
+        with in_float32(moe.block, keep=moe.experts):  # a model held in bf16: float32 arithmetic, a layer at a time
+            apply_layer(moe, architecture, by_index[moe.index], plan, stats_by_index.get(moe.index), top_k)
     set_expert_count(model.config, architecture, sizes.pop())
 
 

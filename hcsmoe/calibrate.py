@@ -25,6 +25,7 @@ from hcsmoe.adapters import (
     expert_parameters,
     route,
 )
+from hcsmoe.distributed import World
 from hcsmoe.errors import UserError
 
 STATS_FORMAT = "hcsmoe-stats/1"
@@ -232,6 +233,13 @@ class LayerAccumulator:
             gated = gated - bias.float().cpu() * (1 - share)
         self.gated_mean_output[first : first + out.shape[0]] = gated
 
+    def share(self, world: World) -> None:
+        """Expert-parallel: give every rank the per-expert sums each rank computed for its own experts (routing
+        sums are the same on every rank already)."""
+        for tensor in (self.reap_sum, self.norm_sum, self.mean_output, self.gated_mean_output, self.samples):
+            if tensor is not None:
+                world.copy_rows(tensor)
+
     def result(self, gram: torch.Tensor | None = None) -> LayerStats:
         routed = self.counts.clamp(min=1)
         return LayerStats(
@@ -272,6 +280,7 @@ def expert_pass(
     token_chunk: int = 2048,
     gate_on_input: bool = False,
     out: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The routed-expert output of tokens x [T, H] (float32), a few experts at a time, with statistics.
 
@@ -281,6 +290,8 @@ def expert_pass(
     `gate_on_input`: the family scales an expert's input by its gate instead of its output (Llama 4).
     `out`: a zeroed float32 [T, H] buffer to accumulate into (e.g. memory-mapped); allocated if None.
     Without an accumulator (replaying a compressed layer) each expert runs only on the tokens routed to it.
+    `slots`: a zeroed float32 [T, k, H] buffer that receives each token's contributions per top-k slot instead of
+    their sum (an expert-parallel rank runs only some experts; `add_slots` sums them in the one-process order).
     """
     if out is None:
         out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
@@ -304,12 +315,26 @@ def expert_pass(
                 if gate_on_input:
                     one = _one_expert(view, local)
                     scaled = expert_intermediate(one, architecture, xt[token] * gates.unsqueeze(-1))
-                    out.index_add_(0, token + first_token, expert_output_from_intermediate(one, architecture, scaled)[0])
+                    contribution = expert_output_from_intermediate(one, architecture, scaled)[0]
                 else:
-                    out.index_add_(0, token + first_token, y * gates.unsqueeze(-1))
+                    contribution = y * gates.unsqueeze(-1)
+                if slots is not None:
+                    slots[token + first_token, slot] = contribution
+                else:
+                    out.index_add_(0, token + first_token, contribution)
                 if accumulator is not None:
                     accumulator.add_routed(first + local, y, gates)
         if accumulator is not None:
             accumulator.finish_chunk(first, view)
         view = h = None  # let the chunk go before the next one is read
+    return out
+
+
+def add_slots(slots: torch.Tensor, indices: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Add each token's per-slot contributions [T, k, H] into out [T, H] in ascending expert order: the order
+    in which one process's expert pass adds them, so the sum is the same bit for bit."""
+    order = indices.argsort(dim=1)
+    tokens = torch.arange(slots.shape[0], device=slots.device)
+    for position in range(order.shape[1]):
+        out += slots[tokens, order[:, position]]
     return out

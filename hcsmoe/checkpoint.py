@@ -29,6 +29,7 @@ from transformers.core_model_loading import (
     revert_weight_conversion,
 )
 
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.formats import SAFETENSORS_TO_TORCH, Format, format_of
 
@@ -178,17 +179,19 @@ class ShardWriter:
     """Tensors written to numbered safetensors shards as they come, each shard as soon as it is full.
 
     Holds at most one shard in memory. `finish` names the files as `save_pretrained` does
-    (`model.safetensors`, or `model-0000i-of-0000N.safetensors` plus the index).
+    (`model.safetensors`, or `model-0000i-of-0000N.safetensors` plus the index). Under torchrun every rank
+    writes its own shards into the one directory; `finish` numbers them all, rank by rank, and rank 0
+    writes the index.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int | None = None):
+    def __init__(self, directory: Path, max_shard_bytes: int | None = None, world: World = SINGLE):
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
+        self.world = world
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+        self.shards: list[tuple[list[str], int]] = []  # per shard written: its keys and bytes
         self.written: set[str] = set()
-        self.total_bytes = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, tensor in tensors.items():
@@ -205,26 +208,30 @@ class ShardWriter:
         if not self.pending:
             return
         save_file(self.pending, str(self._shard_path(len(self.shards))), metadata={"format": "pt"})
-        self.shards.append(sorted(self.pending))
-        self.total_bytes += self.pending_bytes
+        self.shards.append((sorted(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 
     def _shard_path(self, number: int) -> Path:
-        return self.directory / f".shard-{number:05d}.safetensors"
+        return self.directory / f".shard-{self.world.rank:05d}-{number:05d}.safetensors"
 
     def finish(self) -> None:
         self.flush()
-        count = len(self.shards)
+        every_rank = self.world.gather(self.shards)
+        count = sum(len(shards) for shards in every_rank)
+        first = sum(len(shards) for shards in every_rank[: self.world.rank])
         if count == 1:
-            os.replace(self._shard_path(0), self.directory / "model.safetensors")
+            if self.shards:
+                os.replace(self._shard_path(0), self.directory / "model.safetensors")
             return
-        weight_map = {}
-        for number, keys in enumerate(self.shards):
-            name = f"model-{number + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(self._shard_path(number), self.directory / name)
-            weight_map.update({key: name for key in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        names = [f"model-{number + 1:05d}-of-{count:05d}.safetensors" for number in range(count)]
+        for number in range(len(self.shards)):
+            os.replace(self._shard_path(number), self.directory / names[first + number])
+        if self.world.leader:
+            shards = [shard for shards in every_rank for shard in shards]
+            weight_map = {key: names[number] for number, (keys, _) in enumerate(shards) for key in keys}
+            index = {"metadata": {"total_size": sum(size for _, size in shards)},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")

@@ -45,6 +45,8 @@ COMPRESS_DEFAULTS = {
     "eval": True,
     "eval_languages": "en,fr,es",
     "eval_tokens": None,
+    "dist_timeout": 1800,
+    "threads": None,
 }
 
 
@@ -106,6 +108,10 @@ def add_compress_parser(sub) -> None:
                    help="skip the before/after evaluation on the validation text")
     p.add_argument("--eval-languages", help="validation languages to evaluate [en,fr,es]")
     p.add_argument("--eval-tokens", type=int, help="evaluate at most this many tokens per language [all]")
+    p.add_argument("--dist-timeout", type=float, help="torchrun: seconds a rank waits for the others before giving up "
+                                                       "with an error (a rank that dies stops the rest at once) [1800]")
+    p.add_argument("--threads", type=int, help="CPU threads per process [all cores; under torchrun, each rank its share "
+                                                "of the node's cores]")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run_compress)
 
@@ -141,17 +147,30 @@ def default_output(model: str | None, k: int) -> Path:
     return Path(f"{name}-hcsmoe-{k}e")
 
 
-def refuse_parallel_launch() -> None:
-    """Under torchrun every rank would run the whole compression and race for one output: refuse it until
-    expert-parallel compression exists, rather than doing the work N times."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes (torchrun), but compression does not run "
-                        "distributed yet: run `hcsmoe compress` as one process (--stream for models larger than memory)")
+def stream_choice(source: Path, stream: bool | None, world) -> bool:
+    """A torchrun job always streams (each rank reads its share of every layer's experts from disk); one
+    process streams as asked, or when the model would not fit in memory."""
+    if world.size == 1:
+        return should_stream(source, stream)
+    if stream is False:
+        raise UserError("a torchrun job compresses with --stream, one layer at a time: drop --no-stream")
+    return True
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    """Join the torchrun job when launched by one (each rank compresses its share), else run as one process."""
+    from hcsmoe.distributed import join, leave
+
+    o = resolve_options(args)
+    world = join(o["device"], float(o["dist_timeout"]), o["threads"])
+    try:
+        return compress_command(o, world, quiet=args.quiet)
+    finally:
+        leave(world)
+
+
+def compress_command(o: dict, world, quiet: bool) -> int:
+    """`hcsmoe compress` with resolved options, as one process or as one rank of a torchrun job."""
     from hcsmoe.adapters import architecture_for, expert_count
     from hcsmoe.calibrate import Statistics
     from hcsmoe.pipeline import compress, experts_to_keep
@@ -159,8 +178,6 @@ def run_compress(args: argparse.Namespace) -> int:
     from hcsmoe.plan import Plan
     from hcsmoe.save import check_output_dir
 
-    refuse_parallel_launch()
-    o = resolve_options(args)
     source = model_dir(o["model"])
     config = load_config(source)
     architecture = architecture_for(config)
@@ -182,11 +199,12 @@ def run_compress(args: argparse.Namespace) -> int:
         router=o["router"], refit=refit_option(o), router_fit=o["fit_router"],
         calibration=o["calibration"], num_blocks=o["blocks"], block_size=o["block_size"],
         batch_size=o["batch_size"], stats=stats, plan=plan, sequential=sequential_mode(o["sequential"]),
-        stream_to=out if should_stream(source, o["stream"]) else None, keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"],
-        overwrite=bool(o["overwrite"]),
-        dtype=o["dtype"],
-        device=o["device"], seed=o["seed"], progress=not args.quiet,
+        stream_to=out if stream_choice(source, o["stream"], world) else None, keep_samples=bool(o["save_stats"]),
+        offload_dir=o["offload_dir"], overwrite=bool(o["overwrite"]), dtype=o["dtype"], device=o["device"],
+        seed=o["seed"], progress=not quiet, world=world,
     )
+    if not world.leader:  # rank 0 saves the statistics, evaluates and reports
+        return 0
     if o["save_stats"] and result.stats is not None:
         result.stats.save(o["save_stats"])
     saved = result.saved or result.save(out, overwrite=bool(o["overwrite"]))

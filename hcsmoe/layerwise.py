@@ -12,6 +12,7 @@ both give the same numbers bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from hcsmoe.calibrate import (
     ExpertChunk,
     LayerAccumulator,
     LayerStats,
+    add_slots,
     expert_pass,
     expert_view,
     experts_per_chunk,
@@ -34,6 +36,7 @@ from hcsmoe.calibrate import (
     weight_gram,
 )
 from hcsmoe.checkpoint import CheckpointReader
+from hcsmoe.distributed import SINGLE, World
 
 CHUNK_BYTES = 128 * 2**20  # float32 expert weights held at once
 
@@ -57,14 +60,48 @@ class MemorySource(TensorSource):
 
 
 class CheckpointSource(TensorSource):
-    """Parameters read from a safetensors checkpoint on demand, moved to `device` (one layer's worth at a time)."""
+    """Parameters read from a safetensors checkpoint on demand, moved to `device` (one layer's worth at a time),
+    in float32 (or, `dtype` None, as stored)."""
 
-    def __init__(self, reader: CheckpointReader, device: str | torch.device = "cpu"):
+    def __init__(self, reader: CheckpointReader, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = torch.float32):
         self.reader = reader
         self.device = torch.device(device)
+        self.dtype = dtype
 
     def read(self, name, start=None, stop=None):
-        return self.reader.tensor(name, start, stop).to(self.device, torch.float32)
+        return self.reader.tensor(name, start, stop).to(self.device, self.dtype)
+
+
+@contextmanager
+def in_float32(*modules: nn.Module, keep: nn.Module | None = None):
+    """Compute with modules held in a narrower dtype (a bf16 model in memory) in float32: their floating
+    parameters and buffers are upcast on entry (exactly) and put back on exit; parameters created meanwhile
+    (a compressed layer's experts) are rounded to the dtype the module's parameters were held in, as saving
+    would round them. `keep` (the routed experts) stays as held: its readers upcast a chunk or a group at a
+    time. The arithmetic is the float32 model's, bit for bit, at the cost of one layer's other weights."""
+    kept = {id(tensor) for tensor in keep.parameters()} if keep is not None else set()
+    held, known = {}, set()
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            known.add(id(tensor))
+            if (tensor.is_floating_point() and tensor.dtype != torch.float32 and id(tensor) not in held
+                    and id(tensor) not in kept):
+                held[id(tensor)] = (tensor, tensor.dtype)
+                tensor.data = tensor.data.float()
+    if not held:
+        yield
+        return
+    narrow = next(dtype for _, dtype in held.values())  # the dtype the model is held in
+    try:
+        yield
+    finally:
+        for module in modules:
+            for tensor in module.parameters():
+                if tensor.is_floating_point() and id(tensor) not in known:
+                    tensor.data = tensor.data.to(narrow)
+        for tensor, dtype in held.values():
+            tensor.data = tensor.data.to(dtype)
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -74,17 +111,19 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
     raise ValueError("module not in model")
 
 
-def expert_chunks(model: nn.Module, moe: MoELayer, source: TensorSource,
-                  budget: int = CHUNK_BYTES) -> Callable[[], Iterator[ExpertChunk]]:
-    """A re-iterable series of (first expert, view holding a few experts' float32 weights)."""
+def expert_chunks(model: nn.Module, moe: MoELayer, source: TensorSource, budget: int = CHUNK_BYTES,
+                  experts: range | None = None) -> Callable[[], Iterator[ExpertChunk]]:
+    """A re-iterable series of (first expert, view holding a few experts' float32 weights), over all experts
+    or only `experts` (an expert-parallel rank's share)."""
     prefix = module_name(model, moe.experts)
     e = moe.num_experts
+    experts = experts if experts is not None else range(e)
     names = list(expert_parameters(moe.experts, e))
     size = experts_per_chunk(moe.experts, e, budget)
 
     def chunks() -> Iterator[ExpertChunk]:
-        for first in range(0, e, size):
-            stop = min(e, first + size)
+        for first in range(experts.start, experts.stop, size):
+            stop = min(experts.stop, first + size)
             yield first, expert_view(moe.experts, {n: source.read(f"{prefix}.{n}", first, stop) for n in names})
 
     return chunks
@@ -193,6 +232,7 @@ def run_moe_layer(
     chunks: Callable[[], Iterator[ExpertChunk]],
     accumulator: LayerAccumulator | None = None,
     keep_rest: bool = False,
+    world: World = SINGLE,
 ) -> tuple[list[torch.Tensor], BlockTokens]:
     """Run one MoE decoder layer on every batch, its experts chunk by chunk; statistics go to `accumulator`.
 
@@ -200,6 +240,8 @@ def run_moe_layer(
     pass then computes the routed output of all tokens; pass 2 replays that output into the layer.
     Returns the layer's outputs and the block's inputs and routed output on every token (with `keep_rest`,
     also the layer's output without the routed experts, i.e. pass 1's).
+    `world`: `chunks` holds this rank's share of the experts; the ranks' contributions are added up per token
+    in ascending expert order, as one process adds them.
     """
     captured: list[torch.Tensor] = []
     hook = moe.block.register_forward_pre_hook(
@@ -218,8 +260,13 @@ def run_moe_layer(
         if accumulator is not None:
             accumulator.add_routing(probs, indices, x)
         out = inputs.store.zeros(tuple(x.shape), torch.empty(0, dtype=torch.float32, device=x.device))
+        slots = inputs.store.zeros((*indices.shape, x.shape[-1]), out) if world.size > 1 else None
         routed = expert_pass(x, indices, weights, chunks(), architecture, accumulator,
-                             gate_on_input=architecture.gate_on_input, out=out)
+                             gate_on_input=architecture.gate_on_input, out=out, slots=slots)
+        if slots is not None:
+            world.sum(slots)
+            routed = add_slots(slots, indices, out)
+            del slots
         hook.remove()
         replay.extend(routed.split(sizes))
         outputs = [inputs.store.keep(_layer_output(layer(h, **a)))
@@ -253,21 +300,26 @@ def calibrate_layer(
     output_samples: int = 0,
     with_weight_gram: bool = False,
     original: LayerInputs | None = None,
+    world: World = SINGLE,
 ):
     """Statistics of one MoE layer on its inputs, the layer's original outputs, and the MoE block's
     inputs and routed output on every token (the fitting target).
 
     `original` (corrective mode): the original model's stream, advanced through this layer too; the target
     then becomes the routed output that makes this layer's output on `inputs` equal the original model's
-    layer output on `original`, so a fit also corrects the drift of the compressed layers before it."""
+    layer output on `original`, so a fit also corrects the drift of the compressed layers before it.
+    `world`: this rank reads and runs only its share of the experts; every rank gets the whole layer's statistics."""
+    share = world.share(moe.num_experts)
     if original is not None:
-        original_outputs, _ = run_moe_layer(layer, moe, architecture, original, expert_chunks(model, moe, source))
+        original_outputs, _ = run_moe_layer(layer, moe, architecture, original,
+                                            expert_chunks(model, moe, source, experts=share), world=world)
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
     accumulator = LayerAccumulator(moe, architecture, tokens, max_router_inputs, output_samples)
-    chunks = expert_chunks(model, moe, source)
-    outputs, block = run_moe_layer(layer, moe, architecture, inputs, chunks, accumulator,
-                                   keep_rest=original is not None)
-    gram = weight_gram(chunks, moe.num_experts) if with_weight_gram else None
+    outputs, block = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, source, experts=share),
+                                   accumulator, keep_rest=original is not None, world=world)
+    accumulator.share(world)
+    # weight-space distances pair every expert with every other: each rank reads them all (only that planner)
+    gram = weight_gram(expert_chunks(model, moe, source), moe.num_experts) if with_weight_gram else None
     if original is not None:
         wanted = torch.cat([o.reshape(-1, o.shape[-1]).float() for o in original_outputs])
         block = BlockTokens(block.inputs, wanted - block.rest, block.scores, block.rest)
@@ -311,25 +363,43 @@ def calibrate_model(
     becomes what makes the compressed stream's layer output equal the original stream's (upstream drift included).
     """
     moe_layers(model, architecture)  # fails early with a clear message when there is none
-    source = MemorySource(model)
-    inputs = capture_layer_inputs(model, architecture, blocks, batch_size, TokenStore(offload_dir))
+    with in_float32(*outside_layers(model, architecture)):
+        inputs = capture_layer_inputs(model, architecture, blocks, batch_size, TokenStore(offload_dir))
     original = original_stream(inputs, corrective)
     results = []
     layers = decoder_layers(model, architecture)
     for index in tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not progress):
-        layer = layers[index]
         moe = moe_layer_at(model, architecture, index)
-        if moe is None:
-            run_dense_streams(layer, inputs, original, index)
-            continue
-        stats, outputs, block = calibrate_layer(model, layer, moe, architecture, inputs, source,
-                                                max_router_inputs=max_router_inputs, output_samples=output_samples,
-                                                with_weight_gram=with_weight_gram, original=original)
-        results.append(stats)
-        if after_layer is not None and after_layer(moe, stats, block):
-            source = MemorySource(model)  # the layer now holds its merged experts
-            moe = moe_layer_at(model, architecture, index)
-            outputs, _ = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, source))
-        del block
-        inputs.hidden = outputs
+        with in_float32(layers[index], keep=moe and moe.experts):  # a bf16 model computes a layer at a time in float32
+            stats = calibrate_one_layer(model, architecture, index, inputs, original, after_layer,
+                                        max_router_inputs=max_router_inputs, output_samples=output_samples,
+                                        with_weight_gram=with_weight_gram)
+        if stats is not None:
+            results.append(stats)
     return results
+
+
+def calibrate_one_layer(model: nn.Module, architecture: Architecture, index: int, inputs: LayerInputs,
+                        original: LayerInputs | None, after_layer, **options) -> LayerStats | None:
+    """Advance the calibration stream through decoder layer `index`: a dense layer runs, an MoE layer is
+    calibrated (and compressed by `after_layer`); its statistics, or None for a dense layer."""
+    layer = decoder_layers(model, architecture)[index]
+    moe = moe_layer_at(model, architecture, index)
+    if moe is None:
+        run_dense_streams(layer, inputs, original, index)
+        return None
+    stats, outputs, block = calibrate_layer(model, layer, moe, architecture, inputs, MemorySource(model),
+                                            original=original, **options)
+    if after_layer is not None and after_layer(moe, stats, block):
+        moe = moe_layer_at(model, architecture, index)  # the layer now holds its merged experts
+        outputs, _ = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, MemorySource(model)))
+    del block
+    inputs.hidden = outputs
+    return stats
+
+
+def outside_layers(model: nn.Module, architecture: Architecture) -> list[nn.Module]:
+    """The base model's direct children other than the decoder layers (embeddings, final norm, rotary)."""
+    layers = decoder_layers(model, architecture)
+    body = getattr(model, "base_model", model)
+    return [child for child in body.children() if child is not layers]

@@ -17,6 +17,7 @@ QWEN2_REFERENCE_MODEL = Path(__file__).parent / "reference-qwen2-moe"
 BUNDLED_MODELS = {"reference": REFERENCE_MODEL, "qwen2-moe": QWEN2_REFERENCE_MODEL}
 CAUSAL_LM_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORED = "stored"  # load_model: each tensor in the checkpoint's own dtype
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -75,14 +76,19 @@ def check_causal_lm(directory: Path, config) -> None:
 
 
 def load_model(path: str | Path | None, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
-    """A causal LM from a local directory, in eval mode, on the requested device and dtype."""
+    """A causal LM from a local directory, in eval mode, on the requested device and dtype.
+
+    `dtype` STORED: every tensor as the checkpoint stores it, read one tensor at a time (each file mapped only
+    for its read): one copy of the weights in memory. Quantized checkpoints are always read that way, decoded
+    by hcsmoe.formats (any CPU, any block shape, float32 exactly)."""
     directory = model_dir(path)
     config = load_config(directory)
     check_causal_lm(directory, config)
-    if format_of(config).quantized:  # decoded by hcsmoe.formats: any CPU, any block shape, float32 exactly
-        from hcsmoe.streaming import load_dequantized
+    if dtype == STORED or format_of(config).quantized:
+        from hcsmoe.streaming import load_as_stored
 
-        return load_dequantized(directory, config, device).to(parse_dtype(dtype)).eval()
+        model = load_as_stored(directory, config, device)
+        return (model if dtype == STORED else model.to(parse_dtype(dtype))).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype))
     except ValueError as error:

@@ -27,10 +27,11 @@ from hcsmoe.adapters import (
 from hcsmoe.apply import apply_layer, apply_plan, install
 from hcsmoe.calibrate import Statistics
 from hcsmoe.data import load_texts, token_blocks
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.formats import Format, Plain, drop_quantization, format_of
 from hcsmoe.layerwise import calibrate_model
-from hcsmoe.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype
+from hcsmoe.loading import STORED, load_config, load_model, load_tokenizer, model_dir, parse_dtype
 from hcsmoe.plan import (
     LayerPlan,
     Plan,
@@ -234,6 +235,7 @@ def compress(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> CompressionResult:
     """Compress an MoE model to K experts per layer.
 
@@ -251,6 +253,7 @@ def compress(
     streaming run drop each finished layer's per-token samples (its statistics can then not re-fit an lsq router).
     `offload_dir`: keep the calibration's per-token buffers in memory-mapped files there (streaming does
     this by itself, inside its output's temporary directory, when they would take over 1/4 of free memory).
+    `world` (streaming only): this process is one rank of a torchrun job (`distributed.join`): expert-parallel.
     """
     if router not in ROUTERS:
         raise UserError(f"unknown router method {router!r}; choose one of: {', '.join(ROUTERS)}")
@@ -267,6 +270,8 @@ def compress(
     if sequential and stats is not None:
         raise UserError("sequential mode calibrates each layer after compressing the ones before it; it cannot "
                         "re-plan from a statistics file: drop --stats or --sequential")
+    if world.size > 1 and stream_to is None:
+        raise UserError("a torchrun job compresses with --stream (each rank reads its share of the experts from disk)")
     if stream_to is not None:
         if isinstance(model_or_path, PreTrainedModel):
             raise UserError("streaming reads a checkpoint directory; pass its path instead of a loaded model")
@@ -279,7 +284,7 @@ def compress(
             block_size=block_size, batch_size=batch_size, tokenizer=tokenizer, stats=stats, plan=plan,
             sequential=sequential, refit=refit, router_fit=router_fit, keep_samples=keep_samples,
             offload_dir=offload_dir, dtype=dtype, device=device,
-            seed=seed, progress=progress)
+            seed=seed, progress=progress, world=world)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -295,7 +300,7 @@ def compress(
         config = load_config(source)
         fmt = format_of(config)
         output_dtype = output_dtype_for(fmt, dtype, config)
-        model = load_model(source, "float32", device)
+        model = load_model(source, held_dtype(fmt, output_dtype, config), device)
         tokenizer = tokenizer or load_tokenizer(source)
     architecture = architecture_for(model.config)
     layers = moe_layers(model, architecture)
@@ -372,6 +377,12 @@ def saved_format(fmt: Format, output_dtype: torch.dtype | None) -> str:
     if output_dtype is not None:
         return str(output_dtype).removeprefix("torch.")
     return f"{fmt.description} as in the input, other tensors in their stored dtype"
+
+
+def held_dtype(fmt: Format, output_dtype: torch.dtype | None, config) -> str:
+    """How the in-memory path holds the model: as stored when the output keeps the checkpoint's dtype (a bf16
+    model stays bf16, each layer computed in float32 in turn: one copy of the weights), else in float32."""
+    return STORED if not fmt.quantized and output_dtype == checkpoint_dtype(config) else "float32"
 
 
 def output_dtype_for(fmt: Format, dtype: str | None, config) -> torch.dtype | None:
@@ -468,7 +479,7 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
                        group_size, assignment, representation, max_group_size, router, max_subsets, output_samples,
                        calibration, num_blocks, block_size, batch_size, tokenizer, stats, plan, sequential,
                        refit, router_fit, keep_samples,
-                       offload_dir, dtype, device, seed, progress) -> CompressionResult:
+                       offload_dir, dtype, device, seed, progress, world: World = SINGLE) -> CompressionResult:
     """The streaming path of `compress`: one decoder layer in memory at a time, written as it is done."""
     from hcsmoe.streaming import StreamingCompressor, run_streaming, write_config
 
@@ -490,8 +501,10 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
         plan.validate()
     router_fit = check_fitting(architecture, stats, refit, router_fit)
     fitting = refit is not None or router_fit is not None
-    with atomic_directory(target, overwrite) as directory:
-        compressor = StreamingCompressor(source, config, architecture, output_dtype, directory, device, progress)
+    if world.size > e:
+        raise UserError(f"{world.size} ranks for {e} experts per layer: start at most {e} processes")
+    with atomic_directory(target, overwrite, world) as directory:
+        compressor = StreamingCompressor(source, config, architecture, output_dtype, directory, device, progress, world)
         meta_layers = moe_layers(compressor.model, architecture)
         context = {"seed": seed, "max_subsets": max_subsets, "top_k": k_route,
                    "norm_topk_prob": normalizes_top_k(meta_layers)}
@@ -515,19 +528,21 @@ def compress_streaming(model_path, out, *, overwrite: bool, num_experts, ratio, 
             stats_in=stats.layers if stats else None, plan_in=plan, keep_samples=keep_samples,
             offload_dir=Path(offload_dir) if offload_dir else None, top_k=k_route, refit=refit, router_fit=router_fit,
             sequential=sequential)
-        if offload_dir is not None and Path(offload_dir).parent == directory:
-            shutil.rmtree(offload_dir, ignore_errors=True)
         compressor.writer.finish()
+        if offload_dir is not None and Path(offload_dir).parent == directory and world.leader:
+            shutil.rmtree(offload_dir, ignore_errors=True)
         if calibrating:
             info = {"calibration": calibration, "blocks": list(blocks.shape), "tokens": int(blocks.numel()),
                     "norm_topk_prob": normalizes_top_k(meta_layers), "sequential": sequential}
             stats = Statistics(layer_stats, k_route, info)
-        write_config(source, config, architecture, k, output_dtype, directory)
+        plan.world_size = world.size
         timings["total"] = time.perf_counter() - start
         info = run_info(source, architecture, e, plan, k_route, output_dtype, seed, timings, fmt)
         info["streamed"] = True
         result = CompressionResult(None, tokenizer, plan, stats, architecture, source, info, saved=target)
-        result.write_extras(directory)
+        if world.leader:
+            write_config(source, config, architecture, k, output_dtype, directory)
+            result.write_extras(directory)
     return result
 
 

@@ -68,6 +68,7 @@ class Plan:
     refit: dict | None = None  # options of the down-projection refit applied after merging (None: not refitted)
     router_fit: dict | None = None  # options of the router fit applied after merging (None: rows as `router` made them)
     sequential: bool | str = False  # layers calibrated and fitted on the compressed layers' outputs ("corrective": see refit)
+    world_size: int = 1  # processes that computed it (torchrun); each layer's details["ranks"] says who did what
     format: str = PLAN_FORMAT
 
     def to_dict(self) -> dict:
@@ -91,7 +92,7 @@ class Plan:
         ]
         return cls(method=data["method"], options=data["options"], router=data["router"], layers=layers,
                    merge=data.get("merge", "weighted"), refit=data.get("refit"), router_fit=data.get("router_fit"),
-                   sequential=data.get("sequential", False))
+                   sequential=data.get("sequential", False), world_size=data.get("world_size", 1))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -30,6 +30,7 @@ from torch import nn
 
 from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate
 from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view, route_tokens
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.plan import LayerPlan
 from hcsmoe.router_fit import RouterFitOptions, fit_router
@@ -267,7 +268,7 @@ def fitting_tokens(layer_plan: LayerPlan, block: BlockTokens | None) -> BlockTok
 @torch.no_grad()
 def choose_layer_plan(candidates: list, compressed, architecture: Architecture, stats: LayerStats,
                       block: BlockTokens, output_dtype: torch.dtype, refit: RefitOptions | None,
-                      router_fit: RouterFitOptions | None, keep_winner: bool = True):
+                      router_fit: RouterFitOptions | None, keep_winner: bool = True, world: World = SINGLE):
     """Per-layer choice between plans: each candidate (plan, layer plan) is applied to a fresh copy of the layer
     (`compressed(plan, layer_plan)`), fitted on 7/8 of the calibration tokens and scored by the relative
     error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
@@ -275,7 +276,9 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     tokens would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
     holds one compressed copy at a time (streaming, where a layer's memory counts): the candidates are fitted
     last to first, and the first one's copy (the recipe's merge, which wins most layers) is returned if it
-    wins, else None: rebuilding and refitting the winner on fitting_tokens() gives the same bits."""
+    wins, else None: rebuilding and refitting the winner on fitting_tokens() gives the same bits.
+    `world` (torchrun): every rank builds every candidate, rank r fits and scores candidates r, r + N, ...; the
+    scores are exchanged and the winner's fitted weights copied from the rank that fitted it."""
     fitting, held = split_tokens(block)
     energy = float(held.routed.double().pow(2).sum())
     trials = {}
@@ -283,17 +286,30 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
         plan, layer_plan = candidates[position]
         trial = copy.deepcopy(layer_plan)
         moe = compressed(plan, trial)
-        fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
-        residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
+        error = None
+        if position % world.size == world.rank:
+            fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
+            residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
+            error = float(residual.pow(2).sum()) / max(energy, 1e-30)
         kept = moe if keep_winner or position == 0 else None
-        trials[position] = (float(residual.pow(2).sum()) / max(energy, 1e-30), trial, kept)
+        trials[position] = (error, trial, kept)
         del moe, kept
-    trials = [trials[position] for position in range(len(candidates))]
+    scored = {p: t[:2] for rank in world.gather({p: t[:2] for p, t in trials.items() if t[0] is not None})
+              for p, t in rank.items()}
+    trials = [(*scored[position], trials[position][2]) for position in range(len(candidates))]
     best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
     _, chosen, moe = trials[best]
+    if moe is not None and world.size > 1:
+        world.copy_from(best % world.size, fitted_tensors(moe))
     chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},
                                 "chosen": candidates[best][0].method}
     return candidates[best][0], chosen, moe
+
+
+def fitted_tensors(moe: MoELayer) -> list[torch.Tensor]:
+    """Every tensor the fitting stages may change: the compressed layer's experts and router."""
+    return [tensor for module in (moe.experts, moe.router)
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]]
 
 
 def round_layer(moe: MoELayer, dtype: torch.dtype) -> None:

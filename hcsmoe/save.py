@@ -12,6 +12,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 
 
@@ -31,34 +32,47 @@ def check_output_dir(out: str | Path, source: Path | None, overwrite: bool) -> P
 
 
 @contextmanager
-def atomic_directory(out: Path, overwrite: bool = False):
+def atomic_directory(out: Path, overwrite: bool = False, world: World = SINGLE):
     """Yield a temporary directory that becomes `out` only if the block finishes.
 
     Without `overwrite` the final rename refuses a non-empty `out` that appeared meanwhile (another run
     finished first): rename(2) onto a non-empty directory fails, so of two runs with one output exactly one
-    succeeds and the other leaves nothing and says so."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.hcsmoe-partial-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
+    succeeds and the other leaves nothing and says so. Under torchrun every rank writes into rank 0's
+    temporary directory, and rank 0 renames it once every rank has finished its part."""
+    temporary = world.from_leader(out.parent / f".{out.name}.hcsmoe-partial-{os.getpid()}")
+    if world.leader:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+    world.barrier()
     try:
         yield temporary
+        world.barrier()
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    refusal = _rename_into_place(temporary, out, overwrite) if world.leader else None
+    refusal = world.from_leader(refusal)
+    if refusal:
+        raise UserError(refusal)
+
+
+def _rename_into_place(temporary: Path, out: Path, overwrite: bool) -> str | None:
+    """Rename the finished directory to `out`; the reason it could not (and nothing kept), or None."""
     if overwrite and out.exists():
         retired = out.parent / f".{out.name}.hcsmoe-old-{os.getpid()}"
         out.rename(retired)
         temporary.rename(out)
         shutil.rmtree(retired, ignore_errors=True)
-        return
+        return None
     try:
         temporary.rename(out)
     except OSError:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise UserError(f"output {out} was written by another run while this one worked; nothing of this run "
-                        "was kept: choose another --out, or pass --overwrite to replace it")
+        return (f"output {out} was written by another run while this one worked; nothing of this run "
+                "was kept: choose another --out, or pass --overwrite to replace it")
+    return None
 
 
 def write_expert_counts(directory: Path, keys: tuple[str, ...], count: int) -> None:

@@ -40,6 +40,7 @@ from hcsmoe.checkpoint import (
     checkpoint_names,
     safetensors_bytes,
 )
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.formats import drop_quantization, format_of
 from hcsmoe.loading import load_config
@@ -53,6 +54,7 @@ from hcsmoe.layerwise import (
     expert_chunks,
     module_name,
     original_stream,
+    outside_layers,
     run_dense_streams,
     run_moe_layer,
 )
@@ -91,12 +93,13 @@ def materialize(model: nn.Module, module: nn.Module, source: CheckpointSource, s
                 break
 
 
-def load_dequantized(directory: Path, config, device: str = "cpu") -> nn.Module:
-    """The whole model in float32 from a quantized checkpoint, decoded by our own formats (the same values
-    the streaming path reads), so that in-memory and streaming runs compute on identical weights."""
+def load_as_stored(directory: Path, config, device: str = "cpu") -> nn.Module:
+    """The whole model, each tensor in its stored dtype (quantized ones decoded by our own formats to float32):
+    the values the streaming path reads, so in-memory and streaming runs compute on identical weights. Read
+    tensor by tensor, each file mapped only for its read: one copy of the weights in memory."""
     model = skeleton(config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    materialize(model, model, CheckpointSource(CheckpointReader(directory, model), device), skip=tied)
+    materialize(model, model, CheckpointSource(CheckpointReader(directory, model), device, dtype=None), skip=tied)
     if tied:
         model.tie_weights()
     return model
@@ -130,13 +133,6 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def outside_layers(model: nn.Module, architecture: Architecture) -> list[nn.Module]:
-    """The base model's direct children other than the decoder layers (embeddings, final norm, rotary)."""
-    layers = decoder_layers(model, architecture)
-    body = getattr(model, "base_model", model)
-    return [child for child in body.children() if child is not layers]
-
-
 def shard_bytes_for(source_dir: Path) -> int:
     """Output shards of about 1/32 of the input checkpoint (64 MiB to 2 GiB): a shard is held in memory
     until written, so this keeps the writer's share of peak memory a fixed fraction of the model."""
@@ -144,10 +140,13 @@ def shard_bytes_for(source_dir: Path) -> int:
 
 
 class StreamingCompressor:
-    """State of one streaming run: the skeleton, the reader and the writer."""
+    """State of one streaming run: the skeleton, the reader and the writer.
+
+    Under torchrun (`world` of several ranks) rank 0 writes every tensor outside the routed experts, and each
+    rank the merged experts it owns (`written_shares`)."""
 
     def __init__(self, source_dir: Path, config, architecture: Architecture, output_dtype: torch.dtype | None,
-                 directory: Path, device: str = "cpu", progress: bool = True):
+                 directory: Path, device: str = "cpu", progress: bool = True, world: World = SINGLE):
         """`output_dtype` None: every tensor in the input's own format (quantized ones re-encoded), else that dtype."""
         self.model = skeleton(config)
         self.architecture = architecture
@@ -155,8 +154,9 @@ class StreamingCompressor:
         self.source = CheckpointSource(self.reader, device)
         self.encoder = FormatEncoder(self.reader.stored) if output_dtype is None else None
         self.output_dtype = output_dtype or torch.float32
-        self.writer = ShardWriter(directory, shard_bytes_for(source_dir))
-        self.progress = progress
+        self.world = world
+        self.writer = ShardWriter(directory, shard_bytes_for(source_dir), world)
+        self.progress = progress and world.leader
         self.tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
 
     def write(self, tensors: dict[str, torch.Tensor], first_expert: int = 0) -> None:
@@ -175,7 +175,9 @@ class StreamingCompressor:
             self.encoder.slots[layer_plan.layer] = expert_slots(layer_plan)
 
     def write_unchanged(self, prefix: str, module: nn.Module, skip: set[str] = frozenset()) -> None:
-        """Every stored tensor of a module, as read (only cast to the output dtype)."""
+        """Every stored tensor of a module, as read (only cast to the output dtype); rank 0's job."""
+        if not self.world.leader:
+            return
         names = [f"{prefix}.{n}" for n, _ in module.state_dict().items()]
         self.write({n: self.reader.tensor(n) for n in names if n not in skip and n in self.reader})
 
@@ -189,6 +191,8 @@ class StreamingCompressor:
         return inputs
 
     def write_outside_layers(self) -> None:
+        if not self.world.leader:
+            return
         layers_prefix = module_name(self.model, decoder_layers(self.model, self.architecture))
         names = [n for n in self.model.state_dict() if not n.startswith(layers_prefix + ".")]
         self.write({n: self.reader.tensor(n) for n in names if n in self.reader})
@@ -202,10 +206,13 @@ class StreamingCompressor:
         expert_names = {f"{experts_prefix}.{n}" for n in expert_parameters(moe.experts, e)}
         router_names = {f"{router_prefix}.{n}" for n in expert_parameters(moe.router, e)}
         self.write_unchanged(layer_prefix, layer, skip=expert_names | router_names)
-        self.write({name: router_rows(name.rsplit(".", 1)[1], self.source.read(name), layer_plan.groups, router, stats)
-                    for name in router_names})
-        for first, groups in self._group_chunks(layer_plan.groups, expert_names):
-            self.write({name: self._merged(name, groups) for name in expert_names}, first)
+        if self.world.leader:
+            self.write({name: router_rows(name.rsplit(".", 1)[1], self.source.read(name), layer_plan.groups, router,
+                                          stats) for name in router_names})
+        owned = self.written_shares(moe, len(layer_plan.groups))[self.world.rank]
+        for first, groups in self._group_chunks(layer_plan.groups[owned.start : owned.stop], expert_names,
+                                                self.stores_per_expert(experts_prefix)):
+            self.write({name: self._merged(name, groups) for name in expert_names}, owned.start + first)
 
     def write_compressed_moe_layer(self, moe: MoELayer) -> None:
         """A layer whose compressed experts and router are in memory (built and fitted): those, and the rest of
@@ -216,8 +223,30 @@ class StreamingCompressor:
         experts = {f"{experts_prefix}.{n}": t for n, t in expert_parameters(moe.experts, k).items()}
         router = {f"{router_prefix}.{n}": t for n, t in expert_parameters(moe.router, k).items()}
         self.write_unchanged(module_name(self.model, layer), layer, skip=set(experts) | set(router))
-        self.write(router)
-        self.write(experts)
+        if self.world.leader:
+            self.write(router)
+        owned = self.written_shares(moe, k)[self.world.rank]
+        if owned:
+            self.write({name: tensor[owned.start : owned.stop] for name, tensor in experts.items()}, owned.start)
+
+    def written_shares(self, moe: MoELayer, k: int) -> list[range]:
+        """The output experts of a layer each rank writes: a share of the K, or, where the checkpoint stores a
+        layer's experts as one tensor (which cannot be written in pieces), all of them on one rank per layer."""
+        if self.stores_per_expert(module_name(self.model, moe.experts)):
+            return self.world.shares(k)
+        owner = moe.index % self.world.size
+        return [range(k) if rank == owner else range(0) for rank in range(self.world.size)]
+
+    def ownership(self, moe: MoELayer, layer_plan: LayerPlan) -> dict:
+        """Which rank calibrated which input experts and wrote which output experts of a layer (for the plan)."""
+        written = self.written_shares(moe, len(layer_plan.groups))
+        return {"experts_read": [[r.start, r.stop] for r in self.world.shares(layer_plan.num_experts)],
+                "experts_written": [[r.start, r.stop] for r in written]}
+
+    def stores_per_expert(self, experts_prefix: str) -> bool:
+        """Whether the checkpoint keeps one tensor per expert (written a few experts at a time) or fused ones."""
+        return all(source.converter is not None for name, source in self.reader.sources.items()
+                   if name.startswith(experts_prefix + "."))
 
     def compressed_copy(self, moe: MoELayer, stats: LayerStats, top_k: int):
         """For the per-layer choice: a function giving a compressed copy of the layer under a candidate plan."""
@@ -237,18 +266,21 @@ class StreamingCompressor:
 
     def build_compressed(self, moe: MoELayer, prefixes: tuple[str, str], plan: Plan, layer_plan: LayerPlan,
                          stats: LayerStats, top_k: int) -> None:
-        """Give `moe` (the skeleton's layer, or a copy) the plan's K experts in the output dtype and K router rows."""
+        """Give `moe` (the skeleton's layer, or a copy) the plan's K experts in the output dtype and K router rows
+        (under torchrun each rank reads and merges its share of the groups, then they exchange them)."""
         experts_prefix, router_prefix = prefixes
         e = layer_plan.num_experts
         expert_names = list(expert_parameters(moe.experts, e))
         router_names = list(expert_parameters(moe.router, e))
-        layer: dict[str, torch.Tensor] = {}
-        for g, group in enumerate(layer_plan.groups):  # each group written into the layer's tensors: no stacked copy
-            for name, value in self._merged_group(moe, experts_prefix, expert_names, group, plan.merge, stats,
-                                                  top_k).items():
-                if name not in layer:
-                    layer[name] = torch.empty((len(layer_plan.groups), *value.shape), dtype=value.dtype)
+        k = len(layer_plan.groups)
+        layer = {name: torch.zeros((k, *getattr(moe.experts, name).shape[1:]), dtype=self.output_dtype)
+                 for name in expert_names}
+        for g in self.world.share(k):  # each group written into the layer's tensors: no stacked copy
+            for name, value in self._merged_group(moe, experts_prefix, expert_names, layer_plan.groups[g], plan.merge,
+                                                  stats, top_k).items():
                 layer[name][g] = value
+        for name in expert_names:  # under torchrun each rank merged its share of the groups: every rank gets all
+            self.world.copy_rows(layer[name])
         for name in expert_names:
             replace_tensor(moe.experts, name, layer.pop(name))
         for name in router_names:
@@ -267,15 +299,14 @@ class StreamingCompressor:
         return {name: value.to(self.output_dtype)
                 for name, value in merged_group(view, self.architecture, group, merge, stats, top_k).items()}
 
-    def _group_chunks(self, groups: list[Group], expert_names: set[str]):
+    def _group_chunks(self, groups: list[Group], expert_names: set[str], per_expert: bool):
         """Groups merged and written together: 64 MB of merged experts, or all of them when the checkpoint
         stores the experts fused (one tensor per layer cannot be written in pieces)."""
-        per_expert = all(self.reader.sources[n].converter is not None for n in expert_names)
         itemsize = torch.empty(0, dtype=self.output_dtype).element_size()
         per_group = sum(self.model.get_parameter(n)[0].numel() * itemsize for n in expert_names)
         size = max(1, MERGED_CHUNK_BYTES // max(1, per_group))
         if not per_expert:
-            size = len(groups)
+            size = max(1, len(groups))
         for first in range(0, len(groups), size):
             yield first, groups[first : first + size]
 
@@ -338,7 +369,7 @@ def run_streaming(
         if inputs is not None:
             stats, outputs, block = calibrate_layer(model, layer, moe, architecture, inputs, compressor.source,
                                                     output_samples=output_samples, with_weight_gram=with_weight_gram,
-                                                    original=original)
+                                                    original=original, world=compressor.world)
         if stats is not None:
             all_stats.append(stats)
         fitted = None  # the per-layer choice's fitted winner, when it could be kept
@@ -347,7 +378,8 @@ def run_streaming(
         elif isinstance(planner, PerLayerChoice) and block is not None:
             layer_plan_of, layer_plan, fitted = choose_layer_plan(
                 planner.candidate_plans(stats, k, router), compressor.compressed_copy(moe, stats, top_k),
-                architecture, stats, block, compressor.output_dtype, refit, router_fit, keep_winner=False)
+                architecture, stats, block, compressor.output_dtype, refit, router_fit, keep_winner=False,
+                world=compressor.world)
         else:
             layer_plan = planner.plan_layer(stats, k)
             layer_plan_of = plan_of(planner, router, [layer_plan])
@@ -363,6 +395,8 @@ def run_streaming(
             fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
                                  compressor.output_dtype, refit, router_fit)
         layer_plans.append(layer_plan)
+        if compressor.world.size > 1:
+            layer_plan.details["ranks"] = compressor.ownership(moe, layer_plan)
         compressor.keep_layer_plan(layer_plan)
         if in_memory:
             compressor.write_compressed_moe_layer(moe)

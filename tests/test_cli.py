@@ -194,11 +194,3 @@ def test_a_model_too_large_for_free_memory_is_streamed(capsys, tiny_models, tmp_
                              "--out", str(tmp_path / "p"), "--no-eval", "-q", "--blocks", "2", "--block-size", "32",
                              "--no-stream")
     assert code == 0 and "streaming" not in err
-
-
-def test_a_torchrun_launch_is_refused_until_compression_runs_distributed(tiny_models, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "compress", str(tiny_models["olmoe"]), "-k", "4", "--out", str(out), "--no-eval")
-    assert_one_line_error(code, err)
-    assert "torchrun" in err and not out.exists()

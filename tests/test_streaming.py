@@ -163,3 +163,39 @@ def test_corrective_targets_the_original_models_layer_output(tiny_models):
     second = blocks[1]
     assert torch.allclose(second.routed + second.rest, wanted, atol=1e-4)
     assert not torch.allclose(second.rest, wanted - blocks[0].routed, atol=1e-3)  # the damage reached layer 1
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text"])
+def test_a_bf16_model_held_in_bf16_writes_the_same_weights_as_streaming(tmp_path, arch, monkeypatch):
+    """The in-memory path holds a bf16 checkpoint in bf16 and computes one layer at a time in float32: the
+    same bits as streaming (which reads each layer in float32), for the default recipe and for re-planning."""
+    import hcsmoe.pipeline
+    from tests.conftest import make_tiny_model
+
+    held = []
+    load = hcsmoe.pipeline.load_model
+    monkeypatch.setattr(hcsmoe.pipeline, "load_model", lambda path, dtype, device: held.append(dtype) or load(path, dtype, device))
+    source = make_tiny_model(tmp_path / "bf16", arch, dtype=torch.bfloat16)
+    k = 4 if arch.startswith("deepseek") else 5
+    result = compress(source, num_experts=k, **SMALL)
+    assert held == ["stored"] and {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
+    result.save(tmp_path / "memory")
+    compress(source, num_experts=k, stream_to=tmp_path / "stream", **SMALL)
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    replan = dict(SMALL, num_experts=k, method="hc-smoe", stats=result.stats)
+    compress(source, **replan).save(tmp_path / "replan-memory")
+    compress(source, stream_to=tmp_path / "replan-stream", **replan)
+    assert_same_checkpoint(tmp_path / "replan-memory", tmp_path / "replan-stream")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_loading_as_stored_gives_what_transformers_loads(tiny_models, arch):
+    """The in-memory path loads tensor by tensor through our reader: the same parameters and buffers, and the
+    same logits, as from_pretrained."""
+    ours, theirs = load_model(tiny_models[arch], "stored"), load_model(tiny_models[arch], "float32")
+    state, expected = ours.state_dict(), theirs.state_dict()
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    tokens = torch.arange(12)[None]
+    assert torch.equal(ours(tokens).logits, theirs(tokens).logits)
