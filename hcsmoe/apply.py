@@ -14,6 +14,8 @@ Shared experts, their gates and dense layers are not touched.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -311,6 +313,12 @@ def set_count_attributes(moe: MoELayer, count: int) -> None:
         for name in COUNT_ATTRIBUTES:
             if isinstance(getattr(module, name, None), int):
                 setattr(module, name, count)
+
+
+def layer_copy(moe: MoELayer) -> MoELayer:
+    """A copy of an MoE layer to compress (a candidate of the per-layer choice): modules and small tensors
+    copied, the routed experts' weights shared, since compressing replaces them and never writes into them."""
+    return copy.deepcopy(moe, memo={id(tensor): tensor for tensor in moe.experts.parameters()})
 
 
 def install(moe: MoELayer, compressed: MoELayer) -> None:

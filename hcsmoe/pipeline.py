@@ -24,7 +24,7 @@ from hcsmoe.adapters import (
     set_expert_count,
     top_k,
 )
-from hcsmoe.apply import apply_layer, apply_plan, install
+from hcsmoe.apply import apply_layer, apply_plan, install, layer_copy
 from hcsmoe.calibrate import Statistics
 from hcsmoe.data import load_texts, token_blocks
 from hcsmoe.distributed import SINGLE, World
@@ -432,7 +432,7 @@ def compress_layer_in_place(planner, given: Plan | None, k: int, router: str, ar
 
     def compressed_copy(moe: MoELayer, stats):
         def compressed(plan: Plan, layer_plan: LayerPlan) -> MoELayer:
-            trial = copy.deepcopy(moe)
+            trial = layer_copy(moe)
             apply_layer(trial, architecture, layer_plan, plan, stats, k_route)
             return trial
         return compressed
