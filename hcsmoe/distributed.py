@@ -110,7 +110,11 @@ def join(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, threads: int
 
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (ValueError, RuntimeError) as error:
+            raise UserError(f"WORLD_SIZE={launched_ranks()} but the processes could not form a job "
+                            f"({str(error).splitlines()[0][:160]}); start them with torchrun") from None
     world = World(dist.get_rank(), dist.get_world_size())
     if str(device).startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

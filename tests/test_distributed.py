@@ -142,6 +142,16 @@ def test_a_rank_that_dies_or_hangs_stops_the_other_with_one_line_and_leaves_noth
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_world_size_without_torchrun_is_one_line(tiny_models, tmp_path, monkeypatch, capsys):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code = main(compress_args(tiny_models["qwen3_moe"], tmp_path / "out", 4, TINY))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "torchrun" in lines[0] and not (tmp_path / "out").exists()
+
+
 def test_a_torchrun_job_streams(tmp_path):
     two = World(rank=0, size=2)
     assert stream_choice(tmp_path, None, two) and stream_choice(tmp_path, True, two)
