@@ -84,9 +84,10 @@ def in_float32(*modules: nn.Module, keep: nn.Module | None = None):
     held, known = {}, set()
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) in known:  # tied: seen through another module
+                continue
             known.add(id(tensor))
-            if (tensor.is_floating_point() and tensor.dtype != torch.float32 and id(tensor) not in held
-                    and id(tensor) not in kept):
+            if tensor.is_floating_point() and tensor.dtype != torch.float32 and id(tensor) not in kept:
                 held[id(tensor)] = (tensor, tensor.dtype)
                 tensor.data = tensor.data.float()
     if not held:
@@ -371,7 +372,7 @@ def calibrate_model(
     for index in tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not progress):
         moe = moe_layer_at(model, architecture, index)
         with in_float32(layers[index], keep=moe and moe.experts):  # a bf16 model computes a layer at a time in float32
-            stats = calibrate_one_layer(model, architecture, index, inputs, original, after_layer,
+            stats = calibrate_one_layer(model, architecture, index, moe, inputs, original, after_layer,
                                         max_router_inputs=max_router_inputs, output_samples=output_samples,
                                         with_weight_gram=with_weight_gram)
         if stats is not None:
@@ -379,12 +380,11 @@ def calibrate_model(
     return results
 
 
-def calibrate_one_layer(model: nn.Module, architecture: Architecture, index: int, inputs: LayerInputs,
-                        original: LayerInputs | None, after_layer, **options) -> LayerStats | None:
-    """Advance the calibration stream through decoder layer `index`: a dense layer runs, an MoE layer is
-    calibrated (and compressed by `after_layer`); its statistics, or None for a dense layer."""
+def calibrate_one_layer(model: nn.Module, architecture: Architecture, index: int, moe: MoELayer | None,
+                        inputs: LayerInputs, original: LayerInputs | None, after_layer, **options) -> LayerStats | None:
+    """Advance the calibration stream through decoder layer `index` (its MoE block `moe`, None if dense): a dense
+    layer runs, an MoE layer is calibrated (and compressed by `after_layer`); its statistics, or None."""
     layer = decoder_layers(model, architecture)[index]
-    moe = moe_layer_at(model, architecture, index)
     if moe is None:
         run_dense_streams(layer, inputs, original, index)
         return None

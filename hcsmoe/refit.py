@@ -281,13 +281,14 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     scores are exchanged and the winner's fitted weights copied from the rank that fitted it."""
     fitting, held = split_tokens(block)
     energy = float(held.routed.double().pow(2).sum())
+    fitter = lambda position: position % world.size  # the rank that fits and scores a candidate
     trials = {}
     for position in reversed(range(len(candidates))):
         plan, layer_plan = candidates[position]
         trial = copy.deepcopy(layer_plan)
         moe = compressed(plan, trial)
         error = None
-        if position % world.size == world.rank:
+        if fitter(position) == world.rank:
             fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
             residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
             error = float(residual.pow(2).sum()) / max(energy, 1e-30)
@@ -300,7 +301,7 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
     _, chosen, moe = trials[best]
     if moe is not None and world.size > 1:
-        world.copy_from(best % world.size, fitted_tensors(moe))
+        world.copy_from(fitter(best), fitted_tensors(moe))
     chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},
                                 "chosen": candidates[best][0].method}
     return candidates[best][0], chosen, moe
