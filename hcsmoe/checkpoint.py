@@ -175,6 +175,14 @@ def _renumber_expert(key: str, offset: int) -> str:
     return _EXPERT_INDEX.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}", key, count=1)
 
 
+def own_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor contiguous and in memory of its own: a pending view of one expert would keep the whole
+    layer it was cut from (often a layer already released) alive until its shard is written."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 class ShardWriter:
     """Tensors written to numbered safetensors shards as they come, each shard as soon as it is full.
 
@@ -201,11 +209,12 @@ class ShardWriter:
             size = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + size > self.max_shard_bytes:
                 self.flush()
-            self.pending[key] = tensor.contiguous()
+            self.pending[key] = own_memory(tensor)
             self.pending_bytes += size
 
-    def flush(self) -> None:
-        if not self.pending:
+    def flush(self, at_least: int = 0) -> None:
+        """Write the pending tensors as one shard (only if they hold `at_least` bytes)."""
+        if not self.pending or self.pending_bytes < at_least:
             return
         save_file(self.pending, str(self._shard_path(len(self.shards))), metadata={"format": "pt"})
         self.shards.append((sorted(self.pending), self.pending_bytes))

@@ -58,11 +58,12 @@ class RefitOptions:
         return asdict(self)
 
 
-def down_matrix(experts: nn.Module, architecture: Architecture, expert: int) -> torch.Tensor:
-    """One expert's readout as [I (+1 for a bias row), H] float64 (output = feature @ matrix)."""
-    down = experts.down_proj[expert].double()
-    matrix = down if architecture.transposed else down.T
-    bias = getattr(experts, "down_proj_bias", None)
+def down_matrix(experts: nn.Module, architecture: Architecture, expert: int,
+                anchor: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """One expert's readout as [I (+1 for a bias row), H] float64 (output = feature @ matrix); `anchor`:
+    read from that (down_proj, bias) copy instead of the module."""
+    down, bias = anchor or (experts.down_proj, getattr(experts, "down_proj_bias", None))
+    matrix = down[expert].double() if architecture.transposed else down[expert].double().T
     return matrix if bias is None else torch.cat([matrix, bias[expert].double().unsqueeze(0)])
 
 
@@ -78,15 +79,24 @@ def down_matrices(experts: nn.Module, architecture: Architecture) -> torch.Tenso
     return torch.stack([down_matrix(experts, architecture, e) for e in range(experts.down_proj.shape[0])])
 
 
-def set_down_matrices(experts: nn.Module, architecture: Architecture, matrices: torch.Tensor) -> None:
-    """Write fitted readouts back into down_proj (and its bias), in the parameters' own dtype."""
-    matrices = matrices.float()  # float64 -> float32 -> dtype, as the in-memory model is rounded when saved
+def set_down_matrices(experts: nn.Module, architecture: Architecture, matrices: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> None:
+    """Write fitted readouts back into down_proj (and its bias), one expert at a time."""
+    for expert in range(matrices.shape[0]):
+        set_down_matrix(experts, architecture, expert, matrices[expert], dtype)
+
+
+def set_down_matrix(experts: nn.Module, architecture: Architecture, expert: int, matrix: torch.Tensor,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write one expert's readout into down_proj (and its bias), rounded float64 -> float32 -> `dtype` (the
+    saved dtype; default the parameter's own) as the in-memory model is rounded when saved."""
+    matrix = matrix.float()
     bias = getattr(experts, "down_proj_bias", None)
     if bias is not None:
-        bias.data.copy_(matrices[:, -1].to(bias.dtype))
-        matrices = matrices[:, :-1]
-    weight = matrices if architecture.transposed else matrices.transpose(1, 2)
-    experts.down_proj.data.copy_(weight.to(experts.down_proj.dtype))
+        bias.data[expert].copy_(matrix[-1].to(dtype or bias.dtype))
+        matrix = matrix[:-1]
+    weight = matrix if architecture.transposed else matrix.T
+    experts.down_proj.data[expert].copy_(weight.to(dtype or experts.down_proj.dtype))
 
 
 def expert_features(experts: nn.Module, architecture: Architecture, expert: int, x: torch.Tensor,
@@ -124,9 +134,10 @@ def routed(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> Routed
 
 @torch.no_grad()
 def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
-                options: RefitOptions = RefitOptions()) -> dict:
-    """Refit the down projections of a compressed MoE layer in place; returns what the fit achieved
-    (relative squared error of the routed output on the calibration tokens, before and after)."""
+                options: RefitOptions = RefitOptions(), dtype: torch.dtype | None = None) -> dict:
+    """Refit the down projections of a compressed MoE layer in place, rounded to `dtype` (the saved dtype;
+    default down_proj's own); returns what the fit achieved (relative squared error of the routed output on
+    the calibration tokens, before and after)."""
     experts = moe.experts
     k, (width, _) = experts.down_proj.shape[0], readout_shape(experts, architecture)
     solver = options.solver
@@ -135,9 +146,9 @@ def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
     routing = routed(moe, architecture, tokens.inputs)
     if solver == "joint":
         fitted, report = _joint(experts, architecture, tokens, routing, down_matrices(experts, architecture), options)
+        set_down_matrices(experts, architecture, fitted, dtype)
     else:
-        fitted, report = _blockwise(experts, architecture, tokens, routing, options)
-    set_down_matrices(experts, architecture, fitted)
+        report = _blockwise(experts, architecture, tokens, routing, options, dtype)
     return {"solver": solver, "alpha": options.alpha, "tokens": int(tokens.inputs.shape[0])} | report
 
 
@@ -192,14 +203,18 @@ def _joint(experts, architecture, tokens: BlockTokens, routing: Routed, start: t
     return solution.view(k, width, hidden), {"error_before": round(error(w0), 6), "error_after": round(error(solution), 6)}
 
 
-def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed,
-               options: RefitOptions) -> tuple[torch.Tensor, dict]:
+def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, options: RefitOptions,
+               dtype: torch.dtype | None) -> dict:
     """Gauss-Seidel over experts: each readout is refitted on the residual the others leave, an I x I
     system per expert; converges to the joint solution (the system is symmetric positive definite).
-    Solved in float64, one expert at a time; the readouts between sweeps are kept in float32 (what they are
-    rounded to anyway), so the layer's extra memory is one float32 copy of its down projections."""
-    start = lambda expert: down_matrix(experts, architecture, expert)
+    Solved in float64, one expert at a time; each update is written straight into down_proj rounded to
+    `dtype` (what it is saved in) and the prediction follows the rounded value, so later updates make up for
+    earlier rounding. The layer's extra memory is one copy of its starting readouts (the ridge's anchor) in
+    down_proj's own dtype."""
     k, (width, hidden) = experts.down_proj.shape[0], readout_shape(experts, architecture)
+    bias = getattr(experts, "down_proj_bias", None)
+    anchor = (experts.down_proj.detach().clone(), None if bias is None else bias.detach().clone())
+    start = lambda expert: down_matrix(experts, architecture, expert, anchor)
     x, y = tokens.inputs, tokens.routed
     per_expert = [routing.tokens_of(expert) for expert in range(k)]
     features = lambda expert: expert_features(experts, architecture, expert, x[per_expert[expert][0]].float(),
@@ -214,21 +229,19 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed,
     before = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     ridge = _ridge(trace, k * width, options.alpha)
     eye = torch.eye(width, dtype=torch.float64)
-    current = torch.empty(k, width, hidden)  # filled in place: a stacked list would hold the readouts twice
-    for expert in range(k):
-        current[expert] = start(expert)
     for _ in range(options.sweeps):
         for expert in range(k):
             token = per_expert[expert][0]
             if token.numel() == 0:
                 continue
             phi = features(expert).double()  # its Gram is recomputed, not stored: O(I^2) memory, not O(K I^2)
-            residual = y[token].double() - prediction[token] + phi @ current[expert].double()
-            updated = _solve_spd(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start(expert)).float()
-            prediction.index_add_(0, token, phi @ (updated - current[expert]).double())
-            current[expert] = updated
+            current = down_matrix(experts, architecture, expert)
+            residual = y[token].double() - prediction[token] + phi @ current
+            updated = _solve_spd(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start(expert))
+            set_down_matrix(experts, architecture, expert, updated, dtype)
+            prediction.index_add_(0, token, phi @ (down_matrix(experts, architecture, expert) - current))
     after = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
-    return current, {"error_before": round(before, 6), "error_after": round(after, 6), "sweeps": options.sweeps}
+    return {"error_before": round(before, 6), "error_after": round(after, 6), "sweeps": options.sweeps}
 
 
 def _solve_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -336,5 +349,5 @@ def fit_compressed_layer(moe: MoELayer, architecture: Architecture, layer_plan: 
             layer_plan.details["router_fit"] = fit_router(moe, architecture, layer_plan, stats, block, router_fit)
         round_layer(moe, output_dtype)
         if refit is not None and not identity:
-            layer_plan.details["refit"] = refit_layer(moe, architecture, block, refit)
+            layer_plan.details["refit"] = refit_layer(moe, architecture, block, refit, output_dtype)
             round_layer(moe, output_dtype)

@@ -64,6 +64,7 @@ from hcsmoe.router_fit import RouterFitOptions
 
 GENERATION_FILES = ("generation_config.json",)
 MERGED_CHUNK_BYTES = 64 * 2**20  # merged experts (output dtype) written at once
+MIN_SHARD_BYTES = 64 * 2**20  # a layer's output is written to disk when it ends, once this much is pending
 
 
 def skeleton(config) -> nn.Module:
@@ -134,8 +135,8 @@ def trim_heap() -> None:
 
 
 def shard_bytes_for(source_dir: Path) -> int:
-    """Output shards of about 1/32 of the input checkpoint (64 MiB to 2 GiB): a shard is held in memory
-    until written, so this keeps the writer's share of peak memory a fixed fraction of the model."""
+    """Output shards of at most about 1/32 of the input checkpoint (64 MiB to 2 GiB): a shard is held in
+    memory until written (when full, or when a layer ends), so this bounds the writer's share of peak memory."""
     return min(2 * 2**30, max(64 * 2**20, safetensors_bytes(source_dir) // 32))
 
 
@@ -210,9 +211,9 @@ class StreamingCompressor:
             self.write({name: router_rows(name.rsplit(".", 1)[1], self.source.read(name), layer_plan.groups, router,
                                           stats) for name in router_names})
         owned = self.written_shares(moe, len(layer_plan.groups))[self.world.rank]
-        for first, groups in self._group_chunks(layer_plan.groups[owned.start : owned.stop], expert_names,
-                                                self.stores_per_expert(experts_prefix)):
-            self.write({name: self._merged(name, groups) for name in expert_names}, owned.start + first)
+        for part in self._write_chunks(owned, expert_names, experts_prefix):
+            self.write({name: self._merged(name, layer_plan.groups[part.start : part.stop]) for name in expert_names},
+                       part.start)
 
     def write_compressed_moe_layer(self, moe: MoELayer) -> None:
         """A layer whose compressed experts and router are in memory (built and fitted): those, and the rest of
@@ -226,8 +227,8 @@ class StreamingCompressor:
         if self.world.leader:
             self.write(router)
         owned = self.written_shares(moe, k)[self.world.rank]
-        if owned:
-            self.write({name: tensor[owned.start : owned.stop] for name, tensor in experts.items()}, owned.start)
+        for part in self._write_chunks(owned, set(experts), experts_prefix):
+            self.write({name: tensor[part.start : part.stop] for name, tensor in experts.items()}, part.start)
 
     def written_shares(self, moe: MoELayer, k: int) -> list[range]:
         """The output experts of a layer each rank writes: a share of the K, or, where the checkpoint stores a
@@ -299,16 +300,20 @@ class StreamingCompressor:
         return {name: value.to(self.output_dtype)
                 for name, value in merged_group(view, self.architecture, group, merge, stats, top_k).items()}
 
-    def _group_chunks(self, groups: list[Group], expert_names: set[str], per_expert: bool):
-        """Groups merged and written together: 64 MB of merged experts, or all of them when the checkpoint
-        stores the experts fused (one tensor per layer cannot be written in pieces)."""
+    def _write_chunks(self, owned: range, expert_names: set[str], experts_prefix: str):
+        """The output experts `owned` in pieces written together: 64 MB in the output dtype (the conversion to
+        checkpoint names copies what it writes, so a piece, not the layer, is what writing adds to memory), or
+        all of them when the checkpoint stores the experts fused (one tensor per layer cannot be written in pieces)."""
+        if not owned:
+            return
+        if not self.stores_per_expert(experts_prefix):
+            yield owned
+            return
         itemsize = torch.empty(0, dtype=self.output_dtype).element_size()
-        per_group = sum(self.model.get_parameter(n)[0].numel() * itemsize for n in expert_names)
-        size = max(1, MERGED_CHUNK_BYTES // max(1, per_group))
-        if not per_expert:
-            size = max(1, len(groups))
-        for first in range(0, len(groups), size):
-            yield first, groups[first : first + size]
+        per_expert = sum(self.model.get_parameter(n)[0].numel() * itemsize for n in expert_names)
+        size = max(1, MERGED_CHUNK_BYTES // max(1, per_expert))
+        for first in range(owned.start, owned.stop, size):
+            yield range(first, min(owned.stop, first + size))
 
     def _merged(self, name: str, groups: list[Group]) -> torch.Tensor:
         """Each group's merge in the output dtype, its members read one at a time: the in-memory path's
@@ -407,6 +412,7 @@ def run_streaming(
                              if sequential else outputs)
         del block
         release(layer)
+        compressor.writer.flush(at_least=MIN_SHARD_BYTES)  # the next layer's fits need the memory more
         if stats is not None and not keep_samples:
             all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
     return plan_with_layers(plan_in, planner, router, layer_plans, refit and refit.to_dict(),
