@@ -66,6 +66,16 @@ def _hub_dataset_texts(name: str, split: str = "train") -> list[str]:
     return [str(t) for t in dataset["text"]]
 
 
+def source_parts(source: str) -> list[str]:
+    """A calibration source's parts: 'wiki:en+self' -> ['wiki:en', 'self'] (an existing file is one part)."""
+    if Path(source).exists():
+        return [source]
+    parts = [part.strip() for part in source.split("+")]
+    if not all(parts):
+        raise UserError(f"calibration source {source!r} has an empty part; join sources with '+', e.g. wiki:en+self")
+    return parts
+
+
 def load_texts(source: str) -> list[str]:
     """Texts from a source: 'wiki:LANG[,LANG...]' (bundled train text), a .txt, a .jsonl(.gz), or a dataset name."""
     if source.startswith("wiki:"):

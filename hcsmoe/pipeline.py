@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from hcsmoe import __version__
@@ -26,7 +27,7 @@ from hcsmoe.adapters import (
 )
 from hcsmoe.apply import apply_layer, apply_plan, install, layer_copy
 from hcsmoe.calibrate import Statistics
-from hcsmoe.data import load_texts, token_blocks
+from hcsmoe.data import interleave, load_texts, source_parts, token_blocks
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.formats import Format, Plain, drop_quantization, format_of
@@ -47,6 +48,7 @@ from hcsmoe.plan import (
 )
 from hcsmoe.refit import RefitOptions, choose_layer_plan, fit_compressed_layer, fitting_tokens
 from hcsmoe.router_fit import RouterFitOptions, check_router_fit
+from hcsmoe.sampling import SELF_SOURCE, sampled_blocks
 from hcsmoe.save import atomic_directory, check_output_dir, plot_dendrograms, write_expert_counts
 
 
@@ -121,14 +123,26 @@ def checkpoint_dtype(config) -> torch.dtype:
     return parse_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
-def calibration_blocks(tokenizer, source: str, num_blocks: int | None, block_size: int, context: int) -> torch.Tensor:
-    """num_blocks blocks of min(block_size, context) tokens; None: enough blocks for CALIBRATION_TOKENS."""
+def calibration_blocks(tokenizer, source: str, num_blocks: int | None, block_size: int, context: int,
+                       model: nn.Module | None = None, seed: int = 0) -> torch.Tensor:
+    """num_blocks blocks of min(block_size, context) tokens; None: enough blocks for CALIBRATION_TOKENS.
+    A source of several parts joined by '+' (`wiki:en+self`) takes its blocks from each part in turn; the
+    `self` part is sampled from `model` (which must then be given: it runs the whole model)."""
     length = min(block_size, context)
     if num_blocks is None:
         num_blocks = -(-CALIBRATION_TOKENS // max(length, 1))
     if num_blocks <= 0 or block_size <= 1:
         raise UserError("calibration needs at least one block of at least two tokens")
-    return token_blocks(tokenizer, load_texts(source), length, num_blocks, source)
+    parts = source_parts(source)
+    if SELF_SOURCE in parts and model is None:
+        raise UserError("calibration 'self' samples text from the whole model, which a streaming run (--stream, "
+                        "torchrun, or a model too large for memory) never holds: run with --no-stream, or sample "
+                        "text with your own serving stack and pass it as a .txt file")
+    counts = [num_blocks // len(parts) + (i < num_blocks % len(parts)) for i in range(len(parts))]
+    blocks = [sampled_blocks(model, tokenizer, count, length, seed) if part == SELF_SOURCE
+              else token_blocks(tokenizer, load_texts(part), length, count, part)
+              for part, count in zip(parts, counts) if count]
+    return torch.stack(interleave([list(b) for b in blocks]))
 
 
 def normalizes_top_k(layers: list[MoELayer]) -> bool:
@@ -189,10 +203,12 @@ def calibration_statistics(
     offload_dir: Path | None = None,
     progress: bool = True,
     corrective: bool = False,
+    seed: int = 0,
 ) -> Statistics:
-    """Calibrate every MoE layer on `source` text, recording how the statistics were made."""
+    """Calibrate every MoE layer on `source` text (`seed`: of the `self` part's sampling), recording how the
+    statistics were made."""
     context = int(getattr(model.config, "max_position_embeddings", block_size))
-    blocks = calibration_blocks(tokenizer, source, num_blocks, block_size, context)
+    blocks = calibration_blocks(tokenizer, source, num_blocks, block_size, context, model, seed)
     layer_stats = calibrate_model(model, architecture, blocks, batch_size=batch_size, output_samples=output_samples,
                                   with_weight_gram=with_weight_gram, after_layer=after_layer,
                                   offload_dir=offload_dir, progress=progress, corrective=corrective)
@@ -331,7 +347,7 @@ def compress(
                                        block_size=block_size, batch_size=batch_size, output_samples=output_samples,
                                        with_weight_gram=representation == "weights", after_layer=after_layer,
                                        offload_dir=Path(offload_dir) if offload_dir else None, progress=progress,
-                                       corrective=sequential == "corrective")
+                                       corrective=sequential == "corrective", seed=seed)
         stats.info["sequential"] = sequential
         plan = plan_with_layers(plan, planner, router, layer_plans, as_dict(refit), as_dict(router_fit), sequential)
         set_expert_count(model.config, architecture, k)

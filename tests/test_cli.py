@@ -55,6 +55,8 @@ def bad_inputs(tiny: Path, tmp_path: Path, dense: Path) -> dict[str, list[str]]:
         "unknown router": [str(tiny), "-k", "4", "--router", "best"],
         "calibration shorter than a block": [str(tiny), "-k", "4", "--calibration", str(short)],
         "calibration file missing": [str(tiny), "-k", "4", "--calibration", str(tmp_path / "none.txt")],
+        "calibration with an empty part": [str(tiny), "-k", "4", "--calibration", "wiki:en+"],
+        "sampled calibration while streaming": [str(tiny), "-k", "4", "--stream", "--calibration", "wiki:en+self"],
         "model missing": [str(tmp_path / "no-such-model"), "-k", "4"],
         "not a MoE model": [str(dense), "-k", "4"],
         "output inside input": [str(tiny), "-k", "4", "--out", str(inside)],
