@@ -12,19 +12,16 @@ articles per language, first 8,192 tokens: what choices are made on) and on the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
-from transformers.utils import logging
 
-from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS
+from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, bundled_model
 from hcsmoe.adapters import architecture_for, expert_count
 from hcsmoe.data import LANGUAGES, wiki_texts
 from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import BUNDLED_MODELS, load_model, load_tokenizer
 from hcsmoe.pipeline import DEFAULT_CALIBRATION, compress
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,15 +45,8 @@ def perplexities(model, tokenizer) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     begin = time.perf_counter()
-    path = BUNDLED_MODELS[args.model]
-    tokenizer, original = load_tokenizer(path), load_model(path)
+    name, tokenizer, original = bundled_model(__doc__)
     base = perplexities(original, tokenizer)
     e = expert_count(original.config, architecture_for(original.config))
     rows = []
@@ -72,7 +62,7 @@ def main() -> None:
             rows.append({"experts": k, "method": method, "calibration": source, "seconds": round(seconds, 1),
                          **{name: round(value / base[name], 4) for name, value in ppl.items()}})
             print(json.dumps(rows[-1]), flush=True)
-    write(args.model, rows, base, time.perf_counter() - begin)
+    write(name, rows, base, time.perf_counter() - begin)
 
 
 def mean(row: dict, split: str) -> float:

@@ -49,16 +49,21 @@ def texts(train_label: str = "train") -> dict[str, list[str]]:
     return held_out | {f"{lang}-validation": wiki_texts(lang, "validation") for lang in LANGUAGES}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bundled_model(description: str) -> tuple[str, object, object]:
+    """--model and --threads from the command line: the bundled model's name, tokenizer and model (float32)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
     path = BUNDLED_MODELS[args.model]
-    tokenizer, original = load_tokenizer(path), load_model(path)
+    return args.model, load_tokenizer(path), load_model(path)
+
+
+def main() -> None:
+    start = time.perf_counter()
+    name, tokenizer, original = bundled_model(__doc__)
     sources = texts()
     base = {name: m["ppl"] for name, m in evaluate(original, tokenizer, texts=sources, max_tokens=MAX_TOKENS)["languages"].items()}
     e = expert_count(original.config, architecture_for(original.config))
@@ -72,7 +77,7 @@ def main() -> None:
             rows.append({"experts": k, "setting": label, "seconds": round(seconds, 1),
                          **{name: round(m["ppl"] / base[name], 4) for name, m in scores.items()}})
             print(json.dumps(rows[-1]), flush=True)
-    write(args.model, rows, base, time.perf_counter() - start)
+    write(name, rows, base, time.perf_counter() - start)
 
 
 def mean(row: dict, split: str) -> float:

@@ -31,7 +31,7 @@ from hcsmoe.adapters import (
     set_expert_count,
 )
 from hcsmoe.apply import install, merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
-from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view
+from hcsmoe.calibrate import LayerStats, expert_view
 from hcsmoe.checkpoint import (
     CheckpointReader,
     FormatEncoder,
@@ -41,7 +41,6 @@ from hcsmoe.checkpoint import (
     safetensors_bytes,
 )
 from hcsmoe.distributed import SINGLE, World
-from hcsmoe.errors import UserError
 from hcsmoe.formats import drop_quantization, format_of
 from hcsmoe.loading import load_config
 from hcsmoe.layerwise import (

@@ -13,7 +13,7 @@ from hcsmoe.calibrate import BlockTokens, route_tokens
 from hcsmoe.errors import UserError
 from hcsmoe.loading import load_model
 from hcsmoe.plan import REAM, Group, LayerPlan, greedy_groups, nearest_groups
-from hcsmoe.refit import RefitOptions, down_matrices, expert_features, refit_layer, routed
+from hcsmoe.refit import RefitOptions, down_matrices, expert_features, refit_layer
 from hcsmoe.router_fit import RouterFitOptions, fit_rows, mass_owners, routing_targets
 
 from tests.test_planners import hand_made

@@ -12,8 +12,6 @@ from safetensors.torch import load_file
 from hcsmoe.adapters import architecture_for, expert_parameters, moe_layers
 from hcsmoe.calibrate import Statistics
 from hcsmoe.checkpoint import CheckpointReader
-from hcsmoe.errors import UserError
-from hcsmoe.layerwise import TokenStore
 from hcsmoe.loading import load_model
 from hcsmoe.pipeline import compress
 from hcsmoe.streaming import StreamingCompressor, skeleton
