@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, bundled_model
+from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, bundled_model, texts
 from hcsmoe.adapters import architecture_for, expert_count
-from hcsmoe.data import LANGUAGES, wiki_texts
+from hcsmoe.data import LANGUAGES
 from hcsmoe.evaluate import evaluate
 from hcsmoe.pipeline import DEFAULT_CALIBRATION, compress
 
@@ -29,19 +29,14 @@ SOURCES = (DEFAULT_CALIBRATION, "wiki:en", "wiki:en+self", "self", f"{DEFAULT_CA
 PLAN_ONLY = (DEFAULT_CALIBRATION, "wiki:en", "wiki:en+self")  # REAP as published at 50% removed: the plan alone
 
 
-def held_out() -> dict[str, list[str]]:
-    return {lang: wiki_texts(lang, "train")[-HELD_OUT_ARTICLES:] for lang in LANGUAGES}
-
-
-def validation() -> dict[str, list[str]]:
-    return {lang: wiki_texts(lang, "validation") for lang in LANGUAGES}
-
-
 def perplexities(model, tokenizer) -> dict[str, float]:
-    train = evaluate(model, tokenizer, texts=held_out(), max_tokens=MAX_TOKENS)["languages"]
-    valid = evaluate(model, tokenizer, texts=validation())["languages"]
-    return {f"{lang}-train": train[lang]["ppl"] for lang in LANGUAGES} | {
-        f"{lang}-validation": valid[lang]["ppl"] for lang in LANGUAGES}
+    """Per '{lang}-train' (first MAX_TOKENS of the held-out articles) and '{lang}-validation' (all of it)."""
+    sources = texts()
+    held_out = {name: text for name, text in sources.items() if name.endswith("-train")}
+    validation = {name: text for name, text in sources.items() if name.endswith("-validation")}
+    scores = (evaluate(model, tokenizer, texts=held_out, max_tokens=MAX_TOKENS)["languages"]
+              | evaluate(model, tokenizer, texts=validation)["languages"])
+    return {name: m["ppl"] for name, m in scores.items()}
 
 
 def main() -> None:

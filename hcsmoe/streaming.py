@@ -30,7 +30,15 @@ from hcsmoe.adapters import (
     moe_layer_at,
     set_expert_count,
 )
-from hcsmoe.apply import install, merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
+from hcsmoe.apply import (
+    install,
+    layer_copy,
+    merged_group,
+    replace_tensor,
+    router_rows,
+    set_count_attributes,
+    weighted_sum,
+)
 from hcsmoe.calibrate import LayerStats, expert_view
 from hcsmoe.checkpoint import (
     CheckpointReader,
@@ -254,7 +262,7 @@ class StreamingCompressor:
 
         def compressed(plan: Plan, layer_plan: LayerPlan) -> MoELayer:
             trim_heap()  # the previous candidate's copy and fits were just freed
-            trial = copy.deepcopy(moe)
+            trial = layer_copy(moe)
             self.build_compressed(trial, prefixes, plan, layer_plan, stats, top_k)
             return trial
 
