@@ -38,6 +38,7 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("anchored pairs, neuron selection + router fit + refit", MERGE | {"refit": True, "router_fit": True}),
     ("per-layer choice (pairs or reap) + fits", {"sequential": False}),
     ("**default**: per-layer choice + fits, corrective", {}),
+    ("default, neurons selected by output energy (before least squares)", {"merge": "select-energy"}),
     ("default, refit alpha 0.001", {"refit": RefitOptions(alpha=0.001)}),
     ("default, refit alpha 0.1", {"refit": RefitOptions(alpha=0.1)}),
 ]

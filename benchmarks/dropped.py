@@ -32,7 +32,7 @@ ROWS: list[tuple[str, dict]] = [
      {"method": "reap", "refit": RefitOptions(solver="blockwise")}),
     ("ream as published + refit", {"method": "ream", "refit": True}),
     ("ream, greedy groups of up to 4, aligned merge + refit", GREEDY_4 | {"refit": True}),
-    ("ream, greedy groups of up to 4, neuron selection + refit", GREEDY_4 | {"merge": "select", "refit": True}),
+    ("ream, greedy groups of up to 4, neuron selection by output energy + refit", GREEDY_4 | {"merge": "select-energy", "refit": True}),
     ("hc-smoe + refit", {"method": "hc-smoe", "refit": True}),
     ("hc-smoe + router fit + refit", {"method": "hc-smoe", "refit": True, "router_fit": True}),
     ("reap + refit, 8,192 calibration tokens", {"method": "reap", "refit": True, "num_blocks": 32}),

@@ -11,6 +11,7 @@ standard errors) close the report.
 The original's logits on the validation windows are computed once and looked up by every row.
 
     python -m benchmarks.quality [--model qwen2-moe] [--no-ablation]   # writes benchmarks/results/quality-<model>.{md,json}
+    python -m benchmarks.quality --only default   # reruns the rows whose label holds "default", keeps the others
 """
 
 from __future__ import annotations
@@ -91,9 +92,21 @@ class RememberedLogits(torch.nn.Module):
         return SimpleNamespace(logits=self.logits[key])
 
 
+def previous_rows(name: str, only: str | None) -> dict:
+    """With --only: the last full run's rows by (experts, label) and its task results (under "tasks"), except the
+    rows to rerun; without it, nothing."""
+    if only is None:
+        return {}
+    saved = json.loads((RESULTS / f"quality-{name}.json").read_text())
+    rows = [r for group in [*saved["sizes"].values(), saved["ablation"], saved["calibration_tokens"]] for r in group]
+    kept = {(r["experts"], r["method"]): r for r in rows if only not in r["method"]}
+    kept |= {(int(k), "original"): rows[0] for k, rows in saved["sizes"].items()}
+    return kept | {"tasks": {label: result for label, result in saved["tasks"].items() if only not in label}}
+
+
 class Bench:
-    def __init__(self, path: Path, max_tokens: int | None):
-        self.path, self.max_tokens = path, max_tokens
+    def __init__(self, path: Path, max_tokens: int | None, previous: dict):
+        self.path, self.max_tokens, self.previous = path, max_tokens, previous
         self.tokenizer, self.original = load_tokenizer(path), load_model(path)
         self.reference = RememberedLogits(self.original)
         self.generations = {lang: greedy_continuations(self.original, generation_prompts(
@@ -113,6 +126,9 @@ class Bench:
         return row
 
     def row(self, label: str, k: int, options: dict, generate: int) -> dict:
+        if (k, label) in self.previous:
+            self.last_plan = None
+            return self.previous[(k, label)]
         start = time.perf_counter()
         options = options_of(options)
         fitted = options.get("method") is None or options.get("refit") or options.get("router_fit")
@@ -177,12 +193,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="default, reap and hc-smoe rows only (a smoke run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-ablation", action="store_true", help="skip the ablation and calibration-size tables")
+    parser.add_argument("--only", help="rerun only the rows whose label holds this text; the others come from the "
+                                       "last full run's JSON (after a change that only they see)")
     args = parser.parse_args()
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     begin = time.perf_counter()
-    bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens)
-    original = bench.original_row()
+    bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens, previous_rows(args.model, args.only))
+    original = bench.previous.get((bench.experts, "original")) or bench.original_row()
     baselines = BASELINES[:3:2] if args.quick else BASELINES
     sizes = {}
     for k in (bench.experts * 3 // 4, bench.experts // 2):
@@ -206,15 +224,17 @@ def main() -> None:
     models = {"original": bench.original}
     for label in TASK_ROWS:
         options = {} if label == "default" else {"method": label}
-        models[f"{label}, {k} experts"] = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k,
-                                                   progress=False, **options).model
-    tasks = bench.tasks(models)
+        if args.only is None or args.only in label:
+            models[f"{label}, {k} experts"] = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k,
+                                                       progress=False, **options).model
+    tasks = bench.previous.get("tasks", {}) | bench.tasks(models)
+    tasks = {label: tasks[label] for label in ["original"] + [f"{t}, {k} experts" for t in TASK_ROWS]}
     total = time.perf_counter() - begin
-    write(args.model, sizes, ablation, token_rows, tasks, original, total, args.max_tokens, args.quick)
+    write(args.model, sizes, ablation, token_rows, tasks, original, total, args.max_tokens, args.quick, args.only)
 
 
 def write(name: str, sizes: dict, ablation: list, token_rows: list, tasks: dict, original: dict, total: float,
-          max_tokens: int | None, quick: bool) -> None:
+          max_tokens: int | None, quick: bool, only: str | None = None) -> None:
     scope = f"first {max_tokens} tokens of each validation split" if max_tokens else "full validation splits"
     parts = [f"# Quality on the bundled {name} model ({scope})", ""]
     for k, rows in sizes.items():
@@ -224,13 +244,19 @@ def write(name: str, sizes: dict, ablation: list, token_rows: list, tasks: dict,
     if token_rows:
         parts += ["## Calibration size", "", table([original] + token_rows, original), ""]
     parts += ["## Multiple choice (lm-eval, accuracy ± standard error; near chance at this size)", "",
-              task_table(tasks), "", f"Whole benchmark: {total / 60:.1f} min on {torch.get_num_threads()} threads."]
+              task_table(tasks), ""]
+    if only is None:
+        parts.append(f"Whole benchmark: {total / 60:.1f} min on {torch.get_num_threads()} threads.")
+    else:
+        parts.append(f"Rows whose label holds {only!r} rerun with the current code ({total / 60:.1f} min on "
+                     f"{torch.get_num_threads()} threads, `--only {only}`); the others are from the last full run.")
     RESULTS.mkdir(exist_ok=True)
     stem = f"quality-{name}" + ("-quick" if quick or max_tokens else "")
     (RESULTS / f"{stem}.md").write_text("\n".join(parts) + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"sizes": {str(k): rows for k, rows in sizes.items()}, "ablation": ablation, "calibration_tokens": token_rows,
-         "tasks": tasks, "total_seconds": round(total, 1), "max_tokens_per_language": max_tokens}, indent=1) + "\n")
+         "tasks": tasks, "total_seconds": round(total, 1), "max_tokens_per_language": max_tokens,
+         "rerun_only": only}, indent=1) + "\n")
     print("\n".join(parts))
 
 

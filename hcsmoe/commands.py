@@ -67,7 +67,8 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--linkage", help="hierarchical clustering linkage: average (default), single, complete, ward")
     p.add_argument("--metric", help="distance between expert outputs: euclidean (default) or cosine")
     p.add_argument("--merge", help="merge inside a group: frequency, average, fix-dom (ZipIt-style), aligned (Hungarian, "
-                                   "REAM) or select (the members' most contributing neurons) [the method's own]")
+                                   "REAM), select (the members' neurons that best reproduce their output, least squares) or "
+                                   "select-energy (the neurons with the most output energy) [the method's own]")
     p.add_argument("--group-size", type=int, help="ream: most experts per group [16 as published; 2 by default]")
     p.add_argument("--assignment", help="ream: greedy (as published) or nearest (every expert to its nearest centre)")
     p.add_argument("--representation", help="what hc-smoe clusters: expert-output (default), router-logits, weights")

@@ -153,7 +153,7 @@ def normalizes_top_k(layers: list[MoELayer]) -> bool:
 # The default compressor, chosen on held-out train text of both bundled models (benchmarks/choices.py): per
 # layer, the better on held-out calibration tokens of two plans, each fitted to the original layer (router
 # fit, then down-projection refit): the K most salient experts (REAP) anchoring pairs whose merged expert
-# keeps its members' most contributing neurons, or REAP's pruning. Options a caller leaves unset take these
+# keeps the members' neurons that best reproduce the pair's output (least squares), or REAP's pruning. Options a caller leaves unset take these
 # values when no method is named.
 DEFAULT_RECIPE = {
     "candidates": [("ream", {"merge": "select", "group_size": 0, "assignment": "nearest"}), ("reap", {})],

@@ -28,8 +28,8 @@ from hcsmoe.errors import UserError
 PLAN_FORMAT = "hcsmoe-plan/1"
 LINKAGES = ("average", "single", "complete", "ward")
 METRICS = ("euclidean", "cosine")
-MERGES = ("frequency", "average", "fix-dom", "aligned", "select")
-PLAN_MERGES = ("weighted", "fix-dom", "aligned", "select")  # how apply merges a group: see apply.py
+MERGES = ("frequency", "average", "fix-dom", "aligned", "select", "select-energy")
+PLAN_MERGES = ("weighted", "fix-dom", "aligned", "select", "select-energy")  # how apply merges a group: see apply.py
 ASSIGNMENTS = ("greedy", "nearest")
 ROUTERS = ("average", "dominant", "lsq")
 REPRESENTATIONS = ("expert-output", "router-logits", "weights")
@@ -63,7 +63,8 @@ class Plan:
     layers: list[LayerPlan]
     # "weighted": weighted average of members; "fix-dom": neurons folded onto the dominant member's;
     # "aligned": members' neurons permuted one-to-one onto the anchor's (Hungarian), then weighted average;
-    # "select": the members' most contributing neurons, kept unchanged (for a refit of the down projection)
+    # "select": the members' neurons that, with fitted down columns, best reproduce the group's output (least
+    # squares, for a refit of the down projection); "select-energy": the neurons with the most output energy, unchanged
     merge: str = "weighted"
     refit: dict | None = None  # options of the down-projection refit applied after merging (None: not refitted)
     router_fit: dict | None = None  # options of the router fit applied after merging (None: rows as `router` made them)

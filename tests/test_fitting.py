@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hcsmoe.adapters import architecture_for, moe_layers
-from hcsmoe.apply import aligned_expert, members_view, selected_expert
+from hcsmoe.apply import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, energy_selected_expert, least_squares_subset, members_view, selected_expert
 from hcsmoe.calibrate import BlockTokens, route_tokens
 from hcsmoe.errors import UserError
 from hcsmoe.loading import load_model
@@ -145,16 +145,71 @@ def test_dropped_experts_are_absorbed_by_the_most_similar_kept_expert():
     assert mass_owners(plan, stats, absorb=False).tolist() == [0, 1, -1, -1]
 
 
-def test_selected_expert_keeps_the_only_active_members_neurons(tiny_models):
-    """A member that never activates contributes no neuron: the selection is the other member exactly."""
-    _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
+def expert_output(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A Qwen3-MoE expert's output (SiLU-gated) on x, from its [2I, H] gate_up and [H, I] down."""
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ down.T
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama4_text"])
+def test_selected_expert_keeps_one_copy_of_each_duplicated_neuron(tiny_models, family):
+    """Two members with the same weights: the merged expert is that expert again (in some neuron order), since
+    dropping one copy of a neuron costs nothing and dropping a distinct one does; the energy rule, which ranks
+    neurons one by one, keeps both copies of the strongest neurons and loses others (gates differ per member)."""
+    _, architecture, moe = first_moe(tiny_models, family)
     with torch.no_grad():
-        moe.experts.down_proj[3].zero_()
-    stats = hand_made(e=8, h=32, n=256, router_weight=moe.router.weight.detach().clone())
-    group = Group([1, 3], [0.5, 0.5], [0.5, 0.5])
-    gate_up, down = selected_expert(members_view(moe.experts, group.members), architecture, group, stats, top_k=2)
-    assert torch.equal(gate_up, moe.experts.gate_up_proj[1].float())
-    assert torch.equal(down, moe.experts.down_proj[1].float())
+        moe.experts.gate_up_proj[6] = moe.experts.gate_up_proj[1]
+        moe.experts.down_proj[6] = moe.experts.down_proj[1]
+    h = moe.router.weight.shape[1]
+    stats = hand_made(e=8, h=h, n=512, router_weight=moe.router.weight.detach().clone())
+    group = Group([1, 6], [0.5, 0.5], [0.5, 0.5])
+    view = members_view(moe.experts, group.members)
+    selected = selected_expert(view, architecture, group, stats, top_k=2)
+    energy = energy_selected_expert(view, architecture, group, stats, top_k=2)
+    original = (view.gate_up_proj[0], view.down_proj[0])
+    if architecture.transposed:
+        selected, energy, original = [tuple(t.T for t in pair) for pair in (selected, energy, original)]
+    rows = lambda gate_up: torch.cat(gate_up.chunk(2), dim=1)  # one row per neuron: its gate and up weights
+    assert sorted(map(tuple, rows(selected[0]).tolist())) == sorted(map(tuple, rows(original[0]).tolist()))
+    assert sorted(map(tuple, rows(energy[0]).tolist())) != sorted(map(tuple, rows(original[0]).tolist()))
+    if family == "qwen3_moe":
+        x = torch.randn(64, h, generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(expert_output(*selected, x), expert_output(*original, x), atol=1e-4)
+
+
+def test_least_squares_subset_beats_keeping_the_largest_columns():
+    """On random data with correlated columns, the greedy removal leaves a smaller fitted error than keeping the
+    columns whose own least-squares weights are largest, and its readout is the ridge fit of the columns it kept."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    features = torch.cat([base, base @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+                          + 0.1 * torch.randn(400, 6, generator=g, dtype=torch.float64)], dim=1)
+    target = features @ torch.randn(12, 3, generator=g, dtype=torch.float64)
+    fitted_error = lambda columns: float((target - features[:, columns] @ torch.linalg.lstsq(
+        features[:, columns], target).solution).pow(2).sum())
+    kept, readout = least_squares_subset(features, target, torch.zeros(12, 3, dtype=torch.float64), 6)
+    largest = torch.linalg.lstsq(features, target).solution.pow(2).sum(1).argsort(descending=True)[:6]
+    assert kept.shape == (6,) and readout.shape == (6, 3)
+    assert fitted_error(kept) < fitted_error(largest)
+    ridge = SELECT_RIDGE * float((features.T @ features).diagonal().mean())  # the ridge of the full problem
+    chosen = features[:, kept]
+    expected = torch.linalg.solve(chosen.T @ chosen + ridge * torch.eye(6, dtype=torch.float64), chosen.T @ target)
+    assert torch.allclose(readout, expected, atol=1e-8)
+
+
+def test_least_squares_subset_in_rounds_keeps_one_copy_of_each_duplicate():
+    """Beyond EXACT_SELECTION candidates columns go in rounds; a round never takes both copies of a duplicated
+    column (each alone costs nothing), so 300 columns each given twice come back as one copy of each, with the
+    target fitted as well as by all of them."""
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(2000, 300, generator=g, dtype=torch.float64)
+    features = torch.cat([distinct, distinct], dim=1)
+    assert features.shape[1] > EXACT_SELECTION
+    target = distinct @ torch.randn(300, 4, generator=g, dtype=torch.float64)
+    kept, readout = least_squares_subset(features, target, torch.zeros(600, 4, dtype=torch.float64), 300)
+    assert sorted((kept % 300).tolist()) == list(range(300))
+    residual = (target - features[:, kept] @ readout).pow(2).sum() / target.pow(2).sum()
+    assert float(residual) < 1e-3
 
 
 def test_aligned_merge_undoes_a_neuron_permutation(tiny_models):
