@@ -221,13 +221,14 @@ def main() -> None:
         bench.row(f"default, {n} calibration tokens", k, {"num_blocks": n // bench.original.config.max_position_embeddings,
                                                           "block_size": bench.original.config.max_position_embeddings}, 0)
         for n in TOKEN_COUNTS]
-    models = {"original": bench.original}
+    kept_tasks = bench.previous.get("tasks", {})  # with --only: the task rows not to rerun
+    models = {} if "original" in kept_tasks else {"original": bench.original}
     for label in TASK_ROWS:
-        options = {} if label == "default" else {"method": label}
-        if args.only is None or args.only in label:
+        if f"{label}, {k} experts" not in kept_tasks:
+            options = {} if label == "default" else {"method": label}
             models[f"{label}, {k} experts"] = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k,
                                                        progress=False, **options).model
-    tasks = bench.previous.get("tasks", {}) | bench.tasks(models)
+    tasks = kept_tasks | bench.tasks(models)
     tasks = {label: tasks[label] for label in ["original"] + [f"{t}, {k} experts" for t in TASK_ROWS]}
     total = time.perf_counter() - begin
     write(args.model, sizes, ablation, token_rows, tasks, original, total, args.max_tokens, args.quick, args.only)

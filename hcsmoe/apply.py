@@ -108,16 +108,22 @@ def neurons_back(pairs: torch.Tensor, down_columns: torch.Tensor, architecture: 
     return gate_up, down
 
 
-def routed_inputs(stats: LayerStats, members: list[int], top_k: int) -> torch.Tensor:
-    """Calibration inputs that the original router sent to at least one member (all inputs if none).
+def routed_gates(stats: LayerStats, members: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, gates [T, members]) of the calibration inputs that the original router sent to at least one
+    member (all inputs if fewer than two): each member's softmax probability where it is in the top-k, else 0.
+    A top-k renormalisation would scale a token's gates by one factor, which only reweighs tokens in a fit.
 
     The choice is the top-k of the plain logits x @ W^T: close to, not exactly, the routing of families
-    with a router bias, score correction or group limit; it only selects the tokens that align neurons.
+    with a router bias, score correction or group limit; it only selects the tokens that merges learn from.
     """
     x = stats.router_inputs
-    chosen = (x @ stats.router_weight.T).topk(top_k, dim=-1).indices
-    hit = torch.isin(chosen, torch.tensor(members)).any(-1)
-    return x[hit] if int(hit.sum()) >= 2 else x
+    logits = x @ stats.router_weight.to(x.device).T
+    probs = torch.softmax(logits.float(), dim=-1)
+    chosen = logits.topk(top_k, dim=-1).indices
+    routed = torch.stack([(chosen == e).any(-1) for e in members], dim=1)
+    gates = probs[:, members] * routed
+    hit = routed.any(-1)
+    return (x[hit], gates[hit]) if int(hit.sum()) >= 2 else (x, gates)
 
 
 def standardized(a: torch.Tensor) -> torch.Tensor:
@@ -136,7 +142,7 @@ def fix_dom_expert(view: nn.Module, architecture: Architecture, group: Group, st
     """
     members, weights = group.members, group.weights
     dominant = max(range(len(members)), key=lambda i: (group.frequencies[i], -members[i]))
-    x = routed_inputs(stats, members, top_k).to(view.gate_up_proj.device)
+    x = routed_gates(stats, members, top_k)[0].to(view.gate_up_proj.device)
     activations = expert_intermediate(view, architecture, x)  # [m, n, I]
     reference = standardized(activations[dominant])
     dom_pairs, dom_down = neuron_layout(view, dominant, architecture)
@@ -202,25 +208,22 @@ SELECTION_ROUNDS = 8  # beyond it, each round removes 1/8 of the neurons still t
 INDEPENDENT = 0.5  # |correlation| of two columns' A^-1 entries above which one round removes only one of them
 
 
-def routed_gates(stats: LayerStats, members: list[int], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, gates [T, members]) of the calibration inputs the original router sent to at least one member
-    (all inputs if fewer than two): each member's softmax probability where it is in the top-k, else 0. A
-    top-k renormalisation would scale a token's gates by one factor, which only reweighs tokens in a fit."""
-    x = stats.router_inputs
-    logits = x @ stats.router_weight.to(x.device).T
-    probs = torch.softmax(logits.float(), dim=-1)
-    chosen = logits.topk(top_k, dim=-1).indices
-    gates = torch.stack([probs[:, e] * (chosen == e).any(-1) for e in members], dim=1)
-    hit = gates.sum(1) > 0
-    return (x[hit], gates[hit]) if int(hit.sum()) >= 2 else (x, gates)
-
-
 def gated_intermediate(view: nn.Module, architecture: Architecture, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """[m, T, I]: what each member's down projection multiplies on tokens x routed with gates [T, m]."""
     if architecture.gate_on_input:
         return torch.stack([expert_intermediate(view, architecture, x * gates[:, p : p + 1])[p]
                             for p in range(gates.shape[1])])
     return expert_intermediate(view, architecture, x) * gates.T.unsqueeze(-1)
+
+
+def members_on_routed_tokens(view: nn.Module, architecture: Architecture, group: Group, stats: LayerStats,
+                             top_k: int):
+    """What both neuron selections start from: the routed calibration inputs and the members' gates on them,
+    each member's (gate/up pairs, down columns), and each member's activations on its own gate [m, T, I]."""
+    x, gates = routed_gates(stats, group.members, top_k)
+    x, gates = x.to(view.gate_up_proj.device), gates.to(view.gate_up_proj.device)
+    layouts = [neuron_layout(view, position, architecture) for position in range(len(group.members))]
+    return x, gates, layouts, gated_intermediate(view, architecture, x, gates)
 
 
 @torch.no_grad()
@@ -230,14 +233,11 @@ def selected_expert(view: nn.Module, architecture: Architecture, group: Group, s
     their down columns fitted by least squares (ridge, pulled toward their own). Neurons are removed one at a
     time (in rounds for large experts, see least_squares_subset), always the one whose loss raises the fitted
     error least (the Optimal Brain Surgeon step for a least squares readout), so redundant neurons go before
-    distinct ones. Candidates: at most 2I, the members'
-    neurons with the most output energy (`select-energy` keeps the top I of those and nothing else).
+    distinct ones. Candidates: at most 2I, the members' neurons with the most output energy (`select-energy`
+    keeps the top I of those and nothing else).
     The refit (refit.py) later fits the readouts again, against the whole layer's output."""
-    x, gates = routed_gates(stats, group.members, top_k)
-    x, gates = x.to(view.gate_up_proj.device), gates.to(view.gate_up_proj.device)
-    layouts = [neuron_layout(view, position, architecture) for position in range(len(group.members))]
+    x, gates, layouts, own = members_on_routed_tokens(view, architecture, group, stats, top_k)
     width = layouts[0][0].shape[0]
-    own = gated_intermediate(view, architecture, x, gates)  # each member on its own gate
     target = sum(own[p].double() @ layouts[p][1].double() for p in range(len(layouts)))
     pool = _energy_order(own, layouts)[: 2 * width].sort().values
     together = gated_intermediate(view, architecture, x, gates.sum(1, keepdim=True).expand_as(gates))
@@ -303,9 +303,7 @@ def _energy_order(activations: torch.Tensor, layouts: list) -> torch.Tensor:
 def energy_selected_expert(view: nn.Module, architecture: Architecture, group: Group, stats: LayerStats, top_k: int):
     """The members' I neurons with the most output energy, unchanged (weights and down columns): the selection
     before the least-squares one, kept to compare with it."""
-    x, gates = routed_gates(stats, group.members, top_k)
-    layouts = [neuron_layout(view, position, architecture) for position in range(len(group.members))]
-    own = gated_intermediate(view, architecture, x.to(view.gate_up_proj.device), gates.to(view.gate_up_proj.device))
+    _, _, layouts, own = members_on_routed_tokens(view, architecture, group, stats, top_k)
     order = _energy_order(own, layouts)[: layouts[0][0].shape[0]].sort().values
     return neurons_back(torch.cat([p for p, _ in layouts])[order], torch.cat([d for _, d in layouts])[order], architecture)
 
