@@ -6,6 +6,7 @@ validation numbers are reported beside them, never used to choose. Each cell is 
 original model's on the same text (first 8,192 tokens of each); "mean" is the mean over en/fr/es.
 
     python -m benchmarks.choices [--model reference|qwen2-moe]   # writes benchmarks/results/choices-<model>.{md,json}
+    python -m benchmarks.choices --only "expert fit"   # reruns the rows whose label holds the text, keeps the others
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("default, neurons selected by output energy (before least squares)", {"merge": "select-energy"}),
     ("default, refit alpha 0.001", {"refit": RefitOptions(alpha=0.001)}),
     ("default, refit alpha 0.1", {"refit": RefitOptions(alpha=0.1)}),
+    ("default + expert fit (gate/up and down, 30 L-BFGS steps, all tokens)", {"refit": RefitOptions(steps=30)}),
+    ("default + expert fit (30 steps on 8,192 tokens)", {"refit": RefitOptions(steps=30, step_tokens=8192)}),
 ]
 
 
@@ -50,27 +53,44 @@ def texts(train_label: str = "train") -> dict[str, list[str]]:
     return held_out | {f"{lang}-validation": wiki_texts(lang, "validation") for lang in LANGUAGES}
 
 
-def bundled_model(description: str) -> tuple[str, object, object]:
-    """--model and --threads from the command line: the bundled model's name, tokenizer and model (float32)."""
+def bundled_model(description: str, with_only: bool = False) -> tuple[str, object, object] | tuple:
+    """--model and --threads (and --only, if `with_only`) from the command line: the bundled model's name,
+    tokenizer and model (float32) (and the --only text)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
     parser.add_argument("--threads", type=int, default=2)
+    if with_only:
+        parser.add_argument("--only", help="rerun only the rows whose label holds this text; the others come from "
+                                           "the last run's JSON")
     args = parser.parse_args()
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     path = BUNDLED_MODELS[args.model]
-    return args.model, load_tokenizer(path), load_model(path)
+    loaded = args.model, load_tokenizer(path), load_model(path)
+    return (*loaded, args.only) if with_only else loaded
+
+
+def kept_rows(name: str, only: str | None) -> dict:
+    """With --only: the last run's rows by (experts, label), except those whose label holds the text."""
+    if only is None:
+        return {}
+    saved = json.loads((RESULTS / f"choices-{name}.json").read_text())["rows"]
+    return {(r["experts"], r["setting"]): r for r in saved if only not in r["setting"]}
 
 
 def main() -> None:
     start = time.perf_counter()
-    name, tokenizer, original = bundled_model(__doc__)
+    name, tokenizer, original, only = bundled_model(__doc__, with_only=True)
+    kept = kept_rows(name, only)
     sources = texts()
     base = {name: m["ppl"] for name, m in evaluate(original, tokenizer, texts=sources, max_tokens=MAX_TOKENS)["languages"].items()}
     e = expert_count(original.config, architecture_for(original.config))
     rows = []
     for k in (e * 3 // 4, e // 2):
         for label, options in CANDIDATES:
+            if (k, label) in kept:
+                rows.append(kept[(k, label)])
+                continue
             mark = time.perf_counter()
             result = compress(original, tokenizer=tokenizer, num_experts=k, progress=False, **options)
             seconds = time.perf_counter() - mark
@@ -78,14 +98,14 @@ def main() -> None:
             rows.append({"experts": k, "setting": label, "seconds": round(seconds, 1),
                          **{name: round(m["ppl"] / base[name], 4) for name, m in scores.items()}})
             print(json.dumps(rows[-1]), flush=True)
-    write(name, rows, base, time.perf_counter() - start)
+    write(name, rows, base, time.perf_counter() - start, only)
 
 
 def mean(row: dict, split: str) -> float:
     return sum(row[f"{lang}-{split}"] for lang in LANGUAGES) / len(LANGUAGES)
 
 
-def write(name: str, rows: list[dict], base: dict, seconds: float) -> None:
+def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | None = None) -> None:
     columns = [f"{lang}-train" for lang in LANGUAGES]
     head = ("| experts | setting | " + " | ".join(columns) + " | **mean (train, chooses)** | mean (validation) | s |")
     lines = [head, "|" + "---|" * (len(columns) + 5)]
@@ -96,7 +116,9 @@ def write(name: str, rows: list[dict], base: dict, seconds: float) -> None:
             + ", ".join(f"{k} {v:.2f}" for k, v in base.items())
             + f") on the first {MAX_TOKENS} tokens of each text; train = last {HELD_OUT_ARTICLES} train articles per "
             f"language (used to choose), validation reported only.\n\n" + "\n".join(lines)
-            + f"\n\nWhole benchmark: {seconds / 60:.1f} min on {torch.get_num_threads()} threads.\n")
+            + (f"\n\nWhole benchmark: {seconds / 60:.1f} min on {torch.get_num_threads()} threads.\n" if only is None else
+               f"\n\nRows whose setting holds {only!r} rerun with the current code ({seconds / 60:.1f} min on "
+               f"{torch.get_num_threads()} threads, `--only`); the others from the last full run.\n"))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"choices-{name}.json").write_text(json.dumps({"rows": rows, "original_ppl": base,
                                                               "seconds": round(seconds, 1)}, indent=1) + "\n")

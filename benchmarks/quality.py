@@ -59,6 +59,8 @@ ABLATIONS: list[tuple[str, dict]] = [
     ("default, English-only calibration", {"calibration": "wiki:en"}),
 ]
 TOKEN_COUNTS = (8192, 32768)
+# Opt-in, not the default (cost; README): the default + the expert fit (gate/up and down, L-BFGS).
+EXPERT_FIT = ("default + expert fit (--refit-steps 30)", {"refit": {"steps": 30}})
 TASK_ROWS = ("default", "reap", "hc-smoe")
 
 
@@ -206,6 +208,8 @@ def main() -> None:
     for k in (bench.experts * 3 // 4, bench.experts // 2):
         generate = PROMPTS if k == bench.experts // 2 else 0
         rows = [original, bench.row("**default**", k, {}, generate)]
+        if not args.quick:
+            rows.append(bench.row(EXPERT_FIT[0], k, EXPERT_FIT[1], generate))
         for label, options in baselines:
             published = None
             for suffix, fits in FITS.items():

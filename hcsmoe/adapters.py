@@ -327,7 +327,8 @@ ACTIVATIONS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.T
 
 
 def expert_intermediate(experts: nn.Module, architecture: Architecture, x: torch.Tensor) -> torch.Tensor:
-    """The activation fed to down_proj, for every expert on every token, shape [E, T, I], in float32.
+    """The activation fed to down_proj, for every expert on every token, shape [E, T, I], in float32;
+    x is [T, H] (the same tokens for every expert) or [E, T, H] (each expert its own tokens).
 
     Expert outputs are affine in this activation (down_proj is a matrix plus an optional bias, for every
     family, GPT-OSS's clamped SwiGLU included), so its mean over tokens gives every expert's mean output
@@ -336,7 +337,7 @@ def expert_intermediate(experts: nn.Module, architecture: Architecture, x: torch
     weight = experts.gate_up_proj.float()
     if not architecture.transposed:
         weight = weight.transpose(1, 2)  # [E, H, 2I]
-    h = torch.matmul(x.float().unsqueeze(0), weight)  # [E, T, 2I]
+    h = torch.matmul(x.float() if x.dim() == 3 else x.float().unsqueeze(0), weight)  # [E, T, 2I]
     bias = getattr(experts, "gate_up_proj_bias", None)
     if bias is not None:
         h = h + bias.float().unsqueeze(1)

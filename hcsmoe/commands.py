@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,6 +42,8 @@ COMPRESS_DEFAULTS = {
     "refit": None,
     "refit_alpha": None,
     "refit_solver": None,
+    "refit_steps": None,
+    "refit_tokens": None,
     "fit_router": None,
     "eval": True,
     "eval_languages": "en,fr,es",
@@ -103,6 +106,11 @@ def add_compress_parser(sub) -> None:
                         "[on by default; off for a named --method unless given]")
     p.add_argument("--refit-alpha", type=float, help="ridge strength of the refit, relative to the mean Gram diagonal [0.01]")
     p.add_argument("--refit-solver", help="joint, blockwise (Gauss-Seidel over experts) or auto [auto]")
+    p.add_argument("--refit-steps", type=int,
+                   help="then fit gate/up and down together for this many L-BFGS iterations per layer (0: down only; "
+                        "30 measured: better, several times slower, see README) [0]")
+    p.add_argument("--refit-tokens", type=int,
+                   help="calibration tokens those iterations use, evenly spaced (0: all) [0]")
     p.add_argument("--fit-router", action=argparse.BooleanOptionalAction, default=None,
                    help="fit the K router rows to the original routing mass of each group "
                         "[on by default; off for a named --method unless given]")
@@ -261,13 +269,17 @@ def should_stream(source: Path, stream: bool | None) -> bool:
 
 
 def refit_option(options: dict):
-    """--no-refit: False; --refit-alpha or --refit-solver: those options (the refit on); else --refit or None."""
+    """--no-refit: False; any --refit-* option: those options over the default recipe's (a named method's: the
+    refit's own defaults), the refit on; else --refit or None."""
+    from hcsmoe.pipeline import DEFAULT_RECIPE
     from hcsmoe.refit import RefitOptions
 
     if options["refit"] is False:
         return False
-    tuned = {key: options[f"refit_{key}"] for key in ("alpha", "solver") if options[f"refit_{key}"] is not None}
-    return RefitOptions(**tuned) if tuned else options["refit"]
+    names = {"alpha": "alpha", "solver": "solver", "steps": "steps", "tokens": "step_tokens"}
+    tuned = {field: options[f"refit_{flag}"] for flag, field in names.items() if options[f"refit_{flag}"] is not None}
+    base = DEFAULT_RECIPE["refit"] if options["method"] is None else RefitOptions()
+    return dataclasses.replace(base, **tuned) if tuned else options["refit"]
 
 
 def evaluate_before_after(source: Path, compressed: Path, options: dict) -> dict:

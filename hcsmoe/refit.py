@@ -32,6 +32,7 @@ from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate
 from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view, route_tokens
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
+from hcsmoe.expert_fit import fit_experts
 from hcsmoe.plan import LayerPlan
 from hcsmoe.router_fit import RouterFitOptions, fit_router
 
@@ -47,12 +48,16 @@ class RefitOptions:
     solver: str = "auto"  # "joint", "blockwise", or "auto" (joint while K * I <= JOINT_LIMIT)
     sweeps: int = 4  # Gauss-Seidel sweeps of the blockwise solver
     token_chunk: int = 2048
+    steps: int = 0  # then L-BFGS iterations fitting gate/up and down together (expert_fit); 0: down only
+    step_tokens: int = 0  # calibration tokens those iterations use, evenly spaced (0: all)
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise UserError(f"unknown refit solver {self.solver!r}; choose one of: {', '.join(SOLVERS)}")
         if self.alpha < 0 or self.sweeps < 1:
             raise UserError("the refit needs alpha >= 0 and at least one sweep")
+        if self.steps < 0 or self.step_tokens < 0:
+            raise UserError("the refit's steps and step tokens must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -285,7 +290,9 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     """Per-layer choice between plans: each candidate (plan, layer plan) is applied to a fresh copy of the layer
     (`compressed(plan, layer_plan)`), fitted on 7/8 of the calibration tokens and scored by the relative
     error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
-    candidate's error and its fits) and its fitted copy of the layer, which is the result: refitting on all
+    candidate's error and its fits) and its fitted copy of the layer, which is the result. The candidates are
+    scored after the closed-form fits; only the winner then gets the expert fit (refit.steps), the costly
+    part. The winner is not refitted on all
     tokens would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
     holds one compressed copy at a time (streaming, where a layer's memory counts): the candidates are fitted
     last to first, and the first one's copy (the recipe's merge, which wins most layers) is returned if it
@@ -302,7 +309,8 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
         moe = compressed(plan, trial)
         error = None
         if fitter(position) == world.rank:
-            fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit)
+            fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit,
+                                 with_experts=False)
             residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
             error = float(residual.pow(2).sum()) / max(energy, 1e-30)
         kept = moe if keep_winner or position == 0 else None
@@ -313,8 +321,12 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     trials = [(*scored[position], trials[position][2]) for position in range(len(candidates))]
     best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
     _, chosen, moe = trials[best]
-    if moe is not None and world.size > 1:
-        world.copy_from(fitter(best), fitted_tensors(moe))
+    if moe is not None:
+        if fitter(best) == world.rank:
+            fit_layer_experts(moe, architecture, chosen, fitting, output_dtype, refit)
+        if world.size > 1:
+            world.copy_from(fitter(best), fitted_tensors(moe))
+            chosen.details["refit"] = world.gather(chosen.details.get("refit"))[fitter(best)]
     chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},
                                 "chosen": candidates[best][0].method}
     return candidates[best][0], chosen, moe
@@ -337,12 +349,13 @@ def round_layer(moe: MoELayer, dtype: torch.dtype) -> None:
 
 def fit_compressed_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, stats: LayerStats,
                          block: BlockTokens | None, output_dtype: torch.dtype, refit: RefitOptions | None,
-                         router_fit: RouterFitOptions | None) -> None:
+                         router_fit: RouterFitOptions | None, with_experts: bool = True) -> None:
     """The fitting stage of one compressed layer: fit its router to the original routing mass, round it to
     the saved dtype, refit its down projections to the original layer's routed output (with the final
-    router), and record each fit in the layer's plan. The layer then holds exactly the values that will be
-    saved (what sequential calibration runs next). A plan that keeps every expert unmerged is only rounded,
-    so K = E still reproduces the model bit for bit."""
+    router), then (refit.steps, unless `with_experts` is False) gate/up and down together, and record each
+    fit in the layer's plan. The layer then holds exactly the values that will be saved (what sequential
+    calibration runs next). A plan that keeps every expert unmerged is only rounded, so K = E still
+    reproduces the model bit for bit."""
     identity = layer_plan.dropped == [] and all(len(g.members) == 1 for g in layer_plan.groups)
     with torch.no_grad():
         if router_fit is not None and not identity:
@@ -351,3 +364,13 @@ def fit_compressed_layer(moe: MoELayer, architecture: Architecture, layer_plan: 
         if refit is not None and not identity:
             layer_plan.details["refit"] = refit_layer(moe, architecture, block, refit, output_dtype)
             round_layer(moe, output_dtype)
+            if with_experts:
+                fit_layer_experts(moe, architecture, layer_plan, block, output_dtype, refit)
+
+
+def fit_layer_experts(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, block: BlockTokens,
+                      output_dtype: torch.dtype, refit: RefitOptions | None) -> None:
+    """The expert fit (expert_fit.py) of a refitted layer, when refit.steps asks for one; rounded to the saved dtype."""
+    if refit is not None and refit.steps and "refit" in layer_plan.details:
+        layer_plan.details["refit"]["experts"] = fit_experts(moe, architecture, block, refit.steps, refit.step_tokens)
+        round_layer(moe, output_dtype)

@@ -115,6 +115,17 @@ def test_recipe_yaml_and_flags(capsys, tiny_models, tmp_path):
     assert_one_line_error(code, err)
 
 
+def test_refit_flags_reach_the_plan(capsys, tiny_models, tmp_path):
+    """--refit-steps and --refit-tokens tune the default recipe's refit (its other options kept) and are recorded."""
+    code, _, err = run_cli(capsys, "compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--blocks", "2",
+                           "--block-size", "32", "--no-eval", "-q", "--refit-steps", "3", "--refit-tokens", "40",
+                           "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    plan = json.loads((tmp_path / "o" / "hcsmoe_plan.json").read_text())
+    assert plan["refit"]["steps"] == 3 and plan["refit"]["step_tokens"] == 40 and plan["refit"]["alpha"] == 0.01
+    assert all(layer["details"]["refit"]["experts"]["tokens"] == 40 for layer in plan["layers"])
+
+
 def test_inspect_shows_layout(capsys, tiny_models):
     code, out, _ = run_cli(capsys, "inspect", str(tiny_models["qwen2_moe"]), "--json")
     info = json.loads(out)

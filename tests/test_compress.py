@@ -17,6 +17,7 @@ from hcsmoe.adapters import architecture_for, moe_layers
 from hcsmoe.apply import merge_rows
 from hcsmoe.calibrate import LayerStats
 from hcsmoe.pipeline import compress
+from hcsmoe.refit import RefitOptions
 from hcsmoe.plan import HCSMoE, Group, Plan, groups_from_linkage
 from tests.conftest import ARCHITECTURES
 
@@ -209,6 +210,21 @@ def test_overwrite_replaces_a_previous_output_whole(tiny_models, tmp_path):
     assert not (tmp_path / "out" / "stale.txt").exists()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_expert_fit_is_recorded_in_the_plan_and_redone_from_it(tiny_models, tmp_path):
+    """refit steps move the gate/up weights the down-only refit leaves alone; the plan records the steps, so
+    re-applying it gives the same model."""
+    fitted = compress(tiny_models["qwen3_moe"], num_experts=4, refit=RefitOptions(steps=4), **FAST)
+    down_only = compress(tiny_models["qwen3_moe"], num_experts=4, **FAST)
+    assert fitted.plan.refit["steps"] == 4 and down_only.plan.refit["steps"] == 0
+    fits = [layer.details["refit"]["experts"] for layer in fitted.plan.layers]
+    assert all(fit["error_after"] < fit["error_before"] for fit in fits)
+    gate_up = lambda result: [p for n, p in result.model.named_parameters() if n.endswith("gate_up_proj")]
+    assert not any(torch.equal(a, b) for a, b in zip(gate_up(fitted), gate_up(down_only)))
+    fitted.plan.save(tmp_path / "plan.json")
+    reapplied = compress(tiny_models["qwen3_moe"], plan=Plan.load(tmp_path / "plan.json"), **FAST)
+    assert torch.equal(logits(reapplied.model), logits(fitted.model))
 
 
 def test_statistics_file_round_trips_and_replans_at_another_k(tiny_models, tmp_path):

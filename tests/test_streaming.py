@@ -14,6 +14,7 @@ from hcsmoe.calibrate import Statistics
 from hcsmoe.checkpoint import CheckpointReader
 from hcsmoe.loading import load_model
 from hcsmoe.pipeline import compress
+from hcsmoe.refit import RefitOptions
 from hcsmoe.streaming import StreamingCompressor, skeleton
 from tests.conftest import ARCHITECTURES
 
@@ -123,9 +124,12 @@ def test_sequential_mode_sees_compressed_earlier_layers(tiny_models):
     assert sequential.model.config.num_experts == 3
 
 
-@pytest.mark.parametrize("mode, method", [(True, "hc-smoe"), ("corrective", None)])
-def test_sequential_streaming_writes_the_same_weights_as_in_memory(tiny_models, tmp_path, mode, method):
-    options = dict(SMALL, num_experts=4, sequential=mode, method=method)
+@pytest.mark.parametrize("mode, method, refit", [(True, "hc-smoe", None), ("corrective", None, None),
+                                                 ("corrective", None, RefitOptions(steps=4))])
+def test_sequential_streaming_writes_the_same_weights_as_in_memory(tiny_models, tmp_path, mode, method, refit):
+    """Also with the expert fit (refit steps), which the in-memory path runs on the per-layer choice's kept
+    winner and streaming on a rebuilt one."""
+    options = dict(SMALL, num_experts=4, sequential=mode, method=method, refit=refit)
     compress(tiny_models["qwen2_moe"], **options).save(tmp_path / "memory")
     compress(tiny_models["qwen2_moe"], stream_to=tmp_path / "stream", **options)
     assert_same_checkpoint(tmp_path / "stream", tmp_path / "memory")
