@@ -44,8 +44,8 @@ def per_expert_tokens(moe: MoELayer, architecture: Architecture, inputs: torch.T
         token, slot = (indices == expert).nonzero(as_tuple=True)
         lists.append((token, weights[token, slot].float()))
     width = max(1, max(int(token.numel()) for token, _ in lists))
-    positions = torch.zeros(num_experts, width, dtype=torch.long)
-    gates = torch.zeros(num_experts, width)
+    positions = torch.zeros(num_experts, width, dtype=torch.long, device=inputs.device)
+    gates = torch.zeros(num_experts, width, device=inputs.device)
     for expert, (token, gate) in enumerate(lists):
         positions[expert, : token.numel()] = token
         gates[expert, : token.numel()] = gate
@@ -64,7 +64,7 @@ def padded_block_output(experts: nn.Module, architecture: Architecture, tensors:
     else:
         out = expert_output_from_intermediate(view, architecture, expert_intermediate(view, architecture, x))
         out = out * gates.unsqueeze(-1)
-    return torch.zeros(inputs.shape[0], out.shape[-1]).index_add(0, positions.reshape(-1), out.reshape(-1, out.shape[-1]))
+    return torch.zeros(inputs.shape[0], out.shape[-1], device=out.device).index_add(0, positions.reshape(-1), out.reshape(-1, out.shape[-1]))
 
 
 def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, steps: int,
@@ -74,7 +74,8 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     Gradients are accumulated over chunks of CHUNK_TOKENS tokens, so memory stays bounded."""
     experts = moe.experts
     chosen = evenly_spaced(tokens.inputs.shape[0], sample)
-    inputs, target = tokens.inputs[chosen].detach().float(), tokens.routed[chosen].detach().float()
+    device = experts.down_proj.device
+    inputs, target = (t[chosen.to(t.device)].detach().float().to(device) for t in (tokens.inputs, tokens.routed))
     chunks = [(begin, stop, *per_expert_tokens(moe, architecture, inputs[begin:stop]))
               for begin, stop in zip(range(0, len(chosen), CHUNK_TOKENS),
                                      [*range(CHUNK_TOKENS, len(chosen), CHUNK_TOKENS), len(chosen)])]
