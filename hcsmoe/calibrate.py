@@ -265,6 +265,31 @@ def route_tokens(moe: MoELayer, architecture: Architecture, x: torch.Tensor, tok
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
 
+@dataclass
+class Routed:
+    """A router's choice on every token of a block, and each expert's tokens (for the fitting stages)."""
+
+    weights: torch.Tensor  # [T, k]
+    indices: torch.Tensor  # [T, k]
+
+    def tokens_of(self, expert: int, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token positions relative to start, gate weights) of the tokens start:stop routed to `expert`."""
+        token, slot = (self.indices[start:stop] == expert).nonzero(as_tuple=True)
+        return token, self.weights[start:stop][token, slot]
+
+
+def routed(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> Routed:
+    """The layer's own (e.g. compressed) routing of x, float32 gate weights."""
+    _, weights, indices = route_tokens(moe, architecture, x)
+    return Routed(weights.float(), indices)
+
+
+def token_spans(total: int, size: int):
+    """(begin, stop) of consecutive spans of at most `size` tokens covering all `total`."""
+    for begin in range(0, total, size):
+        yield begin, min(total, begin + size)
+
+
 def _one_expert(view: nn.Module, local: int) -> nn.Module:
     return expert_view(view, {n: t[local : local + 1] for n, t in view._parameters.items()})
 

@@ -4,15 +4,14 @@ The refit (stage 4) makes the down projections the least-squares best readout of
 change: each kept or merged expert's gate/up neurons stay those of the plan. Those neurons were made for
 the original experts' tokens; a merged expert now serves all of its members' tokens, and a kept expert
 those of the dropped experts routed to it. Letting the gate/up weights move too gives the compressed
-block more of the original block's function at the same size (what the held-out block error of the
-per-layer choice measures; see README).
+block more of the original block's function at the same size (measured in the README).
 
 The block output is not linear in the gate/up weights, so there is no closed form: a few iterations of
 L-BFGS (full batch, strong-Wolfe line search) minimise the relative squared error of the compressed
 block's routed output against the original's, on calibration tokens, starting from the refit's solution,
 with the routing of the compressed router held fixed. It is local to one layer, like the refit: no
-gradient ever crosses layers, and only the layer's expert tensors move. Tokens are taken evenly spaced
-over all calibration blocks (`tokens` of them), which bounds the cost on large layers.
+gradient ever crosses layers, and only the layer's expert tensors move. With `sample` (--refit-tokens) the
+tokens are taken evenly spaced over all calibration blocks, which bounds the cost on large layers.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate, expert_output_from_intermediate
-from hcsmoe.calibrate import BlockTokens, expert_view, route_tokens
+from hcsmoe.calibrate import BlockTokens, expert_view, routed, token_spans
 
 FITTED = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 CHUNK_TOKENS = 8192  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
@@ -37,12 +36,8 @@ def evenly_spaced(total: int, count: int) -> torch.Tensor:
 def per_expert_tokens(moe: MoELayer, architecture: Architecture, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions [K, M], gate weights [K, M]): each expert's tokens under the compressed router, padded
     with gate 0 to the busiest expert's M, so that all experts run as one batched matrix product."""
-    _, weights, indices = route_tokens(moe, architecture, inputs)
-    num_experts = moe.experts.down_proj.shape[0]
-    lists = []
-    for expert in range(num_experts):
-        token, slot = (indices == expert).nonzero(as_tuple=True)
-        lists.append((token, weights[token, slot].float()))
+    routing, num_experts = routed(moe, architecture, inputs), moe.experts.down_proj.shape[0]
+    lists = [routing.tokens_of(expert) for expert in range(num_experts)]
     width = max(1, max(int(token.numel()) for token, _ in lists))
     positions = torch.zeros(num_experts, width, dtype=torch.long, device=inputs.device)
     gates = torch.zeros(num_experts, width, device=inputs.device)
@@ -77,8 +72,7 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     device = experts.down_proj.device
     inputs, target = (t[chosen.to(t.device)].detach().float().to(device) for t in (tokens.inputs, tokens.routed))
     chunks = [(begin, stop, *per_expert_tokens(moe, architecture, inputs[begin:stop]))
-              for begin, stop in zip(range(0, len(chosen), CHUNK_TOKENS),
-                                     [*range(CHUNK_TOKENS, len(chosen), CHUNK_TOKENS), len(chosen)])]
+              for begin, stop in token_spans(len(chosen), CHUNK_TOKENS)]
     energy = max(float(target.double().pow(2).sum()), 1e-30)
     tensors = {name: getattr(experts, name).detach().float().clone().requires_grad_(True)
                for name in FITTED if getattr(experts, name, None) is not None}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate
-from hcsmoe.calibrate import BlockTokens, LayerStats, expert_view, route_tokens
+from hcsmoe.calibrate import BlockTokens, LayerStats, Routed, expert_view, routed, token_spans
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.expert_fit import fit_experts
@@ -119,24 +119,6 @@ def expert_features(experts: nn.Module, architecture: Architecture, expert: int,
     return features
 
 
-@dataclass
-class Routed:
-    """The compressed router's choice on every calibration token, and each expert's tokens."""
-
-    weights: torch.Tensor  # [T, k]
-    indices: torch.Tensor  # [T, k]
-
-    def tokens_of(self, expert: int, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token positions relative to start, gate weights) of the tokens start:stop routed to `expert`."""
-        token, slot = (self.indices[start:stop] == expert).nonzero(as_tuple=True)
-        return token, self.weights[start:stop][token, slot]
-
-
-def routed(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> Routed:
-    _, weights, indices = route_tokens(moe, architecture, x)
-    return Routed(weights.float(), indices)
-
-
 @torch.no_grad()
 def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
                 options: RefitOptions = RefitOptions(), dtype: torch.dtype | None = None) -> dict:
@@ -157,11 +139,6 @@ def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
     return {"solver": solver, "alpha": options.alpha, "tokens": int(tokens.inputs.shape[0])} | report
 
 
-def _chunks(total: int, size: int):
-    for begin in range(0, total, size):
-        yield begin, min(total, begin + size)
-
-
 def _ridge(gram_trace: float, unknowns: int, alpha: float) -> float:
     return alpha * gram_trace / max(unknowns, 1)
 
@@ -175,7 +152,7 @@ def _joint(experts, architecture, tokens: BlockTokens, routing: Routed, start: t
     cross = torch.zeros(n, hidden, dtype=torch.float64)
     target_energy = 0.0
     x, y = tokens.inputs, tokens.routed
-    for begin, stop in _chunks(x.shape[0], options.token_chunk):
+    for begin, stop in token_spans(x.shape[0], options.token_chunk):
         xt, yt = x[begin:stop].float(), y[begin:stop].float()
         target_energy += float(yt.double().pow(2).sum())
         phi = torch.zeros(stop - begin, k, width)
@@ -292,8 +269,7 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
     candidate's error and its fits) and its fitted copy of the layer, which is the result. The candidates are
     scored after the closed-form fits; only the winner then gets the expert fit (refit.steps), the costly
-    part. The winner is not refitted on all
-    tokens would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
+    part. The winner is not refitted on all tokens: that would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
     holds one compressed copy at a time (streaming, where a layer's memory counts): the candidates are fitted
     last to first, and the first one's copy (the recipe's merge, which wins most layers) is returned if it
     wins, else None: rebuilding and refitting the winner on fitting_tokens() gives the same bits.
@@ -326,7 +302,8 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
             fit_layer_experts(moe, architecture, chosen, fitting, output_dtype, refit)
         if world.size > 1:
             world.copy_from(fitter(best), fitted_tensors(moe))
-            chosen.details["refit"] = world.gather(chosen.details.get("refit"))[fitter(best)]
+            if refit is not None and refit.steps:  # the expert fit's report, from the rank that ran it
+                chosen.details["refit"] = world.gather(chosen.details.get("refit"))[fitter(best)]
     chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},
                                 "chosen": candidates[best][0].method}
     return candidates[best][0], chosen, moe
