@@ -11,7 +11,7 @@ from hcsmoe.adapters import architecture_for, moe_layers
 from hcsmoe.apply import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, energy_selected_expert, least_squares_subset, members_view, selected_expert
 from hcsmoe.calibrate import BlockTokens, route_tokens
 from hcsmoe.errors import UserError
-from hcsmoe.expert_fit import evenly_spaced, fit_experts, padded_block_output, per_expert_tokens
+from hcsmoe.expert_fit import block_output, evenly_spaced, fit_experts, one_expert, per_expert_tokens
 from hcsmoe.loading import load_model
 from hcsmoe.plan import REAM, Group, LayerPlan, greedy_groups, nearest_groups
 from hcsmoe.refit import RefitOptions, down_matrices, expert_features, refit_layer
@@ -125,13 +125,13 @@ def test_refit_options_are_checked():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_fit_computes_the_layer_output(tiny_models, family):
-    """The differentiable padded form the expert fit minimises is the block's real routed output (gate on the
-    input for Llama 4, biases for GPT-OSS), for every family."""
+    """The differentiable expert-by-expert form the expert fit minimises is the block's real routed output
+    (gate on the input for Llama 4, biases for GPT-OSS), for every family."""
     _, architecture, moe = first_moe(tiny_models, family)
     block = tokens_of(moe, architecture, n=300)
-    positions, gates = per_expert_tokens(moe, architecture, block.inputs)
-    tensors = dict(moe.experts._parameters)
-    ours = padded_block_output(moe.experts, architecture, tensors, block.inputs.float(), positions, gates)
+    routing = per_expert_tokens(moe, architecture, block.inputs)
+    tensors = [one_expert(moe.experts, e, []) for e in range(len(routing))]
+    ours = block_output(moe.experts, architecture, tensors, block.inputs.float(), routing)
     assert torch.allclose(ours, block.routed, atol=1e-5, rtol=1e-4)
 
 
