@@ -44,6 +44,7 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("default, refit alpha 0.1", {"refit": RefitOptions(alpha=0.1)}),
     ("default + expert fit (gate/up and down, 30 L-BFGS steps, all tokens)", {"refit": RefitOptions(steps=30)}),
     ("default + expert fit (30 steps on 8,192 tokens)", {"refit": RefitOptions(steps=30, step_tokens=8192)}),
+    ("default + expert fit (gate/up and down, 100 L-BFGS steps, all tokens)", {"refit": RefitOptions(steps=100)}),
 ]
 
 
@@ -118,7 +119,7 @@ def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | N
             f"language (used to choose), validation reported only.\n\n" + "\n".join(lines)
             + (f"\n\nWhole benchmark: {seconds / 60:.1f} min on {torch.get_num_threads()} threads.\n" if only is None else
                f"\n\nRows whose setting holds {only!r} rerun with the current code ({seconds / 60:.1f} min on "
-               f"{torch.get_num_threads()} threads, `--only`); the others from the last full run.\n"))
+               f"{torch.get_num_threads()} threads, `--only`); the others from earlier runs (the last full run or an earlier `--only`).\n"))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"choices-{name}.json").write_text(json.dumps({"rows": rows, "original_ppl": base,
                                                               "seconds": round(seconds, 1)}, indent=1) + "\n")
