@@ -290,8 +290,14 @@ def token_spans(total: int, size: int):
         yield begin, min(total, begin + size)
 
 
-def _one_expert(view: nn.Module, local: int) -> nn.Module:
-    return expert_view(view, {n: t[local : local + 1] for n, t in view._parameters.items()})
+def expert_slices(experts: nn.Module, expert: int) -> dict[str, torch.Tensor]:
+    """Expert `expert`'s per-expert tensors as [1, ...] slices (views, no copy)."""
+    return {name: tensor[expert : expert + 1] for name, tensor in experts._parameters.items()}
+
+
+def one_expert_view(experts: nn.Module, expert: int) -> nn.Module:
+    """The experts module reduced to expert `expert`, for the adapters' batched arithmetic on one expert."""
+    return expert_view(experts, expert_slices(experts, expert))
 
 
 @torch.no_grad()
@@ -334,11 +340,11 @@ def expert_pass(
                 if token.numel() == 0:
                     continue
                 routed_h = (h[local : local + 1, token] if h is not None else
-                            expert_intermediate(_one_expert(view, local), architecture, xt[token]))
+                            expert_intermediate(one_expert_view(view, local), architecture, xt[token]))
                 y = expert_output_from_intermediate(view, architecture, routed_h, [local])[0]
                 gates = weights[first_token : first_token + token_chunk][token, slot].float()
                 if gate_on_input:
-                    one = _one_expert(view, local)
+                    one = one_expert_view(view, local)
                     scaled = expert_intermediate(one, architecture, xt[token] * gates.unsqueeze(-1))
                     contribution = expert_output_from_intermediate(one, architecture, scaled)[0]
                 else:

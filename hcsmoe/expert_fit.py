@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate, expert_output_from_intermediate
-from hcsmoe.calibrate import BlockTokens, expert_view, routed, token_spans
+from hcsmoe.calibrate import BlockTokens, expert_slices, expert_view, routed, token_spans
 
 FITTED = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 CHUNK_TOKENS = 8192  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
@@ -62,7 +62,7 @@ def block_output(experts: nn.Module, architecture: Architecture, tensors: list[d
 def one_expert(experts: nn.Module, expert: int, fitted: list[str]) -> dict[str, torch.Tensor]:
     """Expert `expert`'s tensors ([1, ...] slices), those in `fitted` as float32 leaves of their own: each
     expert's gradient is then its own tensor, not a slice's scattered into a copy of the whole layer."""
-    own = {name: tensor[expert : expert + 1] for name, tensor in experts._parameters.items()}
+    own = expert_slices(experts, expert)
     return own | {name: own[name].detach().float().clone().requires_grad_(True) for name in fitted}
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate
-from hcsmoe.calibrate import BlockTokens, LayerStats, Routed, expert_view, routed, token_spans
+from hcsmoe.calibrate import BlockTokens, LayerStats, Routed, one_expert_view, routed, token_spans
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.expert_fit import fit_experts
@@ -108,7 +108,7 @@ def expert_features(experts: nn.Module, architecture: Architecture, expert: int,
                     gates: torch.Tensor) -> torch.Tensor:
     """What expert `expert`'s readout multiplies on tokens x routed to it with gate weights `gates`:
     gate * h(x) (gate-on-input families: h(gate * x)), plus the gate as the bias column when there is one."""
-    one = expert_view(experts, {n: p[expert : expert + 1] for n, p in experts._parameters.items()})
+    one = one_expert_view(experts, expert)
     gates = gates.float().unsqueeze(-1)
     if architecture.gate_on_input:
         features = expert_intermediate(one, architecture, x * gates)[0]
