@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from hcsmoe.refit import RefitOptions
 RESULTS = Path(__file__).parent / "results"
 HELD_OUT_ARTICLES = 300
 MAX_TOKENS = 8192
+PLAIN = partial(RefitOptions, whiten=False)  # the expert fit's plain steps (--no-refit-whiten)
 MERGE = {"method": "ream", "assignment": "nearest", "group_size": 0, "merge": "select"}
 # (label, compress() options); the default recipe is the row with {} (method None).
 CANDIDATES: list[tuple[str, dict]] = [
@@ -42,9 +44,10 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("default, neurons selected by output energy (before least squares)", {"merge": "select-energy"}),
     ("default, refit alpha 0.001", {"refit": RefitOptions(alpha=0.001)}),
     ("default, refit alpha 0.1", {"refit": RefitOptions(alpha=0.1)}),
-    ("default + expert fit (gate/up and down, 30 L-BFGS steps, all tokens)", {"refit": RefitOptions(steps=30)}),
-    ("default + expert fit (30 steps on 8,192 tokens)", {"refit": RefitOptions(steps=30, step_tokens=8192)}),
-    ("default + expert fit (gate/up and down, 100 L-BFGS steps, all tokens)", {"refit": RefitOptions(steps=100)}),
+    ("default + expert fit (gate/up and down, 30 plain L-BFGS steps, all tokens)", {"refit": PLAIN(steps=30)}),
+    ("default + expert fit (30 plain steps on 8,192 tokens)", {"refit": PLAIN(steps=30, step_tokens=8192)}),
+    ("default + expert fit (gate/up and down, 100 plain L-BFGS steps, all tokens)", {"refit": PLAIN(steps=100)}),
+    ("default + expert fit (gate/up and down, 30 whitened L-BFGS steps, all tokens)", {"refit": RefitOptions(steps=30)}),
 ]
 
 

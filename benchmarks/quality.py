@@ -59,8 +59,11 @@ ABLATIONS: list[tuple[str, dict]] = [
     ("default, English-only calibration", {"calibration": "wiki:en"}),
 ]
 TOKEN_COUNTS = (8192, 32768)
-# Opt-in, not the default (cost; README): the default + the expert fit (gate/up and down, L-BFGS).
-EXPERT_FITS = [(f"default + expert fit (--refit-steps {n})", {"refit": {"steps": n}}) for n in (30, 100)]
+# Opt-in, not the default (cost; README): the default + the expert fit (gate/up and down, L-BFGS), in whitened
+# coordinates (its default) and with plain steps.
+EXPERT_FITS = [("default + expert fit (--refit-steps 30)", {"refit": {"steps": 30}})] + [
+    (f"default + expert fit, plain steps (--refit-steps {n} --no-refit-whiten)", {"refit": {"steps": n, "whiten": False}})
+    for n in (30, 100)]
 TASK_ROWS = ("default", "reap", "hc-smoe")
 
 
@@ -103,7 +106,8 @@ def previous_rows(name: str, only: str | None) -> dict:
     rows = [r for group in [*saved["sizes"].values(), saved["ablation"], saved["calibration_tokens"]] for r in group]
     kept = {(r["experts"], r["method"]): r for r in rows if only not in r["method"]}
     kept |= {(int(k), "original"): rows[0] for k, rows in saved["sizes"].items()}
-    return kept | {"tasks": {label: result for label, result in saved["tasks"].items() if only not in label}}
+    return kept | {"tasks": {label: result for label, result in saved["tasks"].items() if only not in label},
+                   "tables": {"ablation": saved["ablation"], "calibration_tokens": saved["calibration_tokens"]}}
 
 
 class Bench:
@@ -194,7 +198,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, help="validation tokens per language [all]")
     parser.add_argument("--quick", action="store_true", help="default, reap and hc-smoe rows only (a smoke run)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation and calibration-size tables")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation and calibration-size tables "
+                                                                    "(with --only: keep the earlier run's)")
     parser.add_argument("--only", help="rerun only the rows whose label holds this text; the others come from the "
                                        "last full run's JSON (after a change that only they see)")
     args = parser.parse_args()
@@ -220,8 +225,10 @@ def main() -> None:
             rows += [bench.row(f"random (seed {s})", k, {"method": "random", "seed": s}, generate) for s in RANDOM_SEEDS]
         sizes[k] = rows
     k = bench.experts // 2
-    ablation = [] if args.quick or args.no_ablation else [bench.row(label, k, options, 0) for label, options in ABLATIONS]
-    token_rows = [] if args.quick or args.no_ablation else [
+    earlier = bench.previous.get("tables", {"ablation": [], "calibration_tokens": []})  # --no-ablation --only keeps them
+    ablation = [] if args.quick else earlier["ablation"] if args.no_ablation else [
+        bench.row(label, k, options, 0) for label, options in ABLATIONS]
+    token_rows = [] if args.quick else earlier["calibration_tokens"] if args.no_ablation else [
         bench.row(f"default, {n} calibration tokens", k, {"num_blocks": n // bench.original.config.max_position_embeddings,
                                                           "block_size": bench.original.config.max_position_embeddings}, 0)
         for n in TOKEN_COUNTS]

@@ -44,6 +44,7 @@ COMPRESS_DEFAULTS = {
     "refit_solver": None,
     "refit_steps": None,
     "refit_tokens": None,
+    "refit_whiten": None,
     "fit_router": None,
     "eval": True,
     "eval_languages": "en,fr,es",
@@ -108,9 +109,12 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--refit-solver", help="joint, blockwise (Gauss-Seidel over experts) or auto [auto]")
     p.add_argument("--refit-steps", type=int,
                    help="then fit gate/up and down together for this many L-BFGS iterations per layer (0: down only; "
-                        "30 measured: better, several times slower, see README) [0]")
+                        "30: better, several times slower, see README) [0]")
     p.add_argument("--refit-tokens", type=int,
                    help="calibration tokens those iterations use, evenly spaced (0: all) [0]")
+    p.add_argument("--refit-whiten", action=argparse.BooleanOptionalAction, default=None,
+                   help="take those iterations in whitened coordinates, about as good in 30 steps as 100 plain ones "
+                        "(--no-refit-whiten: plain steps) [on]")
     p.add_argument("--fit-router", action=argparse.BooleanOptionalAction, default=None,
                    help="fit the K router rows to the original routing mass of each group "
                         "[on by default; off for a named --method unless given]")
@@ -276,7 +280,7 @@ def refit_option(options: dict):
 
     if options["refit"] is False:
         return False
-    names = {"alpha": "alpha", "solver": "solver", "steps": "steps", "tokens": "step_tokens"}
+    names = {"alpha": "alpha", "solver": "solver", "steps": "steps", "tokens": "step_tokens", "whiten": "whiten"}
     tuned = {field: options[f"refit_{flag}"] for flag, field in names.items() if options[f"refit_{flag}"] is not None}
     base = DEFAULT_RECIPE["refit"] if options["method"] is None else RefitOptions()
     return dataclasses.replace(base, **tuned) if tuned else options["refit"]

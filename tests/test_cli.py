@@ -116,14 +116,20 @@ def test_recipe_yaml_and_flags(capsys, tiny_models, tmp_path):
 
 
 def test_refit_flags_reach_the_plan(capsys, tiny_models, tmp_path):
-    """--refit-steps and --refit-tokens tune the default recipe's refit (its other options kept) and are recorded."""
-    code, _, err = run_cli(capsys, "compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--blocks", "2",
-                           "--block-size", "32", "--no-eval", "-q", "--refit-steps", "3", "--refit-tokens", "40",
-                           "--out", str(tmp_path / "o"))
-    assert code == 0, err
-    plan = json.loads((tmp_path / "o" / "hcsmoe_plan.json").read_text())
-    assert plan["refit"]["steps"] == 3 and plan["refit"]["step_tokens"] == 40 and plan["refit"]["alpha"] == 0.01
-    assert all(layer["details"]["refit"]["experts"]["tokens"] == 40 for layer in plan["layers"])
+    """--refit-steps, --refit-tokens and --no-refit-whiten tune the default recipe's refit (its other options
+    kept) and are recorded; the expert fit is whitened unless told otherwise."""
+    for extra, whitened in (([], True), (["--no-refit-whiten"], False)):
+        out = tmp_path / f"o{whitened}"
+        code, _, err = run_cli(capsys, "compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--blocks", "2",
+                               "--block-size", "32", "--no-eval", "-q", "--refit-steps", "3", "--refit-tokens", "40",
+                               *extra, "--out", str(out))
+        assert code == 0, err
+        plan = json.loads((out / "hcsmoe_plan.json").read_text())
+        assert plan["refit"]["steps"] == 3 and plan["refit"]["step_tokens"] == 40 and plan["refit"]["alpha"] == 0.01
+        assert plan["refit"]["whiten"] is whitened
+        assert all(layer["details"]["refit"]["experts"] | {"error_before": 0, "error_after": 0} ==
+                   {"steps": 3, "tokens": 40, "whitened": whitened, "error_before": 0, "error_after": 0}
+                   for layer in plan["layers"])
 
 
 def test_inspect_shows_layout(capsys, tiny_models):

@@ -11,7 +11,8 @@ from hcsmoe.adapters import architecture_for, moe_layers
 from hcsmoe.apply import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, energy_selected_expert, least_squares_subset, members_view, selected_expert
 from hcsmoe.calibrate import BlockTokens, route_tokens
 from hcsmoe.errors import UserError
-from hcsmoe.expert_fit import block_output, evenly_spaced, fit_experts, one_expert, per_expert_tokens
+from hcsmoe.expert_fit import (WHITENING_RIDGE, block_output, evenly_spaced, expert_weights, expert_whitenings, fit_experts,
+                               one_expert, per_expert_tokens, whitening)
 from hcsmoe.loading import load_model
 from hcsmoe.plan import REAM, Group, LayerPlan, greedy_groups, nearest_groups
 from hcsmoe.refit import RefitOptions, down_matrices, expert_features, refit_layer
@@ -135,31 +136,81 @@ def test_expert_fit_computes_the_layer_output(tiny_models, family):
     assert torch.allclose(ours, block.routed, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("whiten", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_expert_fit_recovers_what_the_gate_up_weights_lost(tiny_models, family):
+def test_expert_fit_recovers_what_the_gate_up_weights_lost(tiny_models, family, whiten):
     """Targets made by the layer's own experts; gate/up weights then perturbed. The down-only refit cannot
-    undo that, the expert fit (gate/up and down together) brings most of the error back, never adds any,
-    and leaves a layer that already reproduces its target as it was."""
+    undo that, the expert fit (gate/up and down together, whitened or plain steps) brings most of the error
+    back, never adds any, and leaves a layer that already reproduces its target as it was."""
     _, architecture, moe = first_moe(tiny_models, family)
     block = tokens_of(moe, architecture, n=2000)
     exact = copy.deepcopy(moe)
-    report = fit_experts(exact, architecture, block, steps=5, sample=0)
+    report = fit_experts(exact, architecture, block, steps=5, sample=0, whiten=whiten)
     assert report["error_before"] < 1e-10
     assert torch.equal(exact.experts.gate_up_proj, moe.experts.gate_up_proj)
-    with torch.no_grad():
-        moe.experts.gate_up_proj.add_(0.3 * moe.experts.gate_up_proj.std() * torch.randn_like(moe.experts.gate_up_proj))
+    perturb_gate_up(moe)
     floor = refit_layer(moe, architecture, block, RefitOptions(alpha=0.0))["error_after"]
-    report = fit_experts(moe, architecture, block, steps=60, sample=0)
+    report = fit_experts(moe, architecture, block, steps=60, sample=0, whiten=whiten)
     assert report["error_before"] == pytest.approx(floor, rel=1e-3)
     assert report["error_before"] > 1e-5 and report["error_after"] < report["error_before"] / 10
+
+
+def perturb_gate_up(moe) -> None:
+    weight = moe.experts.gate_up_proj
+    with torch.no_grad():
+        weight.add_(0.3 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whitened_steps_do_not_depend_on_the_scale_of_the_hidden_states(tiny_models, family):
+    """Hidden states 10 times larger, gate/up weights (and the gate, for Llama 4) 10 times smaller: the same
+    layer. Whitened steps fit it the same; plain steps, whose size depends on the weights' scale, do not
+    (the scale of a model's hidden states and weights is its own, not a property the fit should see)."""
+    _, architecture, moe = first_moe(tiny_models, family)
+    block = tokens_of(moe, architecture, n=2000)
+    perturb_gate_up(moe)
+    scaled = copy.deepcopy(moe)
+    with torch.no_grad():
+        scaled.experts.gate_up_proj.div_(10)
+        scaled.router.weight.div_(10)
+    scaled_block = BlockTokens(block.inputs * 10, block.routed, block.scores)
+    errors = {}
+    for whiten in (True, False):
+        ours = fit_experts(copy.deepcopy(moe), architecture, block, steps=10, sample=0, whiten=whiten)
+        theirs = fit_experts(copy.deepcopy(scaled), architecture, scaled_block, steps=10, sample=0, whiten=whiten)
+        assert ours["error_before"] == pytest.approx(theirs["error_before"], rel=1e-4)
+        errors[whiten] = ours["error_after"], theirs["error_after"]
+    assert errors[True][0] == pytest.approx(errors[True][1], rel=1e-3)
+    assert abs(errors[False][0] - errors[False][1]) > 0.05 * errors[False][0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whitening_changes_coordinates_not_weights(tiny_models, family):
+    """At the start of the fit (zero change) the whitened leaves stand for exactly the layer's weights, and
+    each whitening P makes its inputs' covariance, ridge added, the identity: P (C + r I) P = I."""
+    _, architecture, moe = first_moe(tiny_models, family)
+    x = tokens_of(moe, architecture, n=500).inputs.float()
+    chunks = [(0, len(x), per_expert_tokens(moe, architecture, x))]
+    for expert, whitened in enumerate(expert_whitenings(moe.experts, architecture, x, chunks)):
+        fitted = list(whitened)
+        leaves = one_expert(moe.experts, expert, fitted, whitened)
+        weights = expert_weights(moe.experts, expert, leaves, whitened, architecture.transposed)
+        for name in fitted:
+            assert torch.equal(weights[name], getattr(moe.experts, name)[expert : expert + 1].float())
+    gram = torch.randn(200, 6, generator=torch.Generator().manual_seed(1)) * torch.tensor([10.0, 1, 1, 0.1, 0.01, 0])
+    gram = gram.T @ gram
+    p = whitening(gram, 200).double()
+    covariance = gram.double() / 200
+    ridge = WHITENING_RIDGE * torch.linalg.eigvalsh(covariance).clamp(min=0).mean()
+    assert torch.allclose(p @ (covariance + ridge * torch.eye(6, dtype=torch.float64)) @ p, torch.eye(6, dtype=torch.float64), atol=1e-5)
+    assert torch.equal(whitening(torch.zeros(4, 4), 0), torch.eye(4))  # an expert without tokens: nothing to rescale
 
 
 def test_expert_fit_in_chunks_fits_the_same_error(tiny_models, monkeypatch):
     """Gradients accumulated over token chunks (bounded memory) give the fit over all tokens at once."""
     _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
     block = tokens_of(moe, architecture, n=2000)
-    with torch.no_grad():
-        moe.experts.gate_up_proj.add_(0.3 * moe.experts.gate_up_proj.std() * torch.randn_like(moe.experts.gate_up_proj))
+    perturb_gate_up(moe)
     whole = fit_experts(copy.deepcopy(moe), architecture, block, steps=10, sample=0)
     monkeypatch.setattr("hcsmoe.expert_fit.CHUNK_TOKENS", 300)
     chunked = fit_experts(moe, architecture, block, steps=10, sample=0)
