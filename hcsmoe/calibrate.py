@@ -300,6 +300,21 @@ def one_expert_view(experts: nn.Module, expert: int) -> nn.Module:
     return expert_view(experts, expert_slices(experts, expert))
 
 
+def expert_features(experts: nn.Module, architecture: Architecture, expert: int, x: torch.Tensor,
+                    gates: torch.Tensor) -> torch.Tensor:
+    """What expert `expert`'s readout multiplies on tokens x routed to it with gate weights `gates`:
+    gate * h(x) (gate-on-input families: h(gate * x)), plus the gate as the bias column when there is one."""
+    one = one_expert_view(experts, expert)
+    gates = gates.float().unsqueeze(-1)
+    if architecture.gate_on_input:
+        features = expert_intermediate(one, architecture, x * gates)[0]
+    else:
+        features = expert_intermediate(one, architecture, x)[0] * gates
+    if getattr(experts, "down_proj_bias", None) is not None:
+        features = torch.cat([features, gates], dim=-1)
+    return features
+
+
 @torch.no_grad()
 def expert_pass(
     x: torch.Tensor,

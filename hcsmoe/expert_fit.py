@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate, expert_output_from_intermediate
-from hcsmoe.calibrate import BlockTokens, expert_slices, expert_view, one_expert_view, routed, token_spans
+from hcsmoe.calibrate import BlockTokens, expert_features, expert_slices, expert_view, routed, token_spans
 
 FITTED = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 WHITENING_RIDGE = 0.1  # bounds the amplification of rare input directions at 1/sqrt(0.1) ~ 3.2 times the mean one's
@@ -99,16 +99,14 @@ def expert_whitenings(experts: nn.Module, architecture: Architecture, inputs: to
                       chunks: list) -> list[dict[str, torch.Tensor]]:
     """Per expert, the whitening of what gate/up reads (its tokens' hidden states, gated first where the
     gate scales the input) and of what down reads (the gated intermediate activations at the start)."""
-    whitenings = []
+    whitenings, width = [], experts.down_proj.shape[1 if architecture.transposed else 2]  # I: no bias column
     for expert in range(experts.down_proj.shape[0]):
-        view, reads, activations = one_expert_view(experts, expert), [], []
+        reads, activations = [], []
         for begin, stop, routing in chunks:
             positions, gates = routing[expert]
             x = inputs[begin:stop][positions]
-            x = x * gates.unsqueeze(-1) if architecture.gate_on_input else x
-            h = expert_intermediate(view, architecture, x)[0]
-            reads.append(x)
-            activations.append(h if architecture.gate_on_input else h * gates.unsqueeze(-1))
+            reads.append(x * gates.unsqueeze(-1) if architecture.gate_on_input else x)
+            activations.append(expert_features(experts, architecture, expert, x, gates)[:, :width])
         x, h = torch.cat(reads), torch.cat(activations)
         whitenings.append({"gate_up_proj": whitening(x.T @ x, len(x)), "down_proj": whitening(h.T @ h, len(h))})
     return whitenings

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from hcsmoe.adapters import Architecture, MoELayer, expert_intermediate
-from hcsmoe.calibrate import BlockTokens, LayerStats, Routed, one_expert_view, routed, token_spans
+from hcsmoe.adapters import Architecture, MoELayer
+from hcsmoe.calibrate import BlockTokens, LayerStats, Routed, expert_features, routed, token_spans
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.expert_fit import fit_experts
@@ -103,21 +103,6 @@ def set_down_matrix(experts: nn.Module, architecture: Architecture, expert: int,
         matrix = matrix[:-1]
     weight = matrix if architecture.transposed else matrix.T
     experts.down_proj.data[expert].copy_(weight.to(dtype or experts.down_proj.dtype))
-
-
-def expert_features(experts: nn.Module, architecture: Architecture, expert: int, x: torch.Tensor,
-                    gates: torch.Tensor) -> torch.Tensor:
-    """What expert `expert`'s readout multiplies on tokens x routed to it with gate weights `gates`:
-    gate * h(x) (gate-on-input families: h(gate * x)), plus the gate as the bias column when there is one."""
-    one = one_expert_view(experts, expert)
-    gates = gates.float().unsqueeze(-1)
-    if architecture.gate_on_input:
-        features = expert_intermediate(one, architecture, x * gates)[0]
-    else:
-        features = expert_intermediate(one, architecture, x)[0] * gates
-    if getattr(experts, "down_proj_bias", None) is not None:
-        features = torch.cat([features, gates], dim=-1)
-    return features
 
 
 @torch.no_grad()
