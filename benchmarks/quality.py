@@ -110,13 +110,24 @@ def previous_rows(name: str, only: str | None) -> dict:
                    "tables": {"ablation": saved["ablation"], "calibration_tokens": saved["calibration_tokens"]}}
 
 
+def size_rows(quick: bool = False) -> list[tuple[str, dict, str | None]]:
+    """(label, compress() options, label of the row whose plan it re-applies or None) of each compressed row of a
+    size table, in order: the default, the opt-in expert fits, each baseline as published and with the fits, random."""
+    rows = [("**default**", {}, None)] + ([] if quick else [(label, options, None) for label, options in EXPERT_FITS])
+    for name, options in BASELINES[:3:2] if quick else BASELINES:
+        rows += [(f"{name} {suffix}", options | fits, f"{name} as published" if fits and name in REUSE_PLAN else None)
+                 for suffix, fits in FITS.items()]
+    return rows + ([] if quick else [(f"random (seed {s})", {"method": "random", "seed": s}, None) for s in RANDOM_SEEDS])
+
+
 class Bench:
-    def __init__(self, path: Path, max_tokens: int | None, previous: dict):
+    def __init__(self, path: Path, max_tokens: int | None, previous: dict, prompts: int = PROMPTS):
         self.path, self.max_tokens, self.previous = path, max_tokens, previous
         self.tokenizer, self.original = load_tokenizer(path), load_model(path)
         self.reference = RememberedLogits(self.original)
-        self.generations = {lang: greedy_continuations(self.original, generation_prompts(
-            self.tokenizer, wiki_texts(lang, "validation"), PROMPTS)) for lang in LANGUAGES}
+        self.prompts = {lang: generation_prompts(self.tokenizer, wiki_texts(lang, "validation"), prompts)
+                        for lang in LANGUAGES}
+        self.generations = {lang: greedy_continuations(self.original, p) for lang, p in self.prompts.items()}
         self.last_plan = None
         architecture = architecture_for(self.original.config)
         self.experts = expert_count(self.original.config, architecture)
@@ -130,6 +141,16 @@ class Bench:
         for lang, m in result["languages"].items():
             row |= {f"{lang}/{key}": m[key] for key in ("ppl", "kl", "top1", "gen_prefix", "gen_agree") if key in m}
         return row
+
+    def size_table(self, k: int, generate: int, quick: bool = False) -> list[dict]:
+        """The compressed rows of one size (size_rows), each evaluated by score(); a row that re-applies another's
+        plan recomputes it when that row came from an earlier run."""
+        plans, rows = {}, []
+        for label, options, reuse in size_rows(quick):
+            reused = {"plan": plans[reuse]} if plans.get(reuse) is not None else {}
+            rows.append(self.row(label, k, options | reused, generate))
+            plans[label] = self.last_plan
+        return rows
 
     def row(self, label: str, k: int, options: dict, generate: int) -> dict:
         if (k, label) in self.previous:
@@ -208,22 +229,8 @@ def main() -> None:
     begin = time.perf_counter()
     bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens, previous_rows(args.model, args.only))
     original = bench.previous.get((bench.experts, "original")) or bench.original_row()
-    baselines = BASELINES[:3:2] if args.quick else BASELINES
-    sizes = {}
-    for k in (bench.experts * 3 // 4, bench.experts // 2):
-        generate = PROMPTS if k == bench.experts // 2 else 0
-        rows = [original, bench.row("**default**", k, {}, generate)]
-        if not args.quick:
-            rows += [bench.row(label, k, options, generate) for label, options in EXPERT_FITS]
-        for label, options in baselines:
-            published = None
-            for suffix, fits in FITS.items():
-                reuse = {"plan": published} if published is not None and label in REUSE_PLAN else {}
-                rows.append(bench.row(f"{label} {suffix}", k, options | fits | reuse, generate))
-                published = published or bench.last_plan
-        if not args.quick:
-            rows += [bench.row(f"random (seed {s})", k, {"method": "random", "seed": s}, generate) for s in RANDOM_SEEDS]
-        sizes[k] = rows
+    sizes = {k: [original] + bench.size_table(k, PROMPTS if k == bench.experts // 2 else 0, args.quick)
+             for k in (bench.experts * 3 // 4, bench.experts // 2)}
     k = bench.experts // 2
     earlier = bench.previous.get("tables", {"ablation": [], "calibration_tokens": []})  # --no-ablation --only keeps them
     ablation = [] if args.quick else earlier["ablation"] if args.no_ablation else [

@@ -23,7 +23,7 @@ TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 BUNDLED_TASKS = ("hcsmoe_strategyqa", "hcsmoe_social_iqa")
 # Column label and number format of each metric in the terminal table, in display order.
 TEXT_COLUMNS = {"ppl": ("ppl", "{:.2f}"), "bpb": ("bpb", "{:.3f}"), "kl": ("KL", "{:.4f}"), "top1": ("top1", "{:.3f}"),
-                "gen_prefix": ("gen prefix", "{:.1f}"), "gen_agree": ("gen agree", "{:.3f}")}
+                "gen_prefix": ("gen prefix", "{:.1f}"), "gen_prefix_se": ("± se", "{:.1f}"), "gen_agree": ("gen agree", "{:.3f}")}
 TASK_COLUMNS = {"acc": ("acc", "{:.3f}"), "acc_norm": ("acc_norm", "{:.3f}")}
 TASK_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")  # what lm-eval results are kept
 
@@ -177,12 +177,24 @@ def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int = GENERAT
     return torch.cat(outputs)
 
 
+def matching_prefix(reference_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per prompt, how many leading tokens of the continuation match the reference's (0 to its length)."""
+    return (reference_tokens == tokens).int().cumprod(dim=1).sum(dim=1)
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of independent values (NaN for fewer than two)."""
+    return float(values.double().std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
 def generation_agreement(reference_tokens: torch.Tensor, tokens: torch.Tensor) -> dict:
     """How closely free-running generation follows the original: the mean number of leading tokens that
-    match (0 to the continuation length) and the fraction of positions whose tokens match."""
-    same = reference_tokens == tokens
-    prefix = same.int().cumprod(dim=1).sum(dim=1).double()
-    return {"gen_prefix": float(prefix.mean()), "gen_agree": float(same.double().mean()), "gen_prompts": len(tokens)}
+    match, with its standard error over prompts (one prompt's prefix varies from 0 to the whole
+    continuation, so a difference between two models means little without it), and the fraction of
+    positions whose tokens match."""
+    prefix = matching_prefix(reference_tokens, tokens).double()
+    return {"gen_prefix": float(prefix.mean()), "gen_prefix_se": standard_error(prefix),
+            "gen_agree": float((reference_tokens == tokens).double().mean()), "gen_prompts": len(tokens)}
 
 
 # ----------------------------------------------------------------------------- multiple choice

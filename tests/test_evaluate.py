@@ -18,7 +18,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from hcsmoe.cli import main
 from hcsmoe.errors import UserError
-from hcsmoe.evaluate import compare, evaluate, format_table, perplexity, run_tasks
+from hcsmoe.evaluate import compare, evaluate, format_table, generation_agreement, perplexity, run_tasks
 
 V = 257  # the byte tokenizer below: id 0 is <|endoftext|>, byte b is id b + 1
 CONTEXT = 16
@@ -162,6 +162,15 @@ def test_evaluate_with_reference_reports_both_models_from_one_pass():
     assert result["reference"]["languages"]["t"]["ppl"] == pytest.approx(perplexity(reference, ids, CONTEXT, 8)["ppl"])
     assert "kl" not in result["reference"]["languages"]["t"]
     json.dumps(result)
+
+
+def test_generation_agreement_counts_leading_matches_with_their_standard_error():
+    reference = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
+    generated = torch.tensor([[1, 2, 9, 4], [1, 2, 3, 4], [0, 6, 7, 8]])  # prefixes 2, 4, 0; 10 of 12 tokens match
+    result = generation_agreement(reference, generated)
+    assert result["gen_prefix"] == 2.0 and result["gen_agree"] == 10 / 12 and result["gen_prompts"] == 3
+    assert math.isclose(result["gen_prefix_se"], statistics.stdev([2, 4, 0]) / math.sqrt(3))
+    assert math.isnan(generation_agreement(reference[:1], generated[:1])["gen_prefix_se"])
 
 
 def test_window_longer_than_the_context_is_refused():
