@@ -1,6 +1,7 @@
 """Models larger than memory: peak memory of a streaming run, speed of the statistics pass, re-planning.
 
     python -m benchmarks.streaming memory   # ~8 GB synthetic Qwen3-MoE checkpoint -> 64 experts, peak RSS
+    python -m benchmarks.streaming memory --layers 1 --refit-steps 5   # the same, one layer, with the expert fit
     python -m benchmarks.streaming fp8      # the same in Qwen3-FP8's layout: sizes in/out, kept bits, peak RSS
     python -m benchmarks.streaming in-memory --layers 1   # peak RSS of the in-memory path over the checkpoint
     python -m benchmarks.streaming speed    # one real-shaped layer: statistics pass vs its bare matmuls
@@ -78,8 +79,10 @@ def random_weight(name: str, shape, generator: torch.Generator) -> torch.Tensor:
     return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
 
 
-def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = False, method: str | None = None) -> dict:
-    """Stream-compress the synthetic checkpoint to 64 experts in a child process; its peak RSS vs size."""
+def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = False, method: str | None = None,
+           refit_steps: int = 0) -> dict:
+    """Stream-compress the synthetic checkpoint to 64 experts in a child process (with `refit_steps`, the
+    opt-in expert fit too); its peak RSS vs size."""
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
     source, out = root / "qwen3-synthetic", root / "compressed"
     start = time.perf_counter()
@@ -88,6 +91,7 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
     arguments = ["compress", str(source), "--experts", "64", "--out", str(out), "--stream", "--no-eval", "--quiet",
                  "--blocks", str(blocks), "--block-size", str(block_size), "--batch-size", "1"]
     arguments += ["--method", method] if method else []
+    arguments += ["--refit-steps", str(refit_steps)] if refit_steps else []
     start = time.perf_counter()
     peak = peak_resident_bytes(arguments)
     seconds = time.perf_counter() - start
@@ -97,7 +101,7 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
     if not keep:
         shutil.rmtree(root)
     return {"layers": layers, "format": "fp8 128x128 blocks" if fp8 else "bf16", "method": method or "default",
-            **formats, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
+            **({"refit_steps": refit_steps} if refit_steps else {}), **formats, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
             "peak_rss_over_checkpoint": round(peak / size, 4), "calibration_tokens": blocks * block_size,
             "compress_seconds": round(seconds, 1), "generate_seconds": round(generated, 1), "reload": reload}
 
@@ -336,10 +340,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="speed: runs of each (the best is kept)")
     parser.add_argument("--keep", action="store_true", help="memory: keep the synthetic checkpoint")
     parser.add_argument("--method", help="memory, fp8, ranks: compression method [default; fp8: reap]")
+    parser.add_argument("--refit-steps", type=int, default=0, help="memory: the opt-in expert fit's steps [0: off]")
     args = parser.parse_args()
     torch.set_num_threads(min(os.cpu_count() or 1, 2))
     if args.benchmark == "memory":
-        result = memory(args.layers, args.blocks, args.block_size, args.keep, method=args.method)
+        result = memory(args.layers, args.blocks, args.block_size, args.keep, method=args.method,
+                        refit_steps=args.refit_steps)
     elif args.benchmark == "in-memory":
         result = in_memory(args.layers, args.blocks, args.block_size)
     elif args.benchmark == "fp8":
@@ -352,6 +358,7 @@ def main() -> None:
         result = replan()
     RESULTS.mkdir(exist_ok=True)
     name = f"{args.benchmark}-{args.method}" if args.benchmark == "ranks" and args.method else args.benchmark
+    name += "-expert-fit" if args.refit_steps else ""
     (RESULTS / f"streaming-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

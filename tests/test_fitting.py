@@ -9,13 +9,13 @@ import torch
 
 from hcsmoe.adapters import architecture_for, moe_layers
 from hcsmoe.apply import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, energy_selected_expert, least_squares_subset, members_view, selected_expert
-from hcsmoe.calibrate import BlockTokens, route_tokens
+from hcsmoe.calibrate import BlockTokens, expert_features, route_tokens
 from hcsmoe.errors import UserError
-from hcsmoe.expert_fit import (WHITENING_RIDGE, block_output, evenly_spaced, expert_weights, expert_whitenings, fit_experts,
-                               one_expert, per_expert_tokens, whitening)
+from hcsmoe.expert_fit import (HISTORY, WHITENING_RIDGE, block_output, evenly_spaced, expert_weights, expert_whitenings,
+                               fit_experts, history_size, one_expert, per_expert_tokens, whitening)
 from hcsmoe.loading import load_model
 from hcsmoe.plan import REAM, Group, LayerPlan, greedy_groups, nearest_groups
-from hcsmoe.refit import RefitOptions, down_matrices, expert_features, refit_layer
+from hcsmoe.refit import RefitOptions, down_matrices, refit_layer
 from hcsmoe.router_fit import RouterFitOptions, fit_rows, mass_owners, routing_targets
 
 from tests.test_planners import hand_made
@@ -216,6 +216,20 @@ def test_expert_fit_in_chunks_fits_the_same_error(tiny_models, monkeypatch):
     chunked = fit_experts(moe, architecture, block, steps=10, sample=0)
     assert chunked["error_before"] == pytest.approx(whole["error_before"], rel=1e-5)
     assert chunked["error_after"] == pytest.approx(whole["error_after"], rel=0.05)
+
+
+def test_lbfgs_history_shrinks_on_large_layers_and_the_fit_still_works(tiny_models, monkeypatch):
+    """L-BFGS keeps 2 float32 copies of the layer's fitted weights per correction pair: a small layer keeps
+    HISTORY pairs, Qwen3-30B's at 64 experts 3 (7.2 GB, not 48), a huge one at least 1; a fit held to one
+    pair still brings the error down."""
+    qwen3_30b_at_64 = 64 * 3 * 768 * 2048
+    assert history_size(10**6) == HISTORY and history_size(qwen3_30b_at_64) == 3 and history_size(10**12) == 1
+    _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
+    block = tokens_of(moe, architecture, n=2000)
+    perturb_gate_up(moe)
+    monkeypatch.setattr("hcsmoe.expert_fit.LBFGS_MEMORY", 1)
+    report = fit_experts(moe, architecture, block, steps=20, sample=0)
+    assert report["history"] == 1 and report["error_after"] < report["error_before"] / 2
 
 
 def test_expert_fit_tokens_are_spread_over_the_calibration():
