@@ -24,6 +24,8 @@ steps fit about as well as 100 plain ones on the bundled models (measured in the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,12 +39,17 @@ PROBES = 4  # random output directions estimating each whitened weight's Gauss-N
 # near its least-squares optimum as gate/up moves. Chosen on held-out train text of both bundled models (equal
 # rates gained about half as much over plain steps in probe runs; figures in issue 10's notes).
 DOWN_CURVATURE = 16.0
-HISTORY = 20  # L-BFGS correction pairs kept: each pair is 2 float32 copies of the layer's fitted weights
-# What those pairs may hold per layer: large layers keep fewer (Qwen3-30B's at 64 experts, 302M fitted weights:
-# 3 pairs, 7.2 GB, where 20 would take 48 GB). A shorter history costs little: 30 steps with 10, 5 and 2 pairs
-# keep 98%, 94% and 89% of the held-out train gain of 20 pairs on the reference at 24 experts (5 pairs: 96% on
-# the Qwen2-MoE at 30).
-LBFGS_MEMORY = 8 * 2**30
+HISTORY = 20  # L-BFGS correction pairs kept: each pair is 2 float32 copies of the fitted weights
+# The fit's working set, in float32 copies of the weights fitted together, besides those pairs: leaves, gradients,
+# the weights they stand for, L-BFGS's search vectors (measured: 23.0 GB peak fitting one Qwen3-30B-shaped layer,
+# 1.21 GB of weights, with 3 pairs).
+OVERHEAD_COPIES = 13
+# Where fitting a whole layer at once would take more than FIT_MEMORY (Qwen3-30B's at 64 experts: 64 GB), the
+# experts are fitted in groups, the others held fixed, with SHORT_HISTORY pairs. Forced on the bundled models
+# (30 whitened steps, share of the whole-layer fit's held-out train gain): 10, 5 and 2 pairs keep 98%, 94% and 89%
+# on the reference at 24 experts (5 pairs: 96% on the Qwen2-MoE at 30); 4 groups with 5 pairs 72% (Qwen2-MoE: 94%).
+FIT_MEMORY = 8 * 2**30
+SHORT_HISTORY = 5
 CHUNK_TOKENS = 8192  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
 
 
@@ -53,11 +60,19 @@ def evenly_spaced(total: int, count: int) -> torch.Tensor:
     return torch.linspace(0, total - 1, count).round().long()
 
 
-def history_size(parameters: int) -> int:
-    """L-BFGS correction pairs to keep for `parameters` fitted weights: HISTORY, fewer (at least one) where
-    their float32 copies would pass LBFGS_MEMORY. It depends on the layer's shape only, never on the
-    machine, so the same model gives the same weights anywhere."""
-    return max(1, min(HISTORY, LBFGS_MEMORY // (8 * parameters)))
+def fit_schedule(count: int, per_expert: int) -> tuple[list[range], int]:
+    """Which experts are fitted together, and with how many L-BFGS pairs: all `count` with HISTORY pairs where
+    that working set fits FIT_MEMORY; else SHORT_HISTORY pairs, in as few groups of consecutive experts as
+    keep each group's under it (`per_expert`: an expert's fitted weights). It depends on the layer's shape
+    only, never on the machine, so the same model gives the same weights anywhere."""
+    def working_set(experts: int, history: int) -> int:
+        return 4 * per_expert * experts * (2 * history + OVERHEAD_COPIES)
+
+    if working_set(count, HISTORY) <= FIT_MEMORY:
+        return [range(count)], HISTORY
+    groups = math.ceil(count / max(1, FIT_MEMORY // working_set(1, SHORT_HISTORY)))
+    bounds = [round(i * count / groups) for i in range(groups + 1)]
+    return [range(first, stop) for first, stop in zip(bounds, bounds[1:])], SHORT_HISTORY
 
 
 def per_expert_tokens(moe: MoELayer, architecture: Architecture, inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -109,11 +124,12 @@ def whitening(gram: torch.Tensor, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_whitenings(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor,
-                      chunks: list) -> list[dict[str, torch.Tensor]]:
-    """Per expert, the whitening of what gate/up reads (its tokens' hidden states, gated first where the
-    gate scales the input) and of what down reads (the gated intermediate activations at the start)."""
+                      chunks: list, members: range | None = None) -> list[dict[str, torch.Tensor]]:
+    """Per expert (of `members`, default all), the whitening of what gate/up reads (its tokens' hidden states,
+    gated first where the gate scales the input) and of what down reads (the gated intermediate activations
+    at the start)."""
     whitenings, width = [], experts.down_proj.shape[1 if architecture.transposed else 2]  # I: no bias column
-    for expert in range(experts.down_proj.shape[0]):
+    for expert in members or range(experts.down_proj.shape[0]):
         reads, activations = [], []
         for begin, stop, routing in chunks:
             positions, gates = routing[expert]
@@ -165,27 +181,46 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
                 sample: int, whiten: bool = True) -> dict:
     """Fit the layer's expert tensors in place (float32) by `steps` L-BFGS iterations on `sample` evenly
     spaced calibration tokens (in whitened coordinates if `whiten`); returns the relative squared error of
-    the routed output before and after. Gradients are accumulated over chunks of CHUNK_TOKENS tokens, so
-    memory stays bounded."""
+    the routed output before and after. Gradients are accumulated over chunks of CHUNK_TOKENS tokens, and
+    a large layer's experts are fitted a group at a time (fit_schedule), so memory stays bounded."""
     experts = moe.experts
     chosen = evenly_spaced(tokens.inputs.shape[0], sample)
     device = experts.down_proj.device
     inputs, target = (t[chosen.to(t.device)].detach().float().to(device) for t in (tokens.inputs, tokens.routed))
     chunks = [(begin, stop, per_expert_tokens(moe, architecture, inputs[begin:stop]))
               for begin, stop in token_spans(len(chosen), CHUNK_TOKENS)]
-    energy = max(float(target.double().pow(2).sum()), 1e-30)
     fitted = [name for name in FITTED if getattr(experts, name, None) is not None]
-    count = experts.down_proj.shape[0]
-    whitenings = expert_whitenings(experts, architecture, inputs, chunks) if whiten else [None] * count
-    tensors = [one_expert(experts, e, fitted, whitenings[e]) for e in range(count)]
+    groups, history = fit_schedule(experts.down_proj.shape[0], sum(getattr(experts, name)[0].numel() for name in fitted))
+    energy = max(float(target.double().pow(2).sum()), 1e-30)
+    errors = [fit_group(experts, architecture, inputs, target, chunks, energy, fitted, group, steps, history, whiten)
+              for group in groups]
+    return {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "history": history, "groups": len(groups),
+            "error_before": round(errors[0][0], 6), "error_after": round(errors[-1][1], 6)}
+
+
+def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor, chunks: list,
+              energy: float, fitted: list[str], group: range, steps: int, history: int, whiten: bool) -> tuple[float, float]:
+    """Fit the experts of `group` in place, the layer's others held as they are (their output is taken off the
+    target first); returns the layer's relative squared error before and after (never worse: a fit that does
+    not improve it is not kept)."""
+    others = [e for e in range(experts.down_proj.shape[0]) if e not in group]
+    if others:
+        with torch.no_grad():
+            target = torch.cat([target[begin:stop] - block_output(
+                experts, architecture, [{n: t.float() for n, t in expert_slices(experts, e).items()} for e in others],
+                inputs[begin:stop], [routing[e] for e in others]) for begin, stop, routing in chunks])
+    whitenings = expert_whitenings(experts, architecture, inputs, chunks, group) if whiten else [None] * len(group)
+    chunks = [(begin, stop, [routing[e] for e in group]) for begin, stop, routing in chunks]
+    tensors = [one_expert(experts, e, fitted, whitened) for e, whitened in zip(group, whitenings)]
 
     def weights() -> list[dict[str, torch.Tensor]]:
-        return [expert_weights(experts, e, tensors[e], whitenings[e], architecture.transposed) for e in range(count)]
+        return [expert_weights(experts, e, own, whitened, architecture.transposed)
+                for e, own, whitened in zip(group, tensors, whitenings)]
 
     def random_projection(generator: torch.Generator) -> None:
         for begin, stop, routing in chunks:
             predicted = block_output(experts, architecture, weights(), inputs[begin:stop], routing)
-            (predicted * torch.randn(predicted.shape, generator=generator).to(device)).sum().backward()
+            (predicted * torch.randn(predicted.shape, generator=generator).to(inputs.device)).sum().backward()
 
     def error(backward: bool) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64)
@@ -197,9 +232,8 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
             total += float(value.detach())
         return total
 
-    leaves = [own[name] for own in tensors for name in fitted]
-    history = history_size(sum(leaf.numel() for leaf in leaves))
-    optimizer = torch.optim.LBFGS(leaves, lr=1.0, max_iter=steps, history_size=history, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([own[name] for own in tensors for name in fitted], lr=1.0, max_iter=steps,
+                                  history_size=history, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -217,6 +251,5 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
             fitted_weights = weights()
             for name in fitted:
                 stored = getattr(experts, name)
-                stored.data.copy_(torch.cat([own[name].detach() for own in fitted_weights]).to(stored.dtype))
-    return {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "history": history,
-            "error_before": round(before, 6), "error_after": round(min(before, after), 6)}
+                stored.data[group.start:group.stop].copy_(torch.cat([own[name].detach() for own in fitted_weights]).to(stored.dtype))
+    return before, min(before, after)

@@ -128,7 +128,7 @@ def test_refit_flags_reach_the_plan(capsys, tiny_models, tmp_path):
         assert plan["refit"]["steps"] == 3 and plan["refit"]["step_tokens"] == 40 and plan["refit"]["alpha"] == 0.01
         assert plan["refit"]["whiten"] is whitened
         assert all(layer["details"]["refit"]["experts"] | {"error_before": 0, "error_after": 0} ==
-                   {"steps": 3, "tokens": 40, "whitened": whitened, "history": 20, "error_before": 0, "error_after": 0}
+                   {"steps": 3, "tokens": 40, "whitened": whitened, "history": 20, "groups": 1, "error_before": 0, "error_after": 0}
                    for layer in plan["layers"])
 
 

@@ -11,8 +11,9 @@ from hcsmoe.adapters import architecture_for, moe_layers
 from hcsmoe.apply import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, energy_selected_expert, least_squares_subset, members_view, selected_expert
 from hcsmoe.calibrate import BlockTokens, expert_features, route_tokens
 from hcsmoe.errors import UserError
-from hcsmoe.expert_fit import (HISTORY, WHITENING_RIDGE, block_output, evenly_spaced, expert_weights, expert_whitenings,
-                               fit_experts, history_size, one_expert, per_expert_tokens, whitening)
+from hcsmoe.expert_fit import (FIT_MEMORY, HISTORY, OVERHEAD_COPIES, SHORT_HISTORY, WHITENING_RIDGE, block_output,
+                               evenly_spaced, expert_weights, expert_whitenings, fit_experts, fit_schedule, one_expert,
+                               per_expert_tokens, whitening)
 from hcsmoe.loading import load_model
 from hcsmoe.plan import REAM, Group, LayerPlan, greedy_groups, nearest_groups
 from hcsmoe.refit import RefitOptions, down_matrices, refit_layer
@@ -218,18 +219,31 @@ def test_expert_fit_in_chunks_fits_the_same_error(tiny_models, monkeypatch):
     assert chunked["error_after"] == pytest.approx(whole["error_after"], rel=0.05)
 
 
-def test_lbfgs_history_shrinks_on_large_layers_and_the_fit_still_works(tiny_models, monkeypatch):
-    """L-BFGS keeps 2 float32 copies of the layer's fitted weights per correction pair: a small layer keeps
-    HISTORY pairs, Qwen3-30B's at 64 experts 3 (7.2 GB, not 48), a huge one at least 1; a fit held to one
-    pair still brings the error down."""
-    qwen3_30b_at_64 = 64 * 3 * 768 * 2048
-    assert history_size(10**6) == HISTORY and history_size(qwen3_30b_at_64) == 3 and history_size(10**12) == 1
+def test_large_layers_are_fitted_in_groups_with_a_shorter_history():
+    """A small layer is fitted whole with HISTORY pairs; Qwen3-30B's at 64 experts (64 GB whole) in 4 groups of
+    16 consecutive experts with SHORT_HISTORY pairs, each group's working set under FIT_MEMORY; an expert too
+    large for it alone still gets a group of its own."""
+    assert fit_schedule(24, 3 * 64 * 256) == ([range(24)], HISTORY)
+    per_expert = 3 * 768 * 2048
+    groups, history = fit_schedule(64, per_expert)
+    assert history == SHORT_HISTORY and [(g.start, g.stop) for g in groups] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert 4 * per_expert * 16 * (2 * SHORT_HISTORY + OVERHEAD_COPIES) <= FIT_MEMORY
+    assert fit_schedule(3, 10**12)[0] == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+def test_expert_fit_in_groups_starts_from_the_layer_error_and_recovers_it(tiny_models, monkeypatch):
+    """Fitted a group at a time (the others' output taken off the target), the fit starts from the same layer
+    error as the whole-layer fit and still brings most of it back."""
     _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
     block = tokens_of(moe, architecture, n=2000)
     perturb_gate_up(moe)
-    monkeypatch.setattr("hcsmoe.expert_fit.LBFGS_MEMORY", 1)
-    report = fit_experts(moe, architecture, block, steps=20, sample=0)
-    assert report["history"] == 1 and report["error_after"] < report["error_before"] / 2
+    whole = fit_experts(copy.deepcopy(moe), architecture, block, steps=30, sample=0)
+    monkeypatch.setattr("hcsmoe.expert_fit.FIT_MEMORY", 1)  # every expert a group of its own
+    grouped = fit_experts(moe, architecture, block, steps=30, sample=0)
+    assert whole["groups"] == 1 and grouped["groups"] == moe.experts.down_proj.shape[0] > 1
+    assert grouped["history"] == SHORT_HISTORY
+    assert grouped["error_before"] == pytest.approx(whole["error_before"], rel=1e-5)
+    assert grouped["error_after"] < grouped["error_before"] / 5
 
 
 def test_expert_fit_tokens_are_spread_over_the_calibration():
