@@ -45,7 +45,8 @@ def prefixes(row: dict) -> torch.Tensor:
 
 def summary(row: dict, default: dict) -> dict:
     """Mean prefix per language and over all prompts ± its standard error, and the paired difference to the default."""
-    mine, difference = prefixes(row), prefixes(row) - prefixes(default)
+    mine = prefixes(row)
+    difference = mine - prefixes(default)
     return {**{lang: sum(row[f"{lang}/prefix"]) / len(row[f"{lang}/prefix"]) for lang in LANGUAGES},
             "mean": float(mine.mean()), "se": standard_error(mine),
             "difference": float(difference.mean()), "difference_se": standard_error(difference)}

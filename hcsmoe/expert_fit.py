@@ -147,8 +147,8 @@ def balance_whitenings(whitenings: list[dict[str, torch.Tensor]], tensors: list[
     Gauss-Newton diagonal of 1 and its down projections DOWN_CURVATURE. Whitening makes each weight's
     inputs isotropic, not the output's sensitivity to it: gate/up acts through the down projection, whose
     scale is the model's own (on the bundled models the unbalanced down projections' scale is 6 to 28 times
-    gate/up's, expert by expert), and L-BFGS starts from one scalar curvature for all. The scale is estimated from PROBES random output
-    directions v (E ||J^T v||^2 = trace(J^T J)); `gradients(generator)` backpropagates one."""
+    gate/up's, expert by expert), and L-BFGS starts from one scalar curvature for all. The scale is estimated
+    from PROBES random output directions v (E ||J^T v||^2 = trace(J^T J)); `gradients(generator)` backpropagates one."""
     generator, totals = torch.Generator().manual_seed(0), dict.fromkeys(whitenings[0], 0.0)
     for _ in range(PROBES):
         gradients(generator)
@@ -251,5 +251,6 @@ def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tens
             fitted_weights = weights()
             for name in fitted:
                 stored = getattr(experts, name)
-                stored.data[group.start:group.stop].copy_(torch.cat([own[name].detach() for own in fitted_weights]).to(stored.dtype))
+                fitted_tensor = torch.cat([own[name].detach() for own in fitted_weights])
+                stored.data[group.start:group.stop].copy_(fitted_tensor.to(stored.dtype))
     return before, min(before, after)
