@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, bundled_model, texts
-from hcsmoe.adapters import architecture_for, expert_count
-from hcsmoe.data import LANGUAGES
-from hcsmoe.evaluate import evaluate
-from hcsmoe.pipeline import DEFAULT_CALIBRATION, compress
+from hcsmoe.checkpoints.architectures import architecture_for, expert_count
+from hcsmoe.calibration.text import LANGUAGES
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.recipe import DEFAULT_CALIBRATION
+from hcsmoe.pipeline import compress
 
 RESULTS = Path(__file__).parent / "results"
 SOURCES = (DEFAULT_CALIBRATION, "wiki:en", "wiki:en+self", "self", f"{DEFAULT_CALIBRATION}+self")

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from hcsmoe.adapters import architecture_for, expert_count
-from hcsmoe.data import LANGUAGES, wiki_texts
-from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import BUNDLED_MODELS, load_model, load_tokenizer
+from hcsmoe.checkpoints.architectures import architecture_for, expert_count
+from hcsmoe.calibration.text import LANGUAGES, wiki_texts
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.checkpoints.loading import BUNDLED_MODELS, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
-from hcsmoe.refit import RefitOptions
+from hcsmoe.fitting.refit import RefitOptions
 
 RESULTS = Path(__file__).parent / "results"
 HELD_OUT_ARTICLES = 300

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from hcsmoe.loading import REFERENCE_MODEL
+from hcsmoe.checkpoints.loading import REFERENCE_MODEL
 from hcsmoe.pipeline import compress
 
 RESULTS = Path(__file__).parent / "results"

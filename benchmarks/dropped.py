@@ -15,11 +15,11 @@ import torch
 from transformers.utils import logging
 
 from benchmarks.choices import MAX_TOKENS, RESULTS, mean, texts
-from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.checkpoints.loading import REFERENCE_MODEL, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
-from hcsmoe.refit import RefitOptions
-from hcsmoe.router_fit import RouterFitOptions
+from hcsmoe.fitting.refit import RefitOptions
+from hcsmoe.fitting.router_fit import RouterFitOptions
 
 EXPERTS = 16
 BLOCKS = 128  # 128 blocks of the reference model's 256-token context: 32,768 tokens

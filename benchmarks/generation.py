@@ -21,9 +21,9 @@ import torch
 from transformers.utils import logging
 
 from benchmarks.quality import RESULTS, Bench
-from hcsmoe.data import LANGUAGES
-from hcsmoe.evaluate import greedy_continuations, matching_prefix, standard_error
-from hcsmoe.loading import BUNDLED_MODELS
+from hcsmoe.calibration.text import LANGUAGES
+from hcsmoe.evaluation.generation import greedy_continuations, matching_prefix, standard_error
+from hcsmoe.checkpoints.loading import BUNDLED_MODELS
 
 PROMPTS = 256
 DEFAULT = "**default**"

@@ -60,10 +60,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from hcsmoe.data import LANGUAGES, interleave, token_blocks, wiki_texts
-from hcsmoe.adapters import architecture_for, expert_count
-from hcsmoe.checkpoint import INDEX_NAME
-from hcsmoe.loading import BUNDLED_MODELS, load_config
+from hcsmoe.calibration.text import LANGUAGES, interleave, token_blocks, wiki_texts
+from hcsmoe.checkpoints.architectures import architecture_for, expert_count
+from hcsmoe.checkpoints.shards import INDEX_NAME
+from hcsmoe.checkpoints.loading import BUNDLED_MODELS, load_config
 from hcsmoe.pipeline import compress
 from tests.conftest import make_tiny_model  # imported before the converter's gguf-py/tests could shadow `tests`
 from tests.quantized import fp8_checkpoint, mxfp4_checkpoint

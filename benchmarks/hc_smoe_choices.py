@@ -22,8 +22,8 @@ import torch
 from transformers.utils import logging
 
 from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, RESULTS, texts
-from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.checkpoints.loading import REFERENCE_MODEL, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
 
 CALIBRATIONS = ("wiki:en", "wiki:en,fr,es")

@@ -14,7 +14,7 @@ import json
 import math
 
 from benchmarks.quality import RESULTS
-from hcsmoe.data import LANGUAGES
+from hcsmoe.calibration.text import LANGUAGES
 
 MODELS = {"reference": "reference Qwen3-MoE (32 experts)", "qwen2-moe": "Qwen2-MoE (60 experts + shared expert)"}
 COLUMNS = [(f"{lang} ppl", f"{lang}/ppl", min) for lang in LANGUAGES] + [

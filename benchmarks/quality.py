@@ -26,11 +26,15 @@ from types import SimpleNamespace
 import torch
 from transformers.utils import logging
 
-from hcsmoe.adapters import architecture_for, expert_count, moe_layers
-from hcsmoe.data import LANGUAGES, wiki_texts
-from hcsmoe.evaluate import BUNDLED_TASKS, evaluate, generation_prompts, greedy_continuations
-from hcsmoe.loading import BUNDLED_MODELS, load_model, load_tokenizer
-from hcsmoe.pipeline import DEFAULT_CALIBRATION, calibration_statistics, compress
+from hcsmoe.checkpoints.architectures import architecture_for, expert_count, moe_layers
+from hcsmoe.calibration.text import LANGUAGES, wiki_texts
+from hcsmoe.evaluation.tasks import BUNDLED_TASKS
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.evaluation.generation import generation_prompts, greedy_continuations
+from hcsmoe.checkpoints.loading import BUNDLED_MODELS, load_model, load_tokenizer
+from hcsmoe.recipe import DEFAULT_CALIBRATION
+from hcsmoe.runners.in_memory import calibration_statistics
+from hcsmoe.pipeline import compress
 
 RESULTS = Path(__file__).parent / "results"
 RANDOM_SEEDS = (0,)  # a floor, not a contender: one seed
@@ -69,7 +73,7 @@ TASK_ROWS = ("default", "reap", "hc-smoe")
 
 def options_of(row_options: dict) -> dict:
     """compress() options for a row: {"refit": {...}} becomes RefitOptions."""
-    from hcsmoe.refit import RefitOptions
+    from hcsmoe.fitting.refit import RefitOptions
 
     options = dict(row_options)
     if isinstance(options.get("refit"), dict):

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from hcsmoe.data import wiki_texts
-from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
+from hcsmoe.calibration.text import wiki_texts
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.checkpoints.loading import REFERENCE_MODEL, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
-from hcsmoe.plan import ROUTERS
+from hcsmoe.planners.plan import ROUTERS
 
 RESULTS = Path(__file__).parent / "results"
 SELECTION_ARTICLES = 400  # last English train articles: the selection slice

@@ -49,9 +49,9 @@ def write_synthetic_checkpoint(directory: Path, layers: int, seed: int = 0, fp8:
     Returns the checkpoint's size in bytes."""
     from tests.quantized import fp8_config, fp8_tensors
 
-    from hcsmoe.checkpoint import ShardWriter, checkpoint_names
-    from hcsmoe.loading import REFERENCE_MODEL
-    from hcsmoe.streaming import skeleton
+    from hcsmoe.checkpoints.shards import ShardWriter, checkpoint_names
+    from hcsmoe.checkpoints.loading import REFERENCE_MODEL
+    from hcsmoe.checkpoints.loading import skeleton
 
     config = qwen3_config(layers)
     model = skeleton(config)
@@ -131,8 +131,8 @@ def format_check(source: Path, out: Path) -> dict:
     unmerged are the input's bit for bit."""
     from safetensors import safe_open
 
-    from hcsmoe.checkpoint import checkpoint_files, stored_metadata
-    from hcsmoe.formats import SAFETENSORS_TO_TORCH
+    from hcsmoe.checkpoints.shards import checkpoint_files, stored_metadata
+    from hcsmoe.checkpoints.formats import SAFETENSORS_TO_TORCH
 
     def read(files: dict[str, Path], key: str) -> torch.Tensor:
         with safe_open(str(files[key]), "pt") as handle:
@@ -179,7 +179,7 @@ def peak_resident_bytes(arguments: list[str]) -> int:
 
 
 RANK_PROBE = """import atexit, os, sys
-from hcsmoe.checkpoint import StoredCheckpoint
+from hcsmoe.checkpoints.shards import StoredCheckpoint
 read = [0]
 parts = StoredCheckpoint.parts
 def counted(self, key, start=None, stop=None):
@@ -261,9 +261,10 @@ def speed(tokens: int, repeats: int) -> dict:
     """The statistics pass of one real-shaped layer vs the bare matrix products it needs, same threads."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    from hcsmoe.adapters import MoELayer, architecture_for
-    from hcsmoe.calibrate import LayerAccumulator, expert_pass, route_tokens
-    from hcsmoe.layerwise import MemorySource, expert_chunks
+    from hcsmoe.checkpoints.architectures import MoELayer, architecture_for
+    from hcsmoe.calibration.statistics import LayerAccumulator, expert_pass, route_tokens
+    from hcsmoe.checkpoints.shards import MemorySource
+    from hcsmoe.runners.layerwise import expert_chunks
 
     torch.manual_seed(0)
     config = qwen3_config(1)
@@ -311,8 +312,8 @@ def speed(tokens: int, repeats: int) -> dict:
 def replan() -> dict:
     """Reference model, in one process: compress with calibration, then from the saved statistics at
     another K; the second run plans and merges only."""
-    from hcsmoe.calibrate import Statistics
-    from hcsmoe.loading import REFERENCE_MODEL
+    from hcsmoe.calibration.statistics import Statistics
+    from hcsmoe.checkpoints.loading import REFERENCE_MODEL
     from hcsmoe.pipeline import compress
 
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-replan-"))

@@ -1,12 +1,13 @@
 """hcsmoe: make sparse Mixture-of-Experts models smaller by merging their experts (HC-SMoE)."""
 
 __version__ = "0.1.0"
-__all__ = ["CompressionResult", "compress", "__version__"]
+__all__ = ["CompressionResult", "Recipe", "compress", "__version__"]
 
 
 def __getattr__(name: str):
-    """`hcsmoe.compress` and `hcsmoe.CompressionResult`, imported on first use so the CLI starts fast."""
-    if name in ("compress", "CompressionResult"):
+    """`hcsmoe.compress`, `hcsmoe.Recipe` and `hcsmoe.CompressionResult`, imported on first use so the CLI
+    starts fast."""
+    if name in ("compress", "CompressionResult", "Recipe"):
         from hcsmoe import pipeline
 
         return getattr(pipeline, name)

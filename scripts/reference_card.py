@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from hcsmoe.data import LANGUAGES, token_stream, wiki_texts
-from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import REFERENCE_MODEL, load_model, load_tokenizer
-from hcsmoe.usage import routing_counts, share_of_uniform
+from hcsmoe.calibration.text import LANGUAGES, token_stream, wiki_texts
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.checkpoints.loading import REFERENCE_MODEL, load_model, load_tokenizer
+from hcsmoe.evaluation.usage import routing_counts, share_of_uniform
 
 DEAD_THRESHOLD = 0.2
 

@@ -22,7 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from hcsmoe.data import LANGUAGES, token_stream, wiki_texts
+from hcsmoe.calibration.text import LANGUAGES, token_stream, wiki_texts
 
 EOS = "<|endoftext|>"
 

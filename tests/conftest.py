@@ -23,8 +23,8 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hcsmoe.adapters import architecture_for, expert_parameters, moe_layers
-from hcsmoe.loading import REFERENCE_MODEL
+from hcsmoe.checkpoints.architectures import architecture_for, expert_parameters, moe_layers
+from hcsmoe.checkpoints.loading import REFERENCE_MODEL
 
 logging.set_verbosity_error()
 logging.disable_progress_bar()

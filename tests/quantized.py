@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hcsmoe.formats import Fp8Blocks, Mxfp4, Stored
+from hcsmoe.checkpoints.formats import Fp8Blocks, Mxfp4, Stored
 from tests.conftest import make_tiny_model
 
 NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "mlp.router.")  # as the released FP8 checkpoints

@@ -156,7 +156,7 @@ def test_real_process_prints_no_traceback(tiny_models, tmp_path):
 
 
 def test_example_recipe_is_valid():
-    from hcsmoe.commands import read_recipe
+    from hcsmoe.cli.compress import read_recipe
 
     recipe = read_recipe(str(Path(__file__).parent.parent / "examples" / "recipe.yaml"))
     assert recipe["method"] == "hc-smoe" and recipe["ratio"] == 0.5 and recipe["block_size"] == 2048
@@ -187,7 +187,7 @@ def test_two_runs_with_one_output_exactly_one_wins(tiny_models, tmp_path):
 def test_final_rename_refuses_an_output_that_appeared_meanwhile(tmp_path):
     """The last line of defence: the other run renamed its output into place after this run's checks."""
     from hcsmoe.errors import UserError
-    from hcsmoe.save import atomic_directory
+    from hcsmoe.checkpoints.saving import atomic_directory
 
     out = tmp_path / "out"
     with pytest.raises(UserError, match="another run"):
@@ -204,7 +204,7 @@ def test_final_rename_refuses_an_output_that_appeared_meanwhile(tmp_path):
 
 
 def test_a_model_too_large_for_free_memory_is_streamed(capsys, tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr("hcsmoe.pipeline.available_memory", lambda: 1000)  # bytes: nothing fits
+    monkeypatch.setattr("hcsmoe.runners.streaming.available_memory", lambda: 1000)  # bytes: nothing fits
     code, out, err = run_cli(capsys, "compress", str(tiny_models["olmoe"]), "-k", "4", "--method", "hc-smoe",
                              "--out", str(tmp_path / "o"), "--no-eval", "-q", "--blocks", "2", "--block-size", "32")
     assert code == 0 and "streaming it one layer at a time" in err and len(err.strip().splitlines()) == 1

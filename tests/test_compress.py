@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 from scipy.cluster.hierarchy import fcluster, linkage
 from transformers import AutoModelForCausalLM
 
-from hcsmoe.adapters import architecture_for, moe_layers
-from hcsmoe.apply import merge_rows
-from hcsmoe.calibrate import LayerStats
+from hcsmoe.checkpoints.architectures import architecture_for, moe_layers
+from hcsmoe.apply.layer import merge_rows
+from hcsmoe.calibration.statistics import LayerStats
 from hcsmoe.pipeline import compress
-from hcsmoe.refit import RefitOptions
-from hcsmoe.plan import HCSMoE, Group, Plan, groups_from_linkage
+from hcsmoe.fitting.refit import RefitOptions
+from hcsmoe.planners.clustering import HCSMoE, groups_from_linkage
+from hcsmoe.planners.plan import Group, Plan
 from tests.conftest import ARCHITECTURES
 
 INPUT = torch.arange(40).remainder(997).mul(37).remainder(8000).view(2, 20)
@@ -190,14 +191,14 @@ def test_input_checkpoint_is_never_modified(tiny_models, tmp_path):
 
 
 def test_interrupted_save_leaves_nothing_under_the_requested_name(tiny_models, tmp_path, monkeypatch):
-    import hcsmoe.pipeline
+    import hcsmoe.result
 
     result = compress(tiny_models["qwen3_moe"], num_experts=4, **FAST)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hcsmoe.pipeline, "plot_dendrograms", interrupted)
+    monkeypatch.setattr(hcsmoe.result, "plot_dendrograms", interrupted)
     with pytest.raises(KeyboardInterrupt):
         result.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -228,7 +229,7 @@ def test_expert_fit_is_recorded_in_the_plan_and_redone_from_it(tiny_models, tmp_
 
 
 def test_statistics_file_round_trips_and_replans_at_another_k(tiny_models, tmp_path):
-    from hcsmoe.calibrate import TENSOR_FIELDS, Statistics
+    from hcsmoe.calibration.statistics import TENSOR_FIELDS, Statistics
 
     first = compress(tiny_models["qwen3_moe"], num_experts=6, method="hc-smoe", output_samples=16, **FAST)
     first.stats.save(tmp_path / "stats.safetensors")
@@ -237,5 +238,6 @@ def test_statistics_file_round_trips_and_replans_at_another_k(tiny_models, tmp_p
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in TENSOR_FIELDS if getattr(a, f) is not None)
     direct = compress(tiny_models["qwen3_moe"], num_experts=3, method="hc-smoe", **FAST)
     replanned = compress(tiny_models["qwen3_moe"], num_experts=3, method="hc-smoe", stats=loaded, progress=False)
-    assert replanned.plan.to_dict() == direct.plan.to_dict()
+    without_recipe = lambda plan: {k: v for k, v in plan.to_dict().items() if k != "recipe"}  # calibration sizes differ
+    assert without_recipe(replanned.plan) == without_recipe(direct.plan)
     assert torch.equal(logits(replanned.model), logits(direct.model))

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from hcsmoe.cli import main
-from hcsmoe.commands import stream_choice
+from hcsmoe.cli.compress import stream_choice
 from hcsmoe.distributed import World
 from hcsmoe.errors import UserError
-from hcsmoe.loading import REFERENCE_MODEL
+from hcsmoe.checkpoints.loading import REFERENCE_MODEL
 from tests.conftest import make_tiny_model
 from tests.test_streaming import assert_same_checkpoint
 

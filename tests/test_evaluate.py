@@ -18,7 +18,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from hcsmoe.cli import main
 from hcsmoe.errors import UserError
-from hcsmoe.evaluate import compare, evaluate, format_table, generation_agreement, perplexity, run_tasks
+from hcsmoe.evaluation.scoring import compare, perplexity
+from hcsmoe.evaluation.evaluate import evaluate, format_table
+from hcsmoe.evaluation.generation import generation_agreement
+from hcsmoe.evaluation.tasks import run_tasks
 
 V = 257  # the byte tokenizer below: id 0 is <|endoftext|>, byte b is id b + 1
 CONTEXT = 16

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from hcsmoe.adapters import (
+from hcsmoe.checkpoints.architectures import (
     architecture_for,
     check_k_for,
     dense_layers,
@@ -23,11 +23,11 @@ from hcsmoe.adapters import (
     shared_modules,
 )
 from hcsmoe.cli import main
-from hcsmoe.commands import describe
+from hcsmoe.cli.inspect import describe
 from hcsmoe.errors import UserError
-from hcsmoe.loading import load_tokenizer
+from hcsmoe.checkpoints.loading import load_tokenizer
 from hcsmoe.pipeline import compress
-from hcsmoe.plan import Group, LayerPlan, Plan
+from hcsmoe.planners.plan import Group, LayerPlan, Plan
 from tests.conftest import ARCHITECTURES, TINY_CONFIGS
 
 FAST = dict(num_blocks=4, block_size=64, progress=False)

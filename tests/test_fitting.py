@@ -7,17 +7,19 @@ import copy
 import pytest
 import torch
 
-from hcsmoe.adapters import architecture_for, moe_layers
-from hcsmoe.apply import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, energy_selected_expert, least_squares_subset, members_view, selected_expert
-from hcsmoe.calibrate import BlockTokens, expert_features, route_tokens
+from hcsmoe.checkpoints.architectures import architecture_for, moe_layers
+from hcsmoe.apply.neurons import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, energy_selected_expert, least_squares_subset, selected_expert
+from hcsmoe.apply.layer import members_view
+from hcsmoe.calibration.statistics import BlockTokens, expert_features, route_tokens
 from hcsmoe.errors import UserError
-from hcsmoe.expert_fit import (FIT_MEMORY, HISTORY, OVERHEAD_COPIES, SHORT_HISTORY, WHITENING_RIDGE, block_output,
+from hcsmoe.fitting.expert_fit import (FIT_MEMORY, HISTORY, OVERHEAD_COPIES, SHORT_HISTORY, WHITENING_RIDGE, block_output,
                                evenly_spaced, expert_weights, expert_whitenings, fit_experts, fit_schedule, one_expert,
                                per_expert_tokens, whitening)
-from hcsmoe.loading import load_model
-from hcsmoe.plan import REAM, Group, LayerPlan, greedy_groups, nearest_groups
-from hcsmoe.refit import RefitOptions, down_matrices, refit_layer
-from hcsmoe.router_fit import RouterFitOptions, fit_rows, mass_owners, routing_targets
+from hcsmoe.checkpoints.loading import load_model
+from hcsmoe.planners.ream import REAM, greedy_groups, nearest_groups
+from hcsmoe.planners.plan import Group, LayerPlan
+from hcsmoe.fitting.refit import RefitOptions, down_matrices, refit_layer
+from hcsmoe.fitting.router_fit import RouterFitOptions, fit_rows, mass_owners, routing_targets
 
 from tests.test_planners import hand_made
 
@@ -213,7 +215,7 @@ def test_expert_fit_in_chunks_fits_the_same_error(tiny_models, monkeypatch):
     block = tokens_of(moe, architecture, n=2000)
     perturb_gate_up(moe)
     whole = fit_experts(copy.deepcopy(moe), architecture, block, steps=10, sample=0)
-    monkeypatch.setattr("hcsmoe.expert_fit.CHUNK_TOKENS", 300)
+    monkeypatch.setattr("hcsmoe.fitting.expert_fit.CHUNK_TOKENS", 300)
     chunked = fit_experts(moe, architecture, block, steps=10, sample=0)
     assert chunked["error_before"] == pytest.approx(whole["error_before"], rel=1e-5)
     assert chunked["error_after"] == pytest.approx(whole["error_after"], rel=0.05)
@@ -238,7 +240,7 @@ def test_expert_fit_in_groups_starts_from_the_layer_error_and_recovers_it(tiny_m
     block = tokens_of(moe, architecture, n=2000)
     perturb_gate_up(moe)
     whole = fit_experts(copy.deepcopy(moe), architecture, block, steps=30, sample=0)
-    monkeypatch.setattr("hcsmoe.expert_fit.FIT_MEMORY", 1)  # every expert a group of its own
+    monkeypatch.setattr("hcsmoe.fitting.expert_fit.FIT_MEMORY", 1)  # every expert a group of its own
     grouped = fit_experts(moe, architecture, block, steps=30, sample=0)
     assert whole["groups"] == 1 and grouped["groups"] == moe.experts.down_proj.shape[0] > 1
     assert grouped["history"] == SHORT_HISTORY

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hcsmoe.formats import FP8_MAX, Fp8Blocks, Mxfp4, Stored
+from hcsmoe.checkpoints.formats import FP8_MAX, Fp8Blocks, Mxfp4, Stored
 from hcsmoe.pipeline import compress
 from tests.quantized import fp8_checkpoint, mxfp4_checkpoint, read_all
 from tests.test_cli import assert_one_line_error, run_cli
@@ -110,9 +110,9 @@ def test_fewer_experts_shrink_the_experts_in_proportion_and_keep_kept_ones_bit_f
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
 def test_merged_experts_are_the_float32_merge_requantized(quantized, tmp_path, family):
-    from hcsmoe.checkpoint import StoredCheckpoint
-    from hcsmoe.formats import format_of
-    from hcsmoe.loading import load_config
+    from hcsmoe.checkpoints.shards import StoredCheckpoint
+    from hcsmoe.checkpoints.formats import format_of
+    from hcsmoe.checkpoints.loading import load_config
 
     source = quantized[family]
     merged = compress(source, num_experts=4, method="hc-smoe", **CALIBRATION)

@@ -11,26 +11,19 @@ from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import pdist
 from transformers import AutoModelForCausalLM
 
-from hcsmoe.adapters import MoELayer, architecture_for, moe_layers
-from hcsmoe.apply import apply_plan_keeping_router, fix_dom_expert, members_view
-from hcsmoe.calibrate import LayerStats
+from hcsmoe.checkpoints.architectures import MoELayer, architecture_for, moe_layers
+from hcsmoe.apply.layer import apply_plan_keeping_router, members_view
+from hcsmoe.apply.neurons import fix_dom_expert
+from hcsmoe.calibration.statistics import LayerStats
 from hcsmoe.errors import UserError
-from hcsmoe.layerwise import calibrate_model
-from hcsmoe.loading import load_model, load_tokenizer
-from hcsmoe.pipeline import calibration_blocks, compress
-from hcsmoe.plan import (
-    EAN,
-    PLANNERS,
-    REAP,
-    FrequencyPrune,
-    Group,
-    HCSMoE,
-    KMeans,
-    MSMoE,
-    OPrune,
-    SoftPrune,
-    capped_linkage,
-)
+from hcsmoe.runners.layerwise import calibrate_model
+from hcsmoe.checkpoints.loading import load_model, load_tokenizer
+from hcsmoe.calibration.text import calibration_blocks
+from hcsmoe.pipeline import compress
+from hcsmoe.planners.pruning import EAN, REAP, FrequencyPrune, OPrune, SoftPrune
+from hcsmoe.planners.registry import PLANNERS
+from hcsmoe.planners.plan import Group
+from hcsmoe.planners.clustering import HCSMoE, KMeans, MSMoE, capped_linkage
 
 FAST = dict(num_blocks=4, block_size=64, progress=False)
 

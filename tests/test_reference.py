@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-from hcsmoe.data import LANGUAGES, token_stream, wiki_texts
-from hcsmoe.evaluate import evaluate
-from hcsmoe.loading import BUNDLED_MODELS, QWEN2_REFERENCE_MODEL, REFERENCE_MODEL, load_model, load_tokenizer
+from hcsmoe.calibration.text import LANGUAGES, token_stream, wiki_texts
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.checkpoints.loading import BUNDLED_MODELS, QWEN2_REFERENCE_MODEL, REFERENCE_MODEL, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
-from hcsmoe.usage import routing_counts, share_of_uniform
+from hcsmoe.evaluation.usage import routing_counts, share_of_uniform
 
 CARD = json.loads((REFERENCE_MODEL / "card.json").read_text())
 
@@ -68,7 +68,7 @@ def test_second_model_has_the_shape_of_qwen1_5_moe():
 @pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_fresh_process_reproduces_card_perplexity(name, lang):
-    from hcsmoe.data import wiki_path
+    from hcsmoe.calibration.text import wiki_path
 
     path = BUNDLED_MODELS[name]
     process = subprocess.run(

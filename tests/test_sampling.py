@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hcsmoe.data import load_texts, source_parts, token_blocks
+from hcsmoe.calibration.text import load_texts, source_parts, token_blocks
 from hcsmoe.errors import UserError
-from hcsmoe.loading import load_tokenizer
-from hcsmoe.pipeline import calibration_blocks, compress
+from hcsmoe.checkpoints.loading import load_tokenizer
+from hcsmoe.calibration.text import calibration_blocks
+from hcsmoe.pipeline import compress
 
 
 def test_source_parts(tmp_path):

@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hcsmoe.adapters import architecture_for, expert_parameters, moe_layers
-from hcsmoe.calibrate import Statistics
-from hcsmoe.checkpoint import CheckpointReader
-from hcsmoe.loading import load_model
+from hcsmoe.checkpoints.architectures import architecture_for, expert_parameters, moe_layers
+from hcsmoe.calibration.statistics import Statistics
+from hcsmoe.checkpoints.shards import CheckpointReader
+from hcsmoe.checkpoints.loading import load_model
 from hcsmoe.pipeline import compress
-from hcsmoe.refit import RefitOptions
-from hcsmoe.streaming import StreamingCompressor, skeleton
+from hcsmoe.fitting.refit import RefitOptions
+from hcsmoe.runners.streamed_model import StreamingCompressor
+from hcsmoe.checkpoints.loading import skeleton
 from tests.conftest import ARCHITECTURES
 
 SMALL = dict(num_blocks=2, block_size=32, batch_size=1, progress=False)
@@ -67,7 +68,7 @@ def test_statistics_are_the_same_streamed_or_in_memory(tiny_models, tmp_path):
 
 
 def test_many_shards_with_an_index_reload_with_no_missing_keys(tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr("hcsmoe.streaming.shard_bytes_for", lambda source: 2**16)
+    monkeypatch.setattr("hcsmoe.runners.streamed_model.shard_bytes_for", lambda source: 2**16)
     compress(tiny_models["mixtral"], num_experts=4, stream_to=tmp_path / "out", **SMALL)
     shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
@@ -97,7 +98,7 @@ def test_replanning_from_a_statistics_file_streams_without_calibrating(tiny_mode
     first = compress(tiny_models["olmoe"], num_experts=6, **SMALL)
     first.stats.save(tmp_path / "stats.safetensors")
     stats = Statistics.load(tmp_path / "stats.safetensors")
-    monkeypatch.setattr("hcsmoe.streaming.calibrate_layer", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr("hcsmoe.runners.streaming.calibrate_layer", lambda *a, **k: pytest.fail("calibrated again"))
     replan = dict(SMALL, num_experts=3, method="hc-smoe", stats=stats)
     streamed = compress(tiny_models["olmoe"], stream_to=tmp_path / "s", **replan)
     compress(tiny_models["olmoe"], **replan).save(tmp_path / "m")
@@ -139,9 +140,9 @@ def test_corrective_targets_the_original_models_layer_output(tiny_models):
     """Layer 0 is damaged (its routed experts silenced) and the stream goes on from it; layer 1's corrective
     target is the routed output that, added to what the rest of layer 1 gives on the damaged stream, makes
     the original model's layer-1 output."""
-    from hcsmoe.layerwise import calibrate_model
-    from hcsmoe.loading import load_tokenizer
-    from hcsmoe.pipeline import calibration_blocks
+    from hcsmoe.runners.layerwise import calibrate_model
+    from hcsmoe.checkpoints.loading import load_tokenizer
+    from hcsmoe.calibration.text import calibration_blocks
 
     model = load_model(tiny_models["qwen3_moe"])
     architecture = architecture_for(model.config)
@@ -171,12 +172,12 @@ def test_corrective_targets_the_original_models_layer_output(tiny_models):
 def test_a_bf16_model_held_in_bf16_writes_the_same_weights_as_streaming(tmp_path, arch, monkeypatch):
     """The in-memory path holds a bf16 checkpoint in bf16 and computes one layer at a time in float32: the
     same bits as streaming (which reads each layer in float32), for the default recipe and for re-planning."""
-    import hcsmoe.pipeline
+    import hcsmoe.runners.in_memory
     from tests.conftest import make_tiny_model
 
     held = []
-    load = hcsmoe.pipeline.load_model
-    monkeypatch.setattr(hcsmoe.pipeline, "load_model", lambda path, dtype, device: held.append(dtype) or load(path, dtype, device))
+    load = hcsmoe.runners.in_memory.load_model
+    monkeypatch.setattr(hcsmoe.runners.in_memory, "load_model", lambda path, dtype, device: held.append(dtype) or load(path, dtype, device))
     source = make_tiny_model(tmp_path / "bf16", arch, dtype=torch.bfloat16)
     k = 4 if arch.startswith("deepseek") else 5
     result = compress(source, num_experts=k, **SMALL)

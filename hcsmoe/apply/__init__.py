@@ -1,0 +1,1 @@
+"""Stage 3, apply: weight surgery that turns a plan's groups into merged experts and router rows."""

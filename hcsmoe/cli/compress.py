@@ -1,0 +1,266 @@
+"""`hcsmoe compress`: its flags (the Recipe's fields, plus where and how to run), and what it prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hcsmoe.errors import UserError
+
+COMPRESS_DEFAULTS = {
+    "experts": None,
+    "ratio": None,
+    "out": None,
+    "method": None,
+    "linkage": None,
+    "metric": None,
+    "merge": None,
+    "group_size": None,
+    "assignment": None,
+    "representation": None,
+    "max_group_size": None,
+    "max_subsets": None,
+    "router": "dominant",
+    "calibration": "wiki:en,fr,es",
+    "blocks": None,
+    "block_size": 2048,
+    "batch_size": 4,
+    "device": "cpu",
+    "dtype": None,
+    "seed": 0,
+    "plan": None,
+    "stats": None,
+    "save_stats": None,
+    "overwrite": False,
+    "stream": None,
+    "offload_dir": None,
+    "sequential": None,
+    "refit": None,
+    "refit_alpha": None,
+    "refit_solver": None,
+    "refit_steps": None,
+    "refit_tokens": None,
+    "refit_whiten": None,
+    "fit_router": None,
+    "eval": True,
+    "eval_languages": "en,fr,es",
+    "eval_tokens": None,
+    "dist_timeout": 1800,
+    "threads": None,
+}
+
+
+def add_compress_parser(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="merge the experts of an MoE checkpoint and save a smaller one",
+        description="Compress MODEL (default: the bundled reference MoE) to K experts per MoE layer.",
+    )
+    p.add_argument("model", nargs="?", help="Hugging Face checkpoint directory (default: bundled reference model)")
+    p.add_argument("--config", help="YAML recipe with any of the options below (command-line flags win)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--experts", "-k", type=int, help="experts to keep per MoE layer (K)")
+    size.add_argument("--ratio", type=float, help="fraction of experts to remove per layer, in (0, 1) [0.5]")
+    p.add_argument("--out", "-o", help="output directory [./<model>-hcsmoe-<K>e]")
+    p.add_argument("--method", help="planner, run as published: hc-smoe, ream, kmeans, m-smoe, f-prune, s-prune, o-prune, "
+                                    "reap, ean, random [default: the measured best recipe, see README]")
+    p.add_argument("--linkage", help="hierarchical clustering linkage: average (default), single, complete, ward")
+    p.add_argument("--metric", help="distance between expert outputs: euclidean (default) or cosine")
+    p.add_argument("--merge", help="merge inside a group: frequency, average, fix-dom (ZipIt-style), aligned (Hungarian, "
+                                   "REAM), select (the members' neurons that best reproduce their output, least squares) or "
+                                   "select-energy (the neurons with the most output energy) [the method's own]")
+    p.add_argument("--group-size", type=int, help="ream: most experts per group [16 as published; 2 by default]")
+    p.add_argument("--assignment", help="ream: greedy (as published) or nearest (every expert to its nearest centre)")
+    p.add_argument("--representation", help="what hc-smoe clusters: expert-output (default), router-logits, weights")
+    p.add_argument("--max-group-size", type=int,
+                   help="hc-smoe: at most this many experts merged into one (capped agglomerative clustering)")
+    p.add_argument("--max-subsets", type=int, help="o-prune: most subsets searched per layer [10000]")
+    p.add_argument("--router", help="new router rows: dominant (default), average or lsq")
+    p.add_argument("--calibration", help="calibration text: wiki:en,fr,es (default), wiki:en, a .txt/.jsonl file, "
+                   "a dataset name, or 'self' (text sampled from the model); join sources with '+': wiki:en+self")
+    p.add_argument("--blocks", type=int, help="calibration blocks [enough for 65,536 tokens: 32 of 2048]")
+    p.add_argument("--block-size", type=int, help="tokens per block, capped at the model's context [2048]")
+    p.add_argument("--batch-size", type=int, help="blocks per forward pass during calibration [4]")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", help="dtype of the saved weights: float32, bfloat16, float16 [the checkpoint's own: "
+                                   "FP8 and MXFP4 checkpoints stay in their format]")
+    p.add_argument("--seed", type=int, help="seed for every random choice [0]")
+    p.add_argument("--plan", help="apply this hcsmoe_plan.json instead of planning")
+    p.add_argument("--stats", help="statistics file from --save-stats: re-plan without calibrating")
+    p.add_argument("--save-stats", help="write calibration statistics here for later re-planning")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty output directory")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read, compress and write one layer at a time (models larger than memory) [automatic when "
+                        "the in-memory path would need more than the free memory]")
+    p.add_argument("--offload-dir", help="keep calibration hidden states in memory-mapped files in this directory "
+                                          "(automatic with --stream when they would not fit)")
+    p.add_argument("--sequential", nargs="?", const="on", choices=("on", "off", "corrective"),
+                   help="on: calibrate and fit each layer on the outputs of the already-compressed layers before it; "
+                        "corrective: and fit it to the original model's layer output (corrects upstream drift) "
+                        "[corrective by default; off for a named --method]")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the down projections so each compressed layer reproduces the original layer's output "
+                        "[on by default; off for a named --method unless given]")
+    p.add_argument("--refit-alpha", type=float, help="ridge strength of the refit, relative to the mean Gram diagonal [0.01]")
+    p.add_argument("--refit-solver", help="joint, blockwise (Gauss-Seidel over experts) or auto [auto]")
+    p.add_argument("--refit-steps", type=int,
+                   help="then fit gate/up and down together for this many L-BFGS iterations per layer (0: down only; "
+                        "30: better, several times slower, see README) [0]")
+    p.add_argument("--refit-tokens", type=int,
+                   help="calibration tokens those iterations use, evenly spaced (0: all) [0]")
+    p.add_argument("--refit-whiten", action=argparse.BooleanOptionalAction, default=None,
+                   help="take those iterations in whitened coordinates, about as good in 30 steps as 100 plain ones "
+                        "(--no-refit-whiten: plain steps) [on]")
+    p.add_argument("--fit-router", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit the K router rows to the original routing mass of each group "
+                        "[on by default; off for a named --method unless given]")
+    p.add_argument("--no-eval", dest="eval", action="store_false", default=None,
+                   help="skip the before/after evaluation on the validation text")
+    p.add_argument("--eval-languages", help="validation languages to evaluate [en,fr,es]")
+    p.add_argument("--eval-tokens", type=int, help="evaluate at most this many tokens per language [all]")
+    p.add_argument("--dist-timeout", type=float, help="torchrun: seconds a rank waits for the others before giving up "
+                                                       "with an error (a rank that dies stops the rest at once) [1800]")
+    p.add_argument("--threads", type=int, help="CPU threads per process [all cores; under torchrun, each rank its share "
+                                                "of the node's cores]")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_compress)
+
+
+def read_recipe(path: str) -> dict:
+    """Options from a YAML recipe; keys are the long option names (dashes or underscores)."""
+    from hcsmoe.recipe import read_yaml
+
+    recipe = read_yaml(path)
+    unknown = sorted(set(recipe) - set(COMPRESS_DEFAULTS) - {"model"})
+    if unknown:
+        raise UserError(f"recipe {path}: unknown options {', '.join(unknown)}")
+    return recipe
+
+
+def resolve_options(args: argparse.Namespace) -> dict:
+    """Defaults, overridden by the recipe, overridden by flags given on the command line."""
+    options = dict(COMPRESS_DEFAULTS, model=None)
+    if args.config:
+        options.update(read_recipe(args.config))
+    options.update({key: value for key, value in vars(args).items() if key in options and value is not None})
+    return options
+
+
+def default_output(model: str | None, k: int) -> Path:
+    name = Path(model).resolve().name if model else "reference"
+    return Path(f"{name}-hcsmoe-{k}e")
+
+
+def stream_choice(source: Path, stream: bool | None, world) -> bool:
+    """A torchrun job always streams (each rank reads its share of every layer's experts from disk); one
+    process streams as asked, or when the model would not fit in memory."""
+    if world.size == 1:
+        return should_stream(source, stream)
+    if stream is False:
+        raise UserError("a torchrun job compresses with --stream, one layer at a time: drop --no-stream")
+    return True
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    """Join the torchrun job when launched by one (each rank compresses its share), else run as one process."""
+    from hcsmoe.distributed import join, leave
+
+    o = resolve_options(args)
+    world = join(o["device"], float(o["dist_timeout"]), o["threads"])
+    try:
+        return compress_command(o, world, quiet=args.quiet)
+    finally:
+        leave(world)
+
+
+def compress_command(o: dict, world, quiet: bool) -> int:
+    """`hcsmoe compress` with resolved options, as one process or as one rank of a torchrun job."""
+    from hcsmoe.calibration.statistics import Statistics
+    from hcsmoe.checkpoints.architectures import architecture_for, expert_count
+    from hcsmoe.checkpoints.loading import load_config, model_dir
+    from hcsmoe.checkpoints.saving import check_output_dir
+    from hcsmoe.pipeline import compress
+    from hcsmoe.planners.plan import Plan
+    from hcsmoe.recipe import Recipe
+
+    recipe = Recipe.from_options(o)
+    source = model_dir(o["model"])
+    config = load_config(source)
+    plan = Plan.load(o["plan"]) if o["plan"] else None
+    e = expert_count(config, architecture_for(config))
+    k = len(plan.layers[0].groups) if plan else recipe.kept(e)
+    if k >= e:
+        raise UserError(f"keeping {k} of {e} experts compresses nothing; choose --experts below {e}")
+    out = Path(o["out"]) if o["out"] else default_output(o["model"], k)
+    check_output_dir(out, source, bool(o["overwrite"]))
+    stats = Statistics.load(o["stats"]) if o["stats"] else None
+    if o["save_stats"] and Path(o["save_stats"]).exists() and not o["overwrite"]:
+        raise UserError(f"statistics file {o['save_stats']} exists; choose another path or pass --overwrite")
+
+    result = compress(
+        source, recipe, stats=stats, plan=plan, stream_to=out if stream_choice(source, o["stream"], world) else None,
+        keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"], overwrite=bool(o["overwrite"]),
+        device=o["device"], progress=not quiet, world=world,
+    )
+    if not world.leader:  # rank 0 saves the statistics, evaluates and reports
+        return 0
+    if o["save_stats"] and result.stats is not None:
+        result.stats.save(o["save_stats"])
+    saved = result.saved or result.save(out, overwrite=bool(o["overwrite"]))
+    if o["eval"]:
+        evaluation = evaluate_before_after(source, saved, o)
+        result.write_card(saved, evaluation)
+        print(evaluation["table"])
+    summary = {"out": str(saved), "experts": f"{result.info['experts_before']} -> {result.info['experts_after']}",
+               "seconds": result.info["seconds"]}
+    print(json.dumps(summary))
+    return 0
+
+
+# Peak memory of the in-memory path over the checkpoint as it holds it (as stored; a quantized one decoded to
+# float32): measured 1.7x for a weighted merge and 3.1x for the default recipe on one real Qwen3-30B-A3B-shaped
+# layer, the worst case (a layer's working copies weigh less against more layers); before the model was held as
+# stored, 4.3x and 6.6x (`python -m benchmarks.streaming in-memory --layers 1`).
+IN_MEMORY_FACTOR = 4
+
+
+def should_stream(source: Path, stream: bool | None) -> bool:
+    """--stream / --no-stream as given; unset, stream when the in-memory path would not fit comfortably in
+    free memory (IN_MEMORY_FACTOR times the checkpoint as held), and say so on stderr."""
+    import sys
+
+    from hcsmoe.checkpoints.formats import format_of
+    from hcsmoe.checkpoints.loading import load_config
+    from hcsmoe.checkpoints.shards import safetensors_bytes
+    from hcsmoe.runners.streaming import available_memory
+
+    if stream is not None:
+        return stream
+    fmt = format_of(load_config(source))
+    size = int(safetensors_bytes(source) * fmt.expansion * (2 if fmt.quantized else 1))  # quantized: held in float32
+    free = available_memory()
+    if IN_MEMORY_FACTOR * size <= free:
+        return False
+    decoded = " once decoded to float32" if fmt.quantized else ""
+    print(f"hcsmoe: the checkpoint ({size / 2**30:.1f} GiB{decoded}) would need about {IN_MEMORY_FACTOR * size / 2**30:.1f} GiB "
+          f"in memory, {free / 2**30:.1f} GiB are free: streaming it one layer at a time (--no-stream forces the "
+          "in-memory path)", file=sys.stderr)
+    return True
+
+
+def evaluate_before_after(source: Path, compressed: Path, options: dict) -> dict:
+    """Evaluate the saved compressed checkpoint, as a user would load it, against the original."""
+    from hcsmoe.checkpoints.loading import load_model, load_tokenizer
+    from hcsmoe.evaluation.evaluate import evaluate, format_table
+
+    languages = tuple(lang.strip() for lang in options["eval_languages"].split(",") if lang.strip())
+    tokenizer = load_tokenizer(source)
+    original = load_model(source, "float32", options["device"])
+    smaller = load_model(compressed, "float32", options["device"])
+    after = evaluate(smaller, tokenizer, reference=original, languages=languages, max_tokens=options["eval_tokens"])
+    before = after.pop("reference")
+    table = format_table([("original", before), (compressed.name, after)])
+    return {"before": before, "after": after, "table": table}
+
+

@@ -1,0 +1,1 @@
+"""Measuring a compressed model against the original: perplexity, KL, generation, tasks, expert usage."""

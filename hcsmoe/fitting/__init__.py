@@ -1,0 +1,1 @@
+"""Stage 4, fit: the compressed layer fitted to the original layer's output (router, down projections, experts)."""

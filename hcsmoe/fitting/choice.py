@@ -1,0 +1,65 @@
+"""The default recipe's per-layer choice: each candidate plan is applied and fitted (stages 3-4) on 7/8 of
+the calibration tokens and scored on the other 1/8; the best one is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from hcsmoe.calibration.statistics import BlockTokens, LayerStats
+from hcsmoe.checkpoints.architectures import Architecture
+from hcsmoe.fitting.refit import RefitOptions, routed_output
+from hcsmoe.fitting.router_fit import RouterFitOptions
+from hcsmoe.fitting.stage import fit_compressed_layer, fit_layer_experts, fitted_tensors, split_tokens
+from hcsmoe.distributed import SINGLE, World
+
+
+@torch.no_grad()
+def choose_layer_plan(candidates: list, compressed, architecture: Architecture, stats: LayerStats,
+                      block: BlockTokens, output_dtype: torch.dtype, refit: RefitOptions | None,
+                      router_fit: RouterFitOptions | None, keep_winner: bool = True, world: World = SINGLE):
+    """Per-layer choice between plans: each candidate (plan, layer plan) is applied to a fresh copy of the layer
+    (`compressed(plan, layer_plan)`), fitted on 7/8 of the calibration tokens and scored by the relative
+    error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
+    candidate's error and its fits) and its fitted copy of the layer, which is the result. The candidates are
+    scored after the closed-form fits; only the winner then gets the expert fit (refit.steps), the costly
+    part. The winner is not refitted on all tokens: that would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
+    holds one compressed copy at a time (streaming, where a layer's memory counts): the candidates are fitted
+    last to first, and the first one's copy (the recipe's merge, which wins most layers) is returned if it
+    wins, else None: rebuilding and refitting the winner on fitting_tokens() gives the same bits.
+    `world` (torchrun): every rank builds every candidate, rank r fits and scores candidates r, r + N, ...; the
+    scores are exchanged and the winner's fitted weights copied from the rank that fitted it."""
+    fitting, held = split_tokens(block)
+    energy = float(held.routed.double().pow(2).sum())
+    fitter = lambda position: position % world.size  # the rank that fits and scores a candidate
+    trials = {}
+    for position in reversed(range(len(candidates))):
+        plan, layer_plan = candidates[position]
+        trial = copy.deepcopy(layer_plan)
+        moe = compressed(plan, trial)
+        error = None
+        if fitter(position) == world.rank:
+            fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit,
+                                 with_experts=False)
+            residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
+            error = float(residual.pow(2).sum()) / max(energy, 1e-30)
+        kept = moe if keep_winner or position == 0 else None
+        trials[position] = (error, trial, kept)
+        del moe, kept
+    scored = {p: t[:2] for rank in world.gather({p: t[:2] for p, t in trials.items() if t[0] is not None})
+              for p, t in rank.items()}
+    trials = [(*scored[position], trials[position][2]) for position in range(len(candidates))]
+    best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
+    _, chosen, moe = trials[best]
+    if moe is not None:
+        if fitter(best) == world.rank:
+            fit_layer_experts(moe, architecture, chosen, fitting, output_dtype, refit)
+        if world.size > 1:
+            world.copy_from(fitter(best), fitted_tensors(moe))
+            if refit is not None and refit.steps:  # the expert fit's report, from the rank that ran it
+                chosen.details["refit"] = world.gather(chosen.details.get("refit"))[fitter(best)]
+    chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},
+                                "chosen": candidates[best][0].method}
+    return candidates[best][0], chosen, moe

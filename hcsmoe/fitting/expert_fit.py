@@ -1,0 +1,262 @@
+"""Stage 4, fit (the expert fit, after the refit): fit the compressed layer's experts, gate/up and down
+projections together, to the original layer.
+
+The refit (refit.py) makes the down projections the least-squares best readout of features it cannot
+change: each kept or merged expert's gate/up neurons stay those of the plan. Those neurons were made for
+the original experts' tokens; a merged expert now serves all of its members' tokens, and a kept expert
+those of the dropped experts routed to it. Letting the gate/up weights move too gives the compressed
+block more of the original block's function at the same size (measured in the README).
+
+The block output is not linear in the gate/up weights, so there is no closed form: a few iterations of
+L-BFGS (full batch, strong-Wolfe line search) minimise the relative squared error of the compressed
+block's routed output against the original's, on calibration tokens, starting from the refit's solution,
+with the routing of the compressed router held fixed. It is local to one layer, like the refit: no
+gradient ever crosses layers, and only the layer's expert tensors move. With `sample` (--refit-tokens) the
+tokens are taken evenly spaced over all calibration blocks, which bounds the cost on large layers.
+
+The hidden states an expert reads are far from isotropic, which makes plain gradient steps slow. By default
+(`whiten`) each expert's weights are fitted in whitened coordinates: W = W0 + D P, the change D the fitted
+leaf, P = (C + r I)^(-1/2) for the covariance C of what the weight reads (gate/up: the expert's own hidden
+states; down: its gated intermediate activations at the start), r a fraction WHITENING_RIDGE of C's mean
+eigenvalue; the whitenings are then balanced so that gate/up and down move at rates that do not depend on
+the model's scale (balance_whitenings). The function fitted is the same; only the steps change: 30 whitened
+steps fit about as well as 100 plain ones on the bundled models (measured in the README).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hcsmoe.calibration.statistics import BlockTokens, expert_features, expert_slices, expert_view, routed, token_spans
+from hcsmoe.checkpoints.architectures import (
+    Architecture,
+    MoELayer,
+    expert_intermediate,
+    expert_output_from_intermediate,
+)
+
+FITTED = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+WHITENING_RIDGE = 0.1  # bounds the amplification of rare input directions at 1/sqrt(0.1) ~ 3.2 times the mean one's
+PROBES = 4  # random output directions estimating each whitened weight's Gauss-Newton scale
+# The down projections' Gauss-Newton scale relative to gate/up's once balanced: a faster down projection keeps
+# near its least-squares optimum as gate/up moves. Chosen on held-out train text of both bundled models (equal
+# rates gained about half as much over plain steps in probe runs; figures in issue 10's notes).
+DOWN_CURVATURE = 16.0
+HISTORY = 20  # L-BFGS correction pairs kept: each pair is 2 float32 copies of the fitted weights
+# The fit's working set, in float32 copies of the weights fitted together, besides those pairs: leaves, gradients,
+# the weights they stand for, L-BFGS's search vectors (measured: 23.0 GB peak fitting one Qwen3-30B-shaped layer,
+# 1.21 GB of weights, with 3 pairs).
+OVERHEAD_COPIES = 13
+# Where fitting a whole layer at once would take more than FIT_MEMORY (Qwen3-30B's at 64 experts: 64 GB), the
+# experts are fitted in groups, the others held fixed, with SHORT_HISTORY pairs. Forced on the bundled models
+# (30 whitened steps, share of the whole-layer fit's held-out train gain): 10, 5 and 2 pairs keep 98%, 94% and 89%
+# on the reference at 24 experts (5 pairs: 96% on the Qwen2-MoE at 30); 4 groups with 5 pairs 72% (Qwen2-MoE: 94%).
+FIT_MEMORY = 8 * 2**30
+SHORT_HISTORY = 5
+CHUNK_TOKENS = 8192  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
+
+
+def evenly_spaced(total: int, count: int) -> torch.Tensor:
+    """`count` token positions spread over all `total` (all of them when count covers the total)."""
+    if count <= 0 or count >= total:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, count).round().long()
+
+
+def fit_schedule(count: int, per_expert: int) -> tuple[list[range], int]:
+    """Which experts are fitted together, and with how many L-BFGS pairs: all `count` with HISTORY pairs where
+    that working set fits FIT_MEMORY; else SHORT_HISTORY pairs, in as few groups of consecutive experts as
+    keep each group's under it (`per_expert`: an expert's fitted weights). It depends on the layer's shape
+    only, never on the machine, so the same model gives the same weights anywhere."""
+    def working_set(experts: int, history: int) -> int:
+        return 4 * per_expert * experts * (2 * history + OVERHEAD_COPIES)
+
+    if working_set(count, HISTORY) <= FIT_MEMORY:
+        return [range(count)], HISTORY
+    groups = math.ceil(count / max(1, FIT_MEMORY // working_set(1, SHORT_HISTORY)))
+    bounds = [round(i * count / groups) for i in range(groups + 1)]
+    return [range(first, stop) for first, stop in zip(bounds, bounds[1:])], SHORT_HISTORY
+
+
+def per_expert_tokens(moe: MoELayer, architecture: Architecture, inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(positions, gate weights) of each expert's tokens under the compressed router, expert by expert."""
+    routing = routed(moe, architecture, inputs)
+    return [routing.tokens_of(expert) for expert in range(moe.experts.down_proj.shape[0])]
+
+
+def block_output(experts: nn.Module, architecture: Architecture, tensors: list[dict[str, torch.Tensor]],
+                 inputs: torch.Tensor, tokens: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The compressed block's routed output [T, H] (differentiable): expert e, with its tensors `tensors[e]`
+    (each [1, ...]), runs on its own tokens only, scaled by their gates; the outputs are summed back per
+    token in ascending expert order. Running each expert on exactly its tokens, rather than all experts in
+    one batched product padded to the busiest one, does 2-3 times less arithmetic on routers as uneven as
+    the bundled models' (the busiest expert takes 2-2.7 times the mean)."""
+    outputs = []
+    for own, (positions, gates) in zip(tensors, tokens):
+        view, x = expert_view(experts, own), inputs[positions].unsqueeze(0)
+        if architecture.gate_on_input:
+            h = expert_intermediate(view, architecture, x * gates.view(1, -1, 1))
+            outputs.append(expert_output_from_intermediate(view, architecture, h)[0])
+        else:
+            h = expert_intermediate(view, architecture, x)
+            outputs.append(expert_output_from_intermediate(view, architecture, h)[0] * gates.unsqueeze(-1))
+    positions = torch.cat([p for p, _ in tokens])
+    return torch.zeros(inputs.shape[0], outputs[0].shape[-1], device=inputs.device).index_add(0, positions, torch.cat(outputs))
+
+
+def one_expert(experts: nn.Module, expert: int, fitted: list[str], whitened: dict[str, torch.Tensor] | None = None,
+               ) -> dict[str, torch.Tensor]:
+    """Expert `expert`'s tensors ([1, ...] slices), those in `fitted` as float32 leaves of their own: each
+    expert's gradient is then its own tensor, not a slice's scattered into a copy of the whole layer. A
+    weight fitted in whitened coordinates is a leaf holding its change in them, zero at the start."""
+    own = expert_slices(experts, expert)
+    whitened = whitened or {}
+    return own | {name: (torch.zeros_like(own[name], dtype=torch.float32) if name in whitened
+                         else own[name].detach().float().clone()).requires_grad_(True) for name in fitted}
+
+
+def whitening(gram: torch.Tensor, count: int) -> torch.Tensor:
+    """(C + r I)^(-1/2) for the covariance C = gram / count, r = WHITENING_RIDGE times C's mean eigenvalue;
+    the identity for an expert that saw no signal (nothing to rescale)."""
+    values, vectors = torch.linalg.eigh(gram.double() / max(count, 1))
+    values = values.clamp(min=0)
+    if float(values.mean()) <= 0:
+        return torch.eye(gram.shape[0], device=gram.device)
+    return ((vectors * (values + WHITENING_RIDGE * values.mean()).rsqrt()) @ vectors.T).float()
+
+
+@torch.no_grad()
+def expert_whitenings(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor,
+                      chunks: list, members: range | None = None) -> list[dict[str, torch.Tensor]]:
+    """Per expert (of `members`, default all), the whitening of what gate/up reads (its tokens' hidden states,
+    gated first where the gate scales the input) and of what down reads (the gated intermediate activations
+    at the start)."""
+    whitenings, width = [], experts.down_proj.shape[1 if architecture.transposed else 2]  # I: no bias column
+    for expert in members or range(experts.down_proj.shape[0]):
+        reads, activations = [], []
+        for begin, stop, routing in chunks:
+            positions, gates = routing[expert]
+            x = inputs[begin:stop][positions]
+            reads.append(x * gates.unsqueeze(-1) if architecture.gate_on_input else x)
+            activations.append(expert_features(experts, architecture, expert, x, gates)[:, :width])
+        x, h = torch.cat(reads), torch.cat(activations)
+        whitenings.append({"gate_up_proj": whitening(x.T @ x, len(x)), "down_proj": whitening(h.T @ h, len(h))})
+    return whitenings
+
+
+def balance_whitenings(whitenings: list[dict[str, torch.Tensor]], tensors: list[dict[str, torch.Tensor]],
+                       gradients) -> None:
+    """Rescale the whitenings so that, in whitened coordinates, the layer's gate/up weights have a mean
+    Gauss-Newton diagonal of 1 and its down projections DOWN_CURVATURE. Whitening makes each weight's
+    inputs isotropic, not the output's sensitivity to it: gate/up acts through the down projection, whose
+    scale is the model's own (on the bundled models the unbalanced down projections' scale is 6 to 28 times
+    gate/up's, expert by expert), and L-BFGS starts from one scalar curvature for all. The scale is estimated
+    from PROBES random output directions v (E ||J^T v||^2 = trace(J^T J)); `gradients(generator)` backpropagates one."""
+    generator, totals = torch.Generator().manual_seed(0), dict.fromkeys(whitenings[0], 0.0)
+    for _ in range(PROBES):
+        gradients(generator)
+        for own in tensors:
+            for name in totals:
+                totals[name] += float(own[name].grad.double().pow(2).sum())
+            for leaf in own.values():
+                leaf.grad = None
+    for name, total in totals.items():
+        scale = total / PROBES / sum(own[name].numel() for own in tensors)
+        target = DOWN_CURVATURE if name == "down_proj" else 1.0
+        if scale > 0:
+            for whitened in whitenings:
+                whitened[name] = whitened[name] * (target / scale) ** 0.5
+
+
+def expert_weights(experts: nn.Module, expert: int, own: dict[str, torch.Tensor],
+                   whitened: dict[str, torch.Tensor] | None, transposed: bool) -> dict[str, torch.Tensor]:
+    """The expert's tensors the leaves `own` stand for: a whitened weight is its start W plus the change D
+    taken back through the whitening P, on the input side of the matrix (W + D P for [1, out, in] storage,
+    W + P D for transposed [1, in, out]); a zero change gives W exactly."""
+    if not whitened:
+        return own
+    start = expert_slices(experts, expert)
+    return own | {name: start[name].float() + (torch.matmul(p, own[name]) if transposed else torch.matmul(own[name], p))
+                  for name, p in whitened.items()}
+
+
+def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, steps: int,
+                sample: int, whiten: bool = True) -> dict:
+    """Fit the layer's expert tensors in place (float32) by `steps` L-BFGS iterations on `sample` evenly
+    spaced calibration tokens (in whitened coordinates if `whiten`); returns the relative squared error of
+    the routed output before and after. Gradients are accumulated over chunks of CHUNK_TOKENS tokens, and
+    a large layer's experts are fitted a group at a time (fit_schedule), so memory stays bounded."""
+    experts = moe.experts
+    chosen = evenly_spaced(tokens.inputs.shape[0], sample)
+    device = experts.down_proj.device
+    inputs, target = (t[chosen.to(t.device)].detach().float().to(device) for t in (tokens.inputs, tokens.routed))
+    chunks = [(begin, stop, per_expert_tokens(moe, architecture, inputs[begin:stop]))
+              for begin, stop in token_spans(len(chosen), CHUNK_TOKENS)]
+    fitted = [name for name in FITTED if getattr(experts, name, None) is not None]
+    groups, history = fit_schedule(experts.down_proj.shape[0], sum(getattr(experts, name)[0].numel() for name in fitted))
+    energy = max(float(target.double().pow(2).sum()), 1e-30)
+    errors = [fit_group(experts, architecture, inputs, target, chunks, energy, fitted, group, steps, history, whiten)
+              for group in groups]
+    return {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "history": history, "groups": len(groups),
+            "error_before": round(errors[0][0], 6), "error_after": round(errors[-1][1], 6)}
+
+
+def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor, chunks: list,
+              energy: float, fitted: list[str], group: range, steps: int, history: int, whiten: bool) -> tuple[float, float]:
+    """Fit the experts of `group` in place, the layer's others held as they are (their output is taken off the
+    target first); returns the layer's relative squared error before and after (never worse: a fit that does
+    not improve it is not kept)."""
+    others = [e for e in range(experts.down_proj.shape[0]) if e not in group]
+    if others:
+        with torch.no_grad():
+            target = torch.cat([target[begin:stop] - block_output(
+                experts, architecture, [{n: t.float() for n, t in expert_slices(experts, e).items()} for e in others],
+                inputs[begin:stop], [routing[e] for e in others]) for begin, stop, routing in chunks])
+    whitenings = expert_whitenings(experts, architecture, inputs, chunks, group) if whiten else [None] * len(group)
+    chunks = [(begin, stop, [routing[e] for e in group]) for begin, stop, routing in chunks]
+    tensors = [one_expert(experts, e, fitted, whitened) for e, whitened in zip(group, whitenings)]
+
+    def weights() -> list[dict[str, torch.Tensor]]:
+        return [expert_weights(experts, e, own, whitened, architecture.transposed)
+                for e, own, whitened in zip(group, tensors, whitenings)]
+
+    def random_projection(generator: torch.Generator) -> None:
+        for begin, stop, routing in chunks:
+            predicted = block_output(experts, architecture, weights(), inputs[begin:stop], routing)
+            (predicted * torch.randn(predicted.shape, generator=generator).to(inputs.device)).sum().backward()
+
+    def error(backward: bool) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for begin, stop, routing in chunks:
+            predicted = block_output(experts, architecture, weights(), inputs[begin:stop], routing)
+            value = (target[begin:stop] - predicted).pow(2).sum() / energy
+            if backward:
+                value.backward()
+            total += float(value.detach())
+        return total
+
+    optimizer = torch.optim.LBFGS([own[name] for own in tensors for name in fitted], lr=1.0, max_iter=steps,
+                                  history_size=history, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        return error(backward=True)
+
+    with torch.no_grad():
+        before = float(error(backward=False))
+    with torch.enable_grad():
+        if whiten:
+            balance_whitenings(whitenings, tensors, random_projection)
+        optimizer.step(closure)
+    with torch.no_grad():
+        after = float(error(backward=False))
+        if after < before:  # never keep a worse layer (L-BFGS's line search should not give one)
+            fitted_weights = weights()
+            for name in fitted:
+                stored = getattr(experts, name)
+                fitted_tensor = torch.cat([own[name].detach() for own in fitted_weights])
+                stored.data[group.start:group.stop].copy_(fitted_tensor.to(stored.dtype))
+    return before, min(before, after)

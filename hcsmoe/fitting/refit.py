@@ -1,0 +1,227 @@
+"""Stage 4, fit (the refit): fit the compressed layer's down projections to what the original layer did.
+
+After a plan is applied (experts merged or dropped, K router rows), each kept or merged expert g still
+computes h_g(x) = act(W_gate,g x) * (W_up,g x), and the compressed block outputs sum_g g'_g(x) D_g h_g(x)
+over the K-row router's top-k. With the gates and the gate/up weights fixed this is linear in the down
+projections D = [D_1 .. D_K], so the D that makes the compressed block reproduce the original block's
+routed output y(x) on calibration tokens is a ridge least-squares problem:
+
+    min_D  sum_x || y(x) - sum_g g'_g(x) D_g h_g(x) ||^2  +  lambda || D - D_0 ||^2
+
+pulled toward D_0, the plan's own down projections (lambda = alpha x the mean diagonal of the Gram
+matrix). This generalises MergeMoE's least-squares step: one fit for the whole layer against the
+original layer's output, with the compressed router's real gates, so it also absorbs what dropped
+experts did and the changed top-k renormalisation. A merged expert is then no longer a static blend
+of its members: its readout is fitted to what the members produced on the tokens it now serves.
+
+Two solvers give the same minimiser: "joint" accumulates the (K*I)^2 Gram matrix and solves it once
+(exact; used while K*I is small enough); "blockwise" runs Gauss-Seidel sweeps over experts, each an
+I x I system on the current residual, so memory stays O(I^2 + tokens*H) beyond the readouts themselves.
+Families with a down-projection bias (GPT-OSS) fit it as one more input column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from hcsmoe.calibration.statistics import BlockTokens, Routed, expert_features, routed, token_spans
+from hcsmoe.checkpoints.architectures import Architecture, MoELayer
+from hcsmoe.errors import UserError
+
+SOLVERS = ("auto", "joint", "blockwise")
+JOINT_LIMIT = 6144  # joint system up to this many unknowns per output column (float64 Gram of 300 MB)
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    """How the down projections are refitted; `alpha=0` is plain least squares."""
+
+    alpha: float = 0.01  # ridge strength relative to the mean diagonal of the Gram matrix
+    solver: str = "auto"  # "joint", "blockwise", or "auto" (joint while K * I <= JOINT_LIMIT)
+    sweeps: int = 4  # Gauss-Seidel sweeps of the blockwise solver
+    token_chunk: int = 2048
+    steps: int = 0  # then L-BFGS iterations fitting gate/up and down together (expert_fit); 0: down only
+    step_tokens: int = 0  # calibration tokens those iterations use, evenly spaced (0: all)
+    whiten: bool = True  # those iterations in whitened coordinates (expert_fit.py): same fit in about 3x fewer steps
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise UserError(f"unknown refit solver {self.solver!r}; choose one of: {', '.join(SOLVERS)}")
+        if self.alpha < 0 or self.sweeps < 1:
+            raise UserError("the refit needs alpha >= 0 and at least one sweep")
+        if self.steps < 0 or self.step_tokens < 0:
+            raise UserError("the refit's steps and step tokens must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def down_matrix(experts: nn.Module, architecture: Architecture, expert: int,
+                anchor: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """One expert's readout as [I (+1 for a bias row), H] float64 (output = feature @ matrix); `anchor`:
+    read from that (down_proj, bias) copy instead of the module."""
+    down, bias = anchor or (experts.down_proj, getattr(experts, "down_proj_bias", None))
+    matrix = down[expert].double() if architecture.transposed else down[expert].double().T
+    return matrix if bias is None else torch.cat([matrix, bias[expert].double().unsqueeze(0)])
+
+
+def readout_shape(experts: nn.Module, architecture: Architecture) -> tuple[int, int]:
+    """(I (+1 for a bias row), H): the shape of one expert's readout, from down_proj's shape."""
+    _, first, second = experts.down_proj.shape
+    width, hidden = (first, second) if architecture.transposed else (second, first)
+    return width + (getattr(experts, "down_proj_bias", None) is not None), hidden
+
+
+def down_matrices(experts: nn.Module, architecture: Architecture) -> torch.Tensor:
+    """Every expert's readout, [K, I (+1), H] float64: for the joint solver, whose K x I is bounded."""
+    return torch.stack([down_matrix(experts, architecture, e) for e in range(experts.down_proj.shape[0])])
+
+
+def set_down_matrices(experts: nn.Module, architecture: Architecture, matrices: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> None:
+    """Write fitted readouts back into down_proj (and its bias), one expert at a time."""
+    for expert in range(matrices.shape[0]):
+        set_down_matrix(experts, architecture, expert, matrices[expert], dtype)
+
+
+def set_down_matrix(experts: nn.Module, architecture: Architecture, expert: int, matrix: torch.Tensor,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write one expert's readout into down_proj (and its bias), rounded float64 -> float32 -> `dtype` (the
+    saved dtype; default the parameter's own) as the in-memory model is rounded when saved."""
+    matrix = matrix.float()
+    bias = getattr(experts, "down_proj_bias", None)
+    if bias is not None:
+        bias.data[expert].copy_(matrix[-1].to(dtype or bias.dtype))
+        matrix = matrix[:-1]
+    weight = matrix if architecture.transposed else matrix.T
+    experts.down_proj.data[expert].copy_(weight.to(dtype or experts.down_proj.dtype))
+
+
+@torch.no_grad()
+def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
+                options: RefitOptions = RefitOptions(), dtype: torch.dtype | None = None) -> dict:
+    """Refit the down projections of a compressed MoE layer in place, rounded to `dtype` (the saved dtype;
+    default down_proj's own); returns what the fit achieved (relative squared error of the routed output on
+    the calibration tokens, before and after)."""
+    experts = moe.experts
+    k, (width, _) = experts.down_proj.shape[0], readout_shape(experts, architecture)
+    solver = options.solver
+    if solver == "auto":
+        solver = "joint" if k * width <= JOINT_LIMIT else "blockwise"
+    routing = routed(moe, architecture, tokens.inputs)
+    if solver == "joint":
+        fitted, report = _joint(experts, architecture, tokens, routing, down_matrices(experts, architecture), options)
+        set_down_matrices(experts, architecture, fitted, dtype)
+    else:
+        report = _blockwise(experts, architecture, tokens, routing, options, dtype)
+    return {"solver": solver, "alpha": options.alpha, "tokens": int(tokens.inputs.shape[0])} | report
+
+
+def _ridge(gram_trace: float, unknowns: int, alpha: float) -> float:
+    return alpha * gram_trace / max(unknowns, 1)
+
+
+def _joint(experts, architecture, tokens: BlockTokens, routing: Routed, start: torch.Tensor,
+           options: RefitOptions) -> tuple[torch.Tensor, dict]:
+    """One system over all K readouts: accumulate G = sum phi phi^T and C = sum phi y^T, then solve."""
+    k, width, hidden = start.shape
+    n = k * width
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    cross = torch.zeros(n, hidden, dtype=torch.float64)
+    target_energy = 0.0
+    x, y = tokens.inputs, tokens.routed
+    for begin, stop in token_spans(x.shape[0], options.token_chunk):
+        xt, yt = x[begin:stop].float(), y[begin:stop].float()
+        target_energy += float(yt.double().pow(2).sum())
+        phi = torch.zeros(stop - begin, k, width)
+        rows_of = {}
+        for expert in range(k):
+            token, gates = routing.tokens_of(expert, begin, stop)
+            if token.numel():
+                phi[token, expert] = expert_features(experts, architecture, expert, xt[token], gates)
+                rows_of[expert] = token
+        phi = phi.view(stop - begin, n)
+        for expert, token in rows_of.items():  # block row `expert`, from its diagonal block on (G is symmetric)
+            first = expert * width
+            own = phi[token, first : first + width]
+            gram[first : first + width, first:] += (own.T @ phi[token, first:]).double()
+            cross[first : first + width] += (own.T @ yt[token]).double()
+    diagonal = torch.block_diag(*(gram[a * width : (a + 1) * width, a * width : (a + 1) * width] for a in range(k)))
+    gram = gram + gram.T - diagonal
+    w0 = start.reshape(n, hidden)
+    ridge = _ridge(float(gram.diagonal().sum()), n, options.alpha)
+    system = gram + ridge * torch.eye(n, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:  # only with alpha = 0 and experts the router never picks
+        solution = torch.linalg.lstsq(system, cross + ridge * w0).solution
+    else:
+        solution = torch.cholesky_solve(cross + ridge * w0, factor)
+
+    def error(w: torch.Tensor) -> float:
+        return (target_energy - 2 * float((w * cross).sum()) + float((w * (gram @ w)).sum())) / max(target_energy, 1e-30)
+
+    return solution.view(k, width, hidden), {"error_before": round(error(w0), 6), "error_after": round(error(solution), 6)}
+
+
+def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, options: RefitOptions,
+               dtype: torch.dtype | None) -> dict:
+    """Gauss-Seidel over experts: each readout is refitted on the residual the others leave, an I x I
+    system per expert; converges to the joint solution (the system is symmetric positive definite).
+    Solved in float64, one expert at a time; each update is written straight into down_proj rounded to
+    `dtype` (what it is saved in) and the prediction follows the rounded value, so later updates make up for
+    earlier rounding. The layer's extra memory is one copy of its starting readouts (the ridge's anchor) in
+    down_proj's own dtype."""
+    k, (width, hidden) = experts.down_proj.shape[0], readout_shape(experts, architecture)
+    bias = getattr(experts, "down_proj_bias", None)
+    anchor = (experts.down_proj.detach().clone(), None if bias is None else bias.detach().clone())
+    start = lambda expert: down_matrix(experts, architecture, expert, anchor)
+    x, y = tokens.inputs, tokens.routed
+    per_expert = [routing.tokens_of(expert) for expert in range(k)]
+    features = lambda expert: expert_features(experts, architecture, expert, x[per_expert[expert][0]].float(),
+                                              per_expert[expert][1])
+    prediction = torch.zeros(x.shape[0], hidden, dtype=torch.float64)
+    trace = 0.0
+    for expert in range(k):
+        phi = features(expert).double()
+        trace += float(phi.pow(2).sum())
+        prediction.index_add_(0, per_expert[expert][0], phi @ start(expert))
+    energy = float(y.double().pow(2).sum())
+    before = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
+    ridge = _ridge(trace, k * width, options.alpha)
+    eye = torch.eye(width, dtype=torch.float64)
+    for _ in range(options.sweeps):
+        for expert in range(k):
+            token = per_expert[expert][0]
+            if token.numel() == 0:
+                continue
+            phi = features(expert).double()  # its Gram is recomputed, not stored: O(I^2) memory, not O(K I^2)
+            current = down_matrix(experts, architecture, expert)
+            residual = y[token].double() - prediction[token] + phi @ current
+            updated = _solve_spd(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start(expert))
+            set_down_matrix(experts, architecture, expert, updated, dtype)
+            prediction.index_add_(0, token, phi @ (down_matrix(experts, architecture, expert) - current))
+    after = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
+    return {"error_before": round(before, 6), "error_after": round(after, 6), "sweeps": options.sweeps}
+
+
+def _solve_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve a symmetric positive definite system by Cholesky (half the work of LU); LU if it is not."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    return torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(system, rhs)
+
+
+def routed_output(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> torch.Tensor:
+    """The compressed block's routed output on tokens x [T, H] (float64): features times readouts."""
+    routing = routed(moe, architecture, x)
+    out = torch.zeros(x.shape[0], readout_shape(moe.experts, architecture)[1], dtype=torch.float64)
+    for expert in range(moe.experts.down_proj.shape[0]):
+        token, gates = routing.tokens_of(expert)
+        if token.numel():
+            phi = expert_features(moe.experts, architecture, expert, x[token].float(), gates).double()
+            out.index_add_(0, token, phi @ down_matrix(moe.experts, architecture, expert))
+    return out
+
+

@@ -1,0 +1,155 @@
+"""The in-memory runner: the whole model loaded, calibrated layer by layer, each MoE layer planned, merged and
+fitted as soon as its calibration is done (so that, in sequential mode, the next layer sees it compressed)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from hcsmoe.apply.layer import apply_layer, apply_plan, install, layer_copy
+from hcsmoe.calibration.statistics import Statistics
+from hcsmoe.calibration.text import calibration_blocks
+from hcsmoe.checkpoints.architectures import (
+    Architecture,
+    MoELayer,
+    architecture_for,
+    moe_layers,
+    set_expert_count,
+    top_k,
+)
+from hcsmoe.checkpoints.formats import Plain, drop_quantization, format_of
+from hcsmoe.checkpoints.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype
+from hcsmoe.errors import UserError
+from hcsmoe.fitting.choice import choose_layer_plan
+from hcsmoe.fitting.stage import fit_compressed_layer, fitting_tokens
+from hcsmoe.planners.plan import LayerPlan, Plan
+from hcsmoe.planners.registry import PerLayerChoice, plan_model, plan_of, plan_with_layers
+from hcsmoe.recipe import Recipe
+from hcsmoe.result import CompressionResult
+from hcsmoe.runners.layerwise import calibrate_model
+from hcsmoe.runners.setup import Job, held_dtype, normalizes_top_k, output_dtype_for, prepare
+
+
+def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recipe: Recipe, *, tokenizer=None,
+                       stats: Statistics | None = None, plan: Plan | None = None, offload_dir: str | Path | None = None,
+                       device: str = "cpu", progress: bool = True) -> CompressionResult:
+    """compress() with the whole model in memory (`recipe` resolved)."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    fmt = Plain()
+    if isinstance(model_or_path, PreTrainedModel):
+        source = None
+        output_dtype = parse_dtype(recipe.dtype) if recipe.dtype else next(model_or_path.parameters()).dtype
+        model = copy.deepcopy(model_or_path).float().eval()
+        if tokenizer is None and stats is None:
+            raise UserError("pass tokenizer= with a model object (needed to tokenize calibration text)")
+    else:
+        source = model_dir(model_or_path)
+        config = load_config(source)
+        fmt = format_of(config)
+        output_dtype = output_dtype_for(fmt, recipe.dtype, config)
+        model = load_model(source, held_dtype(fmt, output_dtype, config), device)
+        tokenizer = tokenizer or load_tokenizer(source)
+    layers = moe_layers(model, architecture_for(model.config))
+    job = prepare(model.config, layers, recipe, plan, stats, output_dtype, fmt, layers[0].num_experts)
+    timings["load"] = time.perf_counter() - start
+
+    mark = time.perf_counter()
+    if job.needs_calibration(stats):
+        layer_plans: list[LayerPlan] = []
+        after_layer = compress_layer_in_place(job, layer_plans)
+        stats = calibration_statistics(model, job.architecture, layers, tokenizer, recipe.calibration,
+                                       num_blocks=recipe.blocks, block_size=recipe.block_size,
+                                       batch_size=recipe.batch_size, output_samples=job.output_samples(),
+                                       with_weight_gram=recipe.representation == "weights", after_layer=after_layer,
+                                       offload_dir=Path(offload_dir) if offload_dir else None, progress=progress,
+                                       corrective=recipe.sequential == "corrective", seed=recipe.seed)
+        stats.info["sequential"] = recipe.sequential
+        plan = plan_with_layers(plan, job.planner, recipe, layer_plans)
+        set_expert_count(model.config, job.architecture, job.kept)
+        timings["calibrate+compress"] = time.perf_counter() - mark
+    else:
+        if plan is None:
+            plan = plan_model(stats.layers, job.kept, job.top_k, job.planner, recipe.router)
+            plan.recipe = recipe.to_dict()
+        timings["plan"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        apply_plan(model, job.architecture, layers, plan, stats.layers if stats else None, progress=progress)
+        timings["apply"] = time.perf_counter() - mark
+    if output_dtype is not None:
+        model.to(output_dtype)
+        drop_quantization(model.config)
+    info = job.info(source, plan, timings)
+    return CompressionResult(model, tokenizer, plan, stats, job.architecture, source, info,
+                             keep_format=output_dtype is None)
+
+
+def calibration_statistics(
+    model: PreTrainedModel,
+    architecture: Architecture,
+    layers: list[MoELayer],
+    tokenizer,
+    source: str,
+    *,
+    num_blocks: int | None = None,
+    block_size: int = 2048,
+    batch_size: int = 4,
+    output_samples: int = 0,
+    with_weight_gram: bool = False,
+    after_layer=None,
+    offload_dir: Path | None = None,
+    progress: bool = True,
+    corrective: bool = False,
+    seed: int = 0,
+) -> Statistics:
+    """Stage 1 over the whole model: calibrate every MoE layer on `source` text (`seed`: of the `self` part's
+    sampling), recording how the statistics were made. `after_layer` runs stages 2-4 on each layer."""
+    context = int(getattr(model.config, "max_position_embeddings", block_size))
+    blocks = calibration_blocks(tokenizer, source, num_blocks, block_size, context, model, seed)
+    layer_stats = calibrate_model(model, architecture, blocks, batch_size=batch_size, output_samples=output_samples,
+                                  with_weight_gram=with_weight_gram, after_layer=after_layer,
+                                  offload_dir=offload_dir, progress=progress, corrective=corrective)
+    info = {"calibration": source, "blocks": list(blocks.shape), "tokens": int(blocks.numel()),
+            "norm_topk_prob": normalizes_top_k(layers)}
+    return Statistics(layer_stats, top_k(model.config, architecture), info)
+
+
+def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan]):
+    """Stages 2-4 of one layer, run as soon as it is calibrated: plan it (or take the given plan's layer),
+    apply the plan, then fit the compressed layer to the original's output. The returned callback says
+    whether the next layers see the compressed layer (sequential mode) or the original."""
+    recipe, architecture, given = job.recipe, job.architecture, job.plan
+    given_layers = {lp.layer: lp for lp in given.layers} if given is not None else {}
+    output_dtype = job.output_dtype or torch.float32
+
+    def compressed_copy(moe: MoELayer, stats):
+        def compressed(plan: Plan, layer_plan: LayerPlan) -> MoELayer:
+            trial = layer_copy(moe)
+            apply_layer(trial, architecture, layer_plan, plan, stats, job.top_k)
+            return trial
+        return compressed
+
+    def after_layer(moe: MoELayer, stats, block) -> bool:
+        if isinstance(job.planner, PerLayerChoice) and given is None:
+            _, layer_plan, chosen = choose_layer_plan(job.planner.candidate_plans(stats, job.kept, recipe.router),
+                                                      compressed_copy(moe, stats), architecture, stats, block,
+                                                      output_dtype, recipe.refit, recipe.router_fit)
+            install(moe, chosen)
+        else:
+            if given is not None:
+                layer_plan_of, layer_plan = given, copy.deepcopy(given_layers[moe.index])
+            else:
+                layer_plan = job.planner.plan_layer(stats, job.kept)
+                layer_plan_of = plan_of(job.planner, recipe.router, [layer_plan])
+            apply_layer(moe, architecture, layer_plan, layer_plan_of, stats, job.top_k)
+            fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block), output_dtype,
+                                 recipe.refit, recipe.router_fit)
+        layer_plans.append(layer_plan)
+        return bool(recipe.sequential)
+
+    return after_layer

@@ -1,0 +1,200 @@
+"""Compress a checkpoint larger than memory: read, calibrate, merge and write one decoder layer at a time.
+
+The model is built on the meta device (no memory); the embeddings run once to produce the calibration
+hidden states, then each decoder layer is read from the safetensors shards (its routed experts only a
+chunk at a time), calibrated, planned, merged and written to the output shards before the next one is
+read. Arithmetic is the in-memory path's, on the same float32 values, so the saved weights are
+bit-identical to `compress(...).save(...)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hcsmoe.apply.layer import install
+from hcsmoe.calibration.statistics import LayerStats, Statistics
+from hcsmoe.calibration.text import calibration_blocks
+from hcsmoe.checkpoints.architectures import (
+    architecture_for,
+    decoder_layers,
+    expert_count,
+    expert_parameters,
+    module_name,
+    moe_layer_at,
+    moe_layers,
+)
+from hcsmoe.checkpoints.formats import format_of
+from hcsmoe.checkpoints.loading import load_config, load_tokenizer, materialize, model_dir
+from hcsmoe.checkpoints.saving import atomic_directory, check_output_dir, write_config
+from hcsmoe.checkpoints.shards import MemorySource
+from hcsmoe.errors import UserError
+from hcsmoe.fitting.choice import choose_layer_plan
+from hcsmoe.fitting.stage import fit_compressed_layer, fitting_tokens
+from hcsmoe.planners.plan import Plan
+from hcsmoe.planners.registry import PerLayerChoice, plan_of, plan_with_layers
+from hcsmoe.recipe import Recipe
+from hcsmoe.result import CompressionResult
+from hcsmoe.distributed import SINGLE, World
+from hcsmoe.runners.layerwise import (
+    calibrate_layer,
+    expert_chunks,
+    original_stream,
+    run_dense_streams,
+    run_moe_layer,
+)
+from hcsmoe.runners.setup import Job, normalizes_top_k, output_dtype_for, prepare
+from hcsmoe.runners.streamed_model import StreamingCompressor, release, trim_heap
+
+MIN_SHARD_BYTES = 64 * 2**20  # a layer's output is written to disk when it ends, once this much is pending
+
+
+def token_buffer_bytes(blocks: torch.Tensor, config) -> int:
+    """Memory the calibration's per-token buffers take during a layer: hidden states, the MoE block's
+    inputs, its routed output and the layer's outputs, float32."""
+    return 4 * blocks.numel() * int(config.hidden_size) * 4
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); unlimited where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62
+
+
+def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats: Statistics | None = None,
+                       plan: Plan | None = None, keep_samples: bool = True, offload_dir=None, overwrite: bool = False,
+                       device: str = "cpu", progress: bool = True, world: World = SINGLE) -> CompressionResult:
+    """compress() one decoder layer in memory at a time, each written as it is done (`recipe` resolved)."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    source = model_dir(model_path)
+    target = check_output_dir(out, source, overwrite)
+    config = load_config(source)
+    fmt = format_of(config)
+    output_dtype = output_dtype_for(fmt, recipe.dtype, config)
+    tokenizer = tokenizer or load_tokenizer(source)
+    with atomic_directory(target, overwrite, world) as directory:
+        compressor = StreamingCompressor(source, config, architecture_for(config), output_dtype, directory, device,
+                                         progress, world)
+        meta_layers = moe_layers(compressor.model, compressor.architecture)
+        job = prepare(config, meta_layers, recipe, plan, stats, output_dtype, fmt,
+                      expert_count(config, compressor.architecture))
+        if world.size > job.num_experts:
+            raise UserError(f"{world.size} ranks for {job.num_experts} experts per layer: start at most "
+                            f"{job.num_experts} processes")
+        blocks = None
+        if job.needs_calibration(stats):
+            context = int(getattr(config, "max_position_embeddings", recipe.block_size))
+            blocks = calibration_blocks(tokenizer, recipe.calibration, recipe.blocks, recipe.block_size, context)
+        if offload_dir is None and blocks is not None and token_buffer_bytes(blocks, config) > available_memory() / 4:
+            offload_dir = directory / ".token-buffers"
+        plan, layer_stats = run_streaming(compressor, job, blocks, stats.layers if stats else None,
+                                          keep_samples=keep_samples,
+                                          offload_dir=Path(offload_dir) if offload_dir else None)
+        compressor.writer.finish()
+        if offload_dir is not None and Path(offload_dir).parent == directory and world.leader:
+            shutil.rmtree(offload_dir, ignore_errors=True)
+        if blocks is not None:
+            info = {"calibration": recipe.calibration, "blocks": list(blocks.shape), "tokens": int(blocks.numel()),
+                    "norm_topk_prob": normalizes_top_k(meta_layers), "sequential": recipe.sequential}
+            stats = Statistics(layer_stats, job.top_k, info)
+        plan.world_size = world.size
+        timings["total"] = time.perf_counter() - start
+        info = job.info(source, plan, timings)
+        info["streamed"] = True
+        result = CompressionResult(None, tokenizer, plan, stats, job.architecture, source, info, saved=target)
+        if world.leader:
+            write_config(source, config, job.architecture, job.kept, output_dtype, directory)
+            result.write_extras(directory)
+    return result
+
+
+def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tensor | None,
+                  stats_in: list[LayerStats] | None, keep_samples: bool = False,
+                  offload_dir: Path | None = None) -> tuple[Plan, list[LayerStats]]:
+    """The layer loop: stage 1 (unless statistics or a plan make it unnecessary), stages 2-4, then write.
+
+    Per-token samples (router inputs, output samples) of finished layers are dropped unless `keep_samples`,
+    so memory does not grow with the number of layers."""
+    model, architecture, recipe, plan_in = compressor.model, compressor.architecture, job.recipe, job.plan
+    planner, k, router, refit, router_fit = job.planner, job.kept, recipe.router, recipe.refit, recipe.router_fit
+    sequential = recipe.sequential
+    layers = decoder_layers(model, architecture)
+    inputs = compressor.capture_inputs(blocks, recipe.batch_size, offload_dir) if blocks is not None else None
+    original = original_stream(inputs, sequential == "corrective") if inputs is not None else None
+    compressor.write_outside_layers()
+    stats_by_layer = {s.layer: s for s in stats_in or []}
+    plans_by_layer = {lp.layer: lp for lp in plan_in.layers} if plan_in else {}
+    layer_plans, all_stats = [], []
+    for index in tqdm(range(len(layers)), desc="streaming", unit="layer", disable=not compressor.progress):
+        layer = layers[index]
+        moe = moe_layer_at(model, architecture, index)
+        if moe is None:
+            if inputs is not None:
+                materialize(model, layer, compressor.source)
+                run_dense_streams(layer, inputs, original, index)
+            compressor.write_unchanged(module_name(model, layer), layer)
+            release(layer)
+            continue
+        expert_names = {f"{module_name(model, moe.experts)}.{n}" for n in expert_parameters(moe.experts, moe.num_experts)}
+        materialize(model, layer, compressor.source, skip=expert_names)
+        moe = moe_layer_at(model, architecture, index)
+        stats, block = stats_by_layer.get(index), None
+        if inputs is not None:
+            stats, outputs, block = calibrate_layer(model, layer, moe, architecture, inputs, compressor.source,
+                                                    output_samples=job.output_samples(),
+                                                    with_weight_gram=recipe.representation == "weights",
+                                                    original=original, world=compressor.world)
+        if stats is not None:
+            all_stats.append(stats)
+        fitted = None  # the per-layer choice's fitted winner, when it could be kept
+        if index in plans_by_layer:
+            layer_plan_of, layer_plan = plan_in, copy.deepcopy(plans_by_layer[index])
+        elif isinstance(planner, PerLayerChoice) and block is not None:
+            layer_plan_of, layer_plan, fitted = choose_layer_plan(
+                planner.candidate_plans(stats, k, router), compressor.compressed_copy(moe, stats, job.top_k),
+                architecture, stats, block, compressor.output_dtype, refit, router_fit, keep_winner=False,
+                world=compressor.world)
+        else:
+            layer_plan = planner.plan_layer(stats, k)
+            layer_plan_of = plan_of(planner, router, [layer_plan])
+        in_memory = (refit is not None or router_fit is not None or layer_plan_of.merge != "weighted" or sequential
+                     or "choice" in layer_plan.details)
+        if fitted is not None:
+            install(moe, fitted)
+            del fitted
+        elif in_memory:  # build the K experts (a group at a time from disk), fit them
+            trim_heap()
+            compressor.build_compressed(moe, compressor.compressed_prefixes(moe), layer_plan_of, layer_plan, stats,
+                                        job.top_k)
+            fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
+                                 compressor.output_dtype, refit, router_fit)
+        layer_plans.append(layer_plan)
+        if compressor.world.size > 1:
+            layer_plan.details["ranks"] = compressor.ownership(moe, layer_plan)
+        compressor.keep_layer_plan(layer_plan)
+        if in_memory:
+            compressor.write_compressed_moe_layer(moe)
+        else:  # a weighted merge with nothing to fit: merged and written a few groups at a time
+            compressor.write_moe_layer(moe, layer_plan, layer_plan_of.router, stats)
+        if inputs is not None:  # sequential: the next layers see this layer compressed (its experts are in memory)
+            inputs.hidden = (run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, MemorySource(model)))[0]
+                             if sequential else outputs)
+        del block
+        release(layer)
+        compressor.writer.flush(at_least=MIN_SHARD_BYTES)  # the next layer's fits need the memory more
+        if stats is not None and not keep_samples:
+            all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
+    return plan_with_layers(plan_in, planner, recipe, layer_plans), all_stats
