@@ -20,11 +20,11 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from hcsmoe.calibration.statistics import Statistics
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import Plan
 from hcsmoe.recipe import Recipe
 from hcsmoe.result import CompressionResult
-from hcsmoe.distributed import SINGLE, World
 
 __all__ = ["CompressionResult", "Recipe", "compress"]
 

@@ -25,10 +25,13 @@ DEFAULT_CALIBRATION = "wiki:en,fr,es"
 # The default compressor, chosen on held-out train text of both bundled models (benchmarks/choices.py): per
 # layer, the better on held-out calibration tokens of two plans, each fitted to the original layer (router
 # fit, then down-projection refit): the K most salient experts (REAP) anchoring pairs whose merged expert
-# keeps the members' neurons that best reproduce the pair's output (least squares), or REAP's pruning.
-# Options a recipe leaves unset take these values when it names no method.
+# keeps the members' neurons that best reproduce the pair's output (least squares), or REAP's pruning; the
+# winner's experts are then fitted to the original layer (EXPERT_FIT_STEPS whitened L-BFGS steps; --fast:
+# none, the closed-form recipe). Options a recipe leaves unset take these values when it names no method.
 DEFAULT_CANDIDATES = (("ream", {"merge": "select", "group_size": 0, "assignment": "nearest"}), ("reap", {}))
-DEFAULT_REFIT = RefitOptions()
+EXPERT_FIT_STEPS = 30
+DEFAULT_REFIT = RefitOptions(steps=EXPERT_FIT_STEPS)
+FAST_REFIT = RefitOptions()
 DEFAULT_ROUTER_FIT = RouterFitOptions(only_if_softmax=True)
 DEFAULT_SEQUENTIAL = "corrective"
 SEQUENTIAL_MODES = (False, True, "corrective")
@@ -68,6 +71,7 @@ class Recipe:
     router_fit: RouterFitOptions | bool | None = None  # stage 4: the router fit
     dtype: str | None = None  # saved dtype (None: the checkpoint's own; FP8 / MXFP4 stay in their format)
     seed: int = 0
+    fast: bool = False  # the default recipe without the expert fit (closed-form fits only)
 
     def __post_init__(self):
         if self.experts is not None and self.ratio is not None:
@@ -105,7 +109,7 @@ class Recipe:
         for (True: the fit's own defaults); None / False mean no such fit. `replanning` (from a statistics
         file, no layer is run): nothing is sequential unless asked."""
         if self.method is None:
-            refit = DEFAULT_REFIT if self.refit is None or self.refit is True else self.refit
+            refit = default_refit(self.fast) if self.refit is None or self.refit is True else self.refit
             router_fit = DEFAULT_ROUTER_FIT if self.router_fit is None or self.router_fit is True else self.router_fit
         else:
             refit = RefitOptions() if self.refit is True else self.refit
@@ -126,7 +130,8 @@ class Recipe:
     @classmethod
     def from_options(cls, options: dict) -> "Recipe":
         """The recipe of `hcsmoe compress` options (CLI flags or YAML keys, underscores): --refit-* flags tune
-        the default recipe's refit (a named method's: the refit's own defaults); --no-refit turns it off."""
+        the default recipe's refit (--fast: without the expert fit; a named method's: the refit's own
+        defaults); --no-refit turns it off."""
         return cls(
             experts=options.get("experts"), ratio=options.get("ratio"), method=options.get("method"),
             **{name: options.get(name) for name in (*PLANNER_OPTIONS, "max_subsets")},
@@ -134,7 +139,7 @@ class Recipe:
             blocks=options.get("blocks"), block_size=given(options, "block_size", cls.block_size),
             batch_size=given(options, "batch_size", cls.batch_size), sequential=sequential_mode(options.get("sequential")),
             refit=refit_from_options(options), router_fit=options.get("fit_router"),
-            dtype=options.get("dtype"), seed=given(options, "seed", cls.seed),
+            dtype=options.get("dtype"), seed=given(options, "seed", cls.seed), fast=bool(options.get("fast")),
         )
 
 
@@ -142,6 +147,11 @@ def given(options: dict, name: str, default):
     """An option's value, or `default` where it is missing or None."""
     value = options.get(name)
     return default if value is None else value
+
+
+def default_refit(fast: bool) -> RefitOptions:
+    """The default recipe's refit: with the expert fit, or (`fast`) the closed-form refit alone."""
+    return FAST_REFIT if fast else DEFAULT_REFIT
 
 
 def sequential_mode(value):
@@ -157,7 +167,7 @@ def refit_from_options(options: dict) -> RefitOptions | bool | None:
     if options.get("refit") is False:
         return False
     tuned = {field: options[flag] for flag, field in REFIT_FLAGS.items() if options.get(flag) is not None}
-    base = DEFAULT_REFIT if options.get("method") is None else RefitOptions()
+    base = default_refit(bool(options.get("fast"))) if options.get("method") is None else RefitOptions()
     return dataclasses.replace(base, **tuned) if tuned else options.get("refit")
 
 

@@ -214,10 +214,10 @@ def test_overwrite_replaces_a_previous_output_whole(tiny_models, tmp_path):
 
 
 def test_expert_fit_is_recorded_in_the_plan_and_redone_from_it(tiny_models, tmp_path):
-    """refit steps move the gate/up weights the down-only refit leaves alone; the plan records the steps, so
-    re-applying it gives the same model."""
+    """refit steps move the gate/up weights the down-only refit (--fast) leaves alone; the plan records the
+    steps, so re-applying it gives the same model."""
     fitted = compress(tiny_models["qwen3_moe"], num_experts=4, refit=RefitOptions(steps=4), **FAST)
-    down_only = compress(tiny_models["qwen3_moe"], num_experts=4, **FAST)
+    down_only = compress(tiny_models["qwen3_moe"], num_experts=4, fast=True, **FAST)
     assert fitted.plan.refit["steps"] == 4 and down_only.plan.refit["steps"] == 0
     fits = [layer.details["refit"]["experts"] for layer in fitted.plan.layers]
     assert all(fit["error_after"] < fit["error_before"] for fit in fits)
@@ -226,6 +226,23 @@ def test_expert_fit_is_recorded_in_the_plan_and_redone_from_it(tiny_models, tmp_
     fitted.plan.save(tmp_path / "plan.json")
     reapplied = compress(tiny_models["qwen3_moe"], plan=Plan.load(tmp_path / "plan.json"), **FAST)
     assert torch.equal(logits(reapplied.model), logits(fitted.model))
+
+
+def test_the_default_fits_the_experts_and_fast_is_the_closed_form_recipe(tiny_models):
+    """The default recipe ends with the expert fit (EXPERT_FIT_STEPS whitened steps); --fast is the same recipe
+    with the closed-form fits only: the refit's own defaults, weight for weight."""
+    from hcsmoe.recipe import EXPERT_FIT_STEPS
+
+    default = compress(tiny_models["qwen3_moe"], num_experts=4, **FAST)
+    assert default.plan.refit["steps"] == EXPERT_FIT_STEPS and default.plan.refit["whiten"] is True
+    assert all(layer.details["refit"]["experts"]["steps"] == EXPERT_FIT_STEPS for layer in default.plan.layers)
+    fast = compress(tiny_models["qwen3_moe"], num_experts=4, fast=True, **FAST)
+    closed_form = compress(tiny_models["qwen3_moe"], num_experts=4, refit=RefitOptions(), **FAST)
+    assert fast.plan.refit == closed_form.plan.refit and fast.plan.refit["steps"] == 0
+    assert all("experts" not in layer.details["refit"] for layer in fast.plan.layers)
+    for name, tensor in fast.model.state_dict().items():
+        assert torch.equal(tensor, closed_form.model.state_dict()[name]), name
+    assert not torch.equal(logits(fast.model), logits(default.model))
 
 
 def test_statistics_file_round_trips_and_replans_at_another_k(tiny_models, tmp_path):

@@ -261,7 +261,7 @@ def test_router_fit_recovers_a_known_router():
     x = torch.randn(3000, 8, generator=g)
     truth = torch.randn(5, 8, generator=g)
     q = torch.softmax(x.double() @ truth.double().T, dim=1)
-    fitted = fit_rows(x, q, torch.zeros(5, 8), None, RouterFitOptions(beta=0.0, iterations=200))
+    fitted, _ = fit_rows(x, q, torch.zeros(5, 8), None, RouterFitOptions(beta=0.0, iterations=200))
     assert torch.allclose(torch.softmax(x @ fitted.T, 1), torch.softmax(x @ truth.T, 1), atol=1e-3)
 
 

@@ -13,7 +13,7 @@ from hcsmoe.cli.compress import COMPRESS_DEFAULTS, read_recipe
 from hcsmoe.errors import UserError
 from hcsmoe.fitting.refit import RefitOptions
 from hcsmoe.fitting.router_fit import RouterFitOptions
-from hcsmoe.recipe import DEFAULT_REFIT, DEFAULT_ROUTER_FIT
+from hcsmoe.recipe import DEFAULT_REFIT, DEFAULT_ROUTER_FIT, FAST_REFIT
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "recipe.yaml"
 TINY = dict(num_blocks=2, block_size=32, progress=False)
@@ -42,6 +42,8 @@ def test_resolution_default_recipe_versus_named_method():
     asked = Recipe(method="reap", refit=True, router_fit=True).resolved()
     assert (asked.refit, asked.router_fit) == (RefitOptions(), RouterFitOptions())
     assert Recipe().resolved(replanning=True).sequential is False
+    assert Recipe(fast=True).resolved().refit == FAST_REFIT and FAST_REFIT.steps == 0 < DEFAULT_REFIT.steps
+    assert Recipe.from_options(dict(COMPRESS_DEFAULTS) | {"fast": True, "refit_alpha": 0.1}).refit == RefitOptions(alpha=0.1)
 
 
 @pytest.mark.parametrize("bad, message", [

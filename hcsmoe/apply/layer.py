@@ -26,6 +26,7 @@ from hcsmoe.checkpoints.architectures import Architecture, MoELayer, expert_para
 from hcsmoe.checkpoints.loading import in_float32
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import Group, LayerPlan, Plan
+from hcsmoe.timing import timed
 
 RIDGE = 1e-4  # relative to the mean diagonal of X^T X; keeps the fit well posed for rare experts
 # Module attributes caching the routed-expert count in every supported family: num_experts (one-hot sizes,
@@ -132,6 +133,7 @@ def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module.register_buffer(name, value.contiguous())
 
 
+@timed("apply")
 def apply_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, plan: Plan,
                 stats: LayerStats | None, top_k: int) -> None:
     """Shrink one MoE block in place to one expert and one router row per group."""

@@ -25,8 +25,8 @@ from hcsmoe.checkpoints.architectures import (
     expert_parameters,
     route,
 )
-from hcsmoe.errors import UserError
 from hcsmoe.distributed import World
+from hcsmoe.errors import UserError
 
 STATS_FORMAT = "hcsmoe-stats/1"
 

@@ -27,9 +27,9 @@ from hcsmoe.checkpoints.shards import (
     expert_slots,
     shard_bytes_for,
 )
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import Plan
-from hcsmoe.distributed import SINGLE, World
 
 
 def check_output_dir(out: str | Path, source: Path | None, overwrite: bool) -> Path:

@@ -30,9 +30,9 @@ from transformers.core_model_loading import (
 )
 
 from hcsmoe.checkpoints.formats import SAFETENSORS_TO_TORCH, Format, format_of
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import LayerPlan
-from hcsmoe.distributed import SINGLE, World
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 512 * 2**20  # a pending shard is held in memory until written

@@ -43,6 +43,7 @@ COMPRESS_DEFAULTS = {
     "refit_tokens": None,
     "refit_whiten": None,
     "fit_router": None,
+    "fast": None,
     "eval": True,
     "eval_languages": "en,fr,es",
     "eval_tokens": None,
@@ -104,9 +105,12 @@ def add_compress_parser(sub) -> None:
                         "[on by default; off for a named --method unless given]")
     p.add_argument("--refit-alpha", type=float, help="ridge strength of the refit, relative to the mean Gram diagonal [0.01]")
     p.add_argument("--refit-solver", help="joint, blockwise (Gauss-Seidel over experts) or auto [auto]")
+    p.add_argument("--fast", action="store_true", default=None,
+                   help="the closed-form recipe: the default without the expert fit, several times faster and a little "
+                        "worse (for CPU-only runs of large models; see README)")
     p.add_argument("--refit-steps", type=int,
-                   help="then fit gate/up and down together for this many L-BFGS iterations per layer (0: down only; "
-                        "30: better, several times slower, see README) [0]")
+                   help="the expert fit: fit gate/up and down together for this many L-BFGS iterations per layer "
+                        "(0: down projections only, as --fast) [30 for the default recipe, 0 for a named method]")
     p.add_argument("--refit-tokens", type=int,
                    help="calibration tokens those iterations use, evenly spaced (0: all) [0]")
     p.add_argument("--refit-whiten", action=argparse.BooleanOptionalAction, default=None,

@@ -10,10 +10,11 @@ import torch
 
 from hcsmoe.calibration.statistics import BlockTokens, LayerStats
 from hcsmoe.checkpoints.architectures import Architecture
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.fitting.refit import RefitOptions, routed_output
 from hcsmoe.fitting.router_fit import RouterFitOptions
 from hcsmoe.fitting.stage import fit_compressed_layer, fit_layer_experts, fitted_tensors, split_tokens
-from hcsmoe.distributed import SINGLE, World
+from hcsmoe.timing import timed
 
 
 @torch.no_grad()
@@ -43,8 +44,9 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
         if fitter(position) == world.rank:
             fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit,
                                  with_experts=False)
-            residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
-            error = float(residual.pow(2).sum()) / max(energy, 1e-30)
+            with timed("choice"):
+                residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
+                error = float(residual.pow(2).sum()) / max(energy, 1e-30)
         kept = moe if keep_winner or position == 0 else None
         trials[position] = (error, trial, kept)
         del moe, kept

@@ -37,6 +37,7 @@ from hcsmoe.checkpoints.architectures import (
     expert_intermediate,
     expert_output_from_intermediate,
 )
+from hcsmoe.timing import timed
 
 FITTED = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 WHITENING_RIDGE = 0.1  # bounds the amplification of rare input directions at 1/sqrt(0.1) ~ 3.2 times the mean one's
@@ -183,6 +184,7 @@ def expert_weights(experts: nn.Module, expert: int, own: dict[str, torch.Tensor]
                   for name, p in whitened.items()}
 
 
+@timed("expert fit")
 def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, steps: int,
                 sample: int, whiten: bool = True) -> dict:
     """Fit the layer's expert tensors in place (float32) by `steps` L-BFGS iterations on `sample` evenly
@@ -198,17 +200,19 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     fitted = [name for name in FITTED if getattr(experts, name, None) is not None]
     groups, history = fit_schedule(experts.down_proj.shape[0], sum(getattr(experts, name)[0].numel() for name in fitted))
     energy = max(float(target.double().pow(2).sum()), 1e-30)
-    errors = [fit_group(experts, architecture, inputs, target, chunks, energy, fitted, group, steps, history, whiten)
-              for group in groups]
+    fits = [fit_group(experts, architecture, inputs, target, chunks, energy, fitted, group, steps, history, whiten)
+            for group in groups]
     return {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "history": history, "groups": len(groups),
-            "error_before": round(errors[0][0], 6), "error_after": round(errors[-1][1], 6)}
+            "error_before": round(fits[0][0], 6), "error_after": round(fits[-1][1], 6),
+            "evaluations": sum(fit[2] for fit in fits)}
 
 
 def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor, chunks: list,
-              energy: float, fitted: list[str], group: range, steps: int, history: int, whiten: bool) -> tuple[float, float]:
+              energy: float, fitted: list[str], group: range, steps: int, history: int,
+              whiten: bool) -> tuple[float, float, int]:
     """Fit the experts of `group` in place, the layer's others held as they are (their output is taken off the
     target first); returns the layer's relative squared error before and after (never worse: a fit that does
-    not improve it is not kept)."""
+    not improve it is not kept) and how many times L-BFGS evaluated the error with its gradient."""
     others = [e for e in range(experts.down_proj.shape[0]) if e not in group]
     if others:
         with torch.no_grad():
@@ -259,4 +263,4 @@ def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tens
                 stored = getattr(experts, name)
                 fitted_tensor = torch.cat([own[name].detach() for own in fitted_weights])
                 stored.data[group.start:group.stop].copy_(fitted_tensor.to(stored.dtype))
-    return before, min(before, after)
+    return before, min(before, after), int(optimizer.state[optimizer.param_groups[0]["params"][0]]["func_evals"])

@@ -30,6 +30,7 @@ from torch import nn
 from hcsmoe.calibration.statistics import BlockTokens, Routed, expert_features, routed, token_spans
 from hcsmoe.checkpoints.architectures import Architecture, MoELayer
 from hcsmoe.errors import UserError
+from hcsmoe.timing import timed
 
 SOLVERS = ("auto", "joint", "blockwise")
 JOINT_LIMIT = 6144  # joint system up to this many unknowns per output column (float64 Gram of 300 MB)
@@ -100,6 +101,7 @@ def set_down_matrix(experts: nn.Module, architecture: Architecture, expert: int,
     experts.down_proj.data[expert].copy_(weight.to(dtype or experts.down_proj.dtype))
 
 
+@timed("refit")
 @torch.no_grad()
 def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
                 options: RefitOptions = RefitOptions(), dtype: torch.dtype | None = None) -> dict:

@@ -27,6 +27,7 @@ from hcsmoe.calibration.statistics import BlockTokens, LayerStats
 from hcsmoe.checkpoints.architectures import Architecture, MoELayer
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import LayerPlan
+from hcsmoe.timing import timed
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,9 @@ def routing_targets(scores: torch.Tensor, owner: torch.Tensor, k: int) -> torch.
 
 
 def fit_rows(x: torch.Tensor, q: torch.Tensor, start: torch.Tensor, bias: torch.Tensor | None,
-             options: RouterFitOptions) -> torch.Tensor:
-    """Soft-label multinomial logistic regression of q on x, from the rows `start`, by L-BFGS (float64)."""
+             options: RouterFitOptions) -> tuple[torch.Tensor, int]:
+    """Soft-label multinomial logistic regression of q on x, from the rows `start`, by L-BFGS (float64);
+    returns the fitted rows and how many times the objective was evaluated."""
     x64 = x.double()
     scale = float(x64.pow(2).mean())
     w0 = start.double()
@@ -91,9 +93,10 @@ def fit_rows(x: torch.Tensor, q: torch.Tensor, start: torch.Tensor, bias: torch.
 
     with torch.enable_grad():
         optimizer.step(objective)
-    return (w0 + delta.detach()).to(start.dtype)
+    return (w0 + delta.detach()).to(start.dtype), int(optimizer.state[delta]["func_evals"])
 
 
+@timed("router fit")
 def fit_router(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, stats: LayerStats,
                block: BlockTokens, options: RouterFitOptions) -> dict:
     """Refit the compressed layer's router rows in place; returns the mean KL to the target before and after.
@@ -113,9 +116,10 @@ def fit_router(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan,
         return float((q * (q.clamp(min=1e-300).log() - torch.log_softmax(logits, dim=1))).sum(1).mean())
 
     before = kl(weight.data)
-    fitted = fit_rows(x, q, weight.data.float(), bias.data.float() if bias is not None else None, options)
+    fitted, evaluations = fit_rows(x, q, weight.data.float(), bias.data.float() if bias is not None else None, options)
     weight.data.copy_(fitted.to(weight.dtype))
-    report = {"kl_before": round(before, 6), "kl_after": round(kl(weight.data), 6)}
+    report = {"kl_before": round(before, 6), "kl_after": round(kl(weight.data), 6), "tokens": int(x.shape[0]),
+              "evaluations": evaluations}
     if layer_plan.dropped and options.absorb:
         report["absorbed_by"] = {str(j): int(owner[j]) for j in layer_plan.dropped}
     return report

@@ -11,6 +11,7 @@ from hcsmoe.calibration.statistics import LayerStats
 from hcsmoe.errors import UserError
 from hcsmoe.planners.clustering import HCSMoE, KMeans, MSMoE
 from hcsmoe.planners.plan import PLAN_MERGES, Group, LayerPlan, Plan
+from hcsmoe.timing import timed
 
 if TYPE_CHECKING:
     from hcsmoe.recipe import Recipe
@@ -40,6 +41,7 @@ class PerLayerChoice:
     def plan_layer(self, stats: LayerStats, k: int) -> LayerPlan:
         return self.candidates[0].plan_layer(stats, k)
 
+    @timed("plan")
     def candidate_plans(self, stats: LayerStats, k: int, router: str) -> list[tuple["Plan", LayerPlan]]:
         """(one-layer plan saying how to merge, layer plan) for every candidate planner."""
         pairs = []

@@ -31,7 +31,9 @@ from hcsmoe.planners.registry import PerLayerChoice, plan_model, plan_of, plan_w
 from hcsmoe.recipe import Recipe
 from hcsmoe.result import CompressionResult
 from hcsmoe.runners.layerwise import calibrate_model
+from hcsmoe.runners.progress import LayerEstimate
 from hcsmoe.runners.setup import Job, held_dtype, normalizes_top_k, output_dtype_for, prepare
+from hcsmoe.timing import timed
 
 
 def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recipe: Recipe, *, tokenizer=None,
@@ -62,7 +64,7 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
     mark = time.perf_counter()
     if job.needs_calibration(stats):
         layer_plans: list[LayerPlan] = []
-        after_layer = compress_layer_in_place(job, layer_plans)
+        after_layer = compress_layer_in_place(job, layer_plans, LayerEstimate(len(layers), progress))
         stats = calibration_statistics(model, job.architecture, layers, tokenizer, recipe.calibration,
                                        num_blocks=recipe.blocks, block_size=recipe.block_size,
                                        batch_size=recipe.batch_size, output_samples=job.output_samples(),
@@ -119,10 +121,11 @@ def calibration_statistics(
     return Statistics(layer_stats, top_k(model.config, architecture), info)
 
 
-def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan]):
+def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan], estimate: LayerEstimate):
     """Stages 2-4 of one layer, run as soon as it is calibrated: plan it (or take the given plan's layer),
     apply the plan, then fit the compressed layer to the original's output. The returned callback says
-    whether the next layers see the compressed layer (sequential mode) or the original."""
+    whether the next layers see the compressed layer (sequential mode) or the original. After the first
+    layer, `estimate` tells the user what the whole run will take."""
     recipe, architecture, given = job.recipe, job.architecture, job.plan
     given_layers = {lp.layer: lp for lp in given.layers} if given is not None else {}
     output_dtype = job.output_dtype or torch.float32
@@ -144,12 +147,14 @@ def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan]):
             if given is not None:
                 layer_plan_of, layer_plan = given, copy.deepcopy(given_layers[moe.index])
             else:
-                layer_plan = job.planner.plan_layer(stats, job.kept)
+                with timed("plan"):
+                    layer_plan = job.planner.plan_layer(stats, job.kept)
                 layer_plan_of = plan_of(job.planner, recipe.router, [layer_plan])
             apply_layer(moe, architecture, layer_plan, layer_plan_of, stats, job.top_k)
             fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block), output_dtype,
                                  recipe.refit, recipe.router_fit)
         layer_plans.append(layer_plan)
+        estimate.layer_done()
         return bool(recipe.sequential)
 
     return after_layer

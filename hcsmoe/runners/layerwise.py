@@ -45,6 +45,7 @@ from hcsmoe.checkpoints.architectures import (
 from hcsmoe.checkpoints.loading import in_float32
 from hcsmoe.checkpoints.shards import MemorySource, TensorSource
 from hcsmoe.distributed import SINGLE, World
+from hcsmoe.timing import timed
 
 CHUNK_BYTES = 128 * 2**20  # float32 expert weights held at once
 
@@ -226,6 +227,7 @@ def _routed_output(hidden_states: torch.Tensor, replay: list[torch.Tensor]) -> t
     return out
 
 
+@timed("calibrate")
 def calibrate_layer(
     model: nn.Module,
     layer: nn.Module,
@@ -329,7 +331,8 @@ def calibrate_one_layer(model: nn.Module, architecture: Architecture, index: int
                                             original=original, **options)
     if after_layer is not None and after_layer(moe, stats, block):
         moe = moe_layer_at(model, architecture, index)  # the layer now holds its merged experts
-        outputs, _ = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, MemorySource(model)))
+        with timed("calibrate"):
+            outputs, _ = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, MemorySource(model)))
     del block
     inputs.hidden = outputs
     return stats

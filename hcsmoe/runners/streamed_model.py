@@ -24,9 +24,10 @@ from hcsmoe.checkpoints.shards import (
     expert_slots,
     shard_bytes_for,
 )
-from hcsmoe.planners.plan import Group, LayerPlan, Plan
 from hcsmoe.distributed import SINGLE, World
+from hcsmoe.planners.plan import Group, LayerPlan, Plan
 from hcsmoe.runners.layerwise import LayerInputs, TokenStore, capture_layer_inputs, outside_layers
+from hcsmoe.timing import timed
 
 MERGED_CHUNK_BYTES = 64 * 2**20  # merged experts (output dtype) written at once
 
@@ -103,6 +104,7 @@ class StreamingCompressor:
         names = [n for n in self.model.state_dict() if not n.startswith(layers_prefix + ".")]
         self.write({n: self.reader.tensor(n) for n in names if n in self.reader})
 
+    @timed("write")
     def write_moe_layer(self, moe: MoELayer, layer_plan: LayerPlan, router: str, stats: LayerStats | None) -> None:
         """Router rows and merged experts of one layer, the experts a few groups at a time."""
         layer_prefix = module_name(self.model, decoder_layers(self.model, self.architecture)[moe.index])
@@ -120,6 +122,7 @@ class StreamingCompressor:
             self.write({name: self._merged(name, layer_plan.groups[part.start : part.stop]) for name in expert_names},
                        part.start)
 
+    @timed("write")
     def write_compressed_moe_layer(self, moe: MoELayer) -> None:
         """A layer whose compressed experts and router are in memory (built and fitted): those, and the rest of
         the layer as read."""
@@ -170,6 +173,7 @@ class StreamingCompressor:
         """Where the layer's experts and router are read from (a copy of the layer has no name in the model)."""
         return module_name(self.model, moe.experts), module_name(self.model, moe.router)
 
+    @timed("apply")
     def build_compressed(self, moe: MoELayer, prefixes: tuple[str, str], plan: Plan, layer_plan: LayerPlan,
                          stats: LayerStats, top_k: int) -> None:
         """Give `moe` (the skeleton's layer, or a copy) the plan's K experts in the output dtype and K router rows

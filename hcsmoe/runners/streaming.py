@@ -34,6 +34,7 @@ from hcsmoe.checkpoints.formats import format_of
 from hcsmoe.checkpoints.loading import load_config, load_tokenizer, materialize, model_dir
 from hcsmoe.checkpoints.saving import atomic_directory, check_output_dir, write_config
 from hcsmoe.checkpoints.shards import MemorySource
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.fitting.choice import choose_layer_plan
 from hcsmoe.fitting.stage import fit_compressed_layer, fitting_tokens
@@ -41,7 +42,6 @@ from hcsmoe.planners.plan import Plan
 from hcsmoe.planners.registry import PerLayerChoice, plan_of, plan_with_layers
 from hcsmoe.recipe import Recipe
 from hcsmoe.result import CompressionResult
-from hcsmoe.distributed import SINGLE, World
 from hcsmoe.runners.layerwise import (
     calibrate_layer,
     expert_chunks,
@@ -49,8 +49,10 @@ from hcsmoe.runners.layerwise import (
     run_dense_streams,
     run_moe_layer,
 )
+from hcsmoe.runners.progress import LayerEstimate
 from hcsmoe.runners.setup import Job, normalizes_top_k, output_dtype_for, prepare
 from hcsmoe.runners.streamed_model import StreamingCompressor, release, trim_heap
+from hcsmoe.timing import timed
 
 MIN_SHARD_BYTES = 64 * 2**20  # a layer's output is written to disk when it ends, once this much is pending
 
@@ -138,6 +140,7 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
     stats_by_layer = {s.layer: s for s in stats_in or []}
     plans_by_layer = {lp.layer: lp for lp in plan_in.layers} if plan_in else {}
     layer_plans, all_stats = [], []
+    estimate = LayerEstimate(len(moe_layers(model, architecture)), compressor.progress)
     for index in tqdm(range(len(layers)), desc="streaming", unit="layer", disable=not compressor.progress):
         layer = layers[index]
         moe = moe_layer_at(model, architecture, index)
@@ -168,7 +171,8 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
                 architecture, stats, block, compressor.output_dtype, refit, router_fit, keep_winner=False,
                 world=compressor.world)
         else:
-            layer_plan = planner.plan_layer(stats, k)
+            with timed("plan"):
+                layer_plan = planner.plan_layer(stats, k)
             layer_plan_of = plan_of(planner, router, [layer_plan])
         in_memory = (refit is not None or router_fit is not None or layer_plan_of.merge != "weighted" or sequential
                      or "choice" in layer_plan.details)
@@ -189,12 +193,15 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
             compressor.write_compressed_moe_layer(moe)
         else:  # a weighted merge with nothing to fit: merged and written a few groups at a time
             compressor.write_moe_layer(moe, layer_plan, layer_plan_of.router, stats)
-        if inputs is not None:  # sequential: the next layers see this layer compressed (its experts are in memory)
-            inputs.hidden = (run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, MemorySource(model)))[0]
-                             if sequential else outputs)
+        if inputs is not None and sequential:  # the next layers see this layer compressed (its experts are in memory)
+            with timed("calibrate"):
+                outputs = run_moe_layer(layer, moe, architecture, inputs, expert_chunks(model, moe, MemorySource(model)))[0]
+        if inputs is not None:
+            inputs.hidden = outputs
         del block
         release(layer)
         compressor.writer.flush(at_least=MIN_SHARD_BYTES)  # the next layer's fits need the memory more
+        estimate.layer_done()
         if stats is not None and not keep_samples:
             all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
     return plan_with_layers(plan_in, planner, recipe, layer_plans), all_stats
