@@ -11,7 +11,8 @@ standard errors) close the report.
 The original's logits on the validation windows are computed once and looked up by every row.
 
     python -m benchmarks.quality [--model qwen2-moe] [--no-ablation]   # writes benchmarks/results/quality-<model>.{md,json}
-    python -m benchmarks.quality --only default   # reruns the rows whose label holds "default", keeps the others
+    python -m benchmarks.quality --only default   # reruns the rows whose label matches the regular expression
+                                                  # "default", keeps the others
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,10 +41,14 @@ from hcsmoe.pipeline import compress
 RESULTS = Path(__file__).parent / "results"
 RANDOM_SEEDS = (0,)  # a floor, not a contender: one seed
 PROMPTS = 64
-# Each method as published, and with every fitting stage of the default (router fit, down-projection refit,
-# corrective sequential fitting; the router fit leaves a pruning plan as it is). O-prune's fitted row re-applies
-# its published plan (its subset search is the slow part). benchmarks/choices.py has the refit alone.
-FITS = {"as published": {}, "+ fits": {"refit": True, "router_fit": True, "sequential": "corrective"}}
+# Each method as published, and with the default's closed-form fitting stages (router fit, down-projection refit,
+# corrective sequential fitting; the router fit leaves a pruning plan as it is); the strongest baselines also with
+# the expert fit, as the default has it. O-prune's fitted row re-applies its published plan (its subset search is
+# the slow part). benchmarks/choices.py has the refit alone.
+CLOSED_FORM_FITS = {"refit": True, "router_fit": True, "sequential": "corrective"}
+FITS = {"as published": {}, "+ fits": CLOSED_FORM_FITS}
+ALL_FITS = {"+ fits + expert fit": CLOSED_FORM_FITS | {"refit": {"steps": 30}}}
+WITH_EXPERT_FIT = ("hc-smoe", "reap")
 REUSE_PLAN = ("o-prune",)
 BASELINES: list[tuple[str, dict]] = [
     ("hc-smoe", {"method": "hc-smoe"}),
@@ -53,21 +59,21 @@ BASELINES: list[tuple[str, dict]] = [
     ("f-prune", {"method": "f-prune"}),
 ]
 ABLATIONS: list[tuple[str, dict]] = [
-    ("default without the refit", {"refit": False}),
+    ("default without the expert fit (--fast)", {"fast": True}),
+    ("default without the refit (nor the expert fit that follows it)", {"refit": False}),
     ("default without the router fit", {"router_fit": False}),
     ("default, not corrective (fitted on the original model's inputs)", {"sequential": False}),
     ("default, merging candidate only (no per-layer choice)",
-     {"method": "ream", "merge": "select", "group_size": 0, "assignment": "nearest", "refit": True,
+     {"method": "ream", "merge": "select", "group_size": 0, "assignment": "nearest", "refit": {"steps": 30},
       "router_fit": True, "sequential": "corrective"}),
     ("default, frequency-weighted merge instead of neuron selection", {"merge": "frequency"}),
     ("default, English-only calibration", {"calibration": "wiki:en"}),
 ]
 TOKEN_COUNTS = (8192, 32768)
-# Opt-in, not the default (cost; README): the default + the expert fit (gate/up and down, L-BFGS), in whitened
-# coordinates (its default) and with plain steps.
-EXPERT_FITS = [("default + expert fit (--refit-steps 30)", {"refit": {"steps": 30}})] + [
-    (f"default + expert fit, plain steps (--refit-steps {n} --no-refit-whiten)", {"refit": {"steps": n, "whiten": False}})
-    for n in (30, 100)]
+# The default's variants: without the expert fit (--fast, the closed-form recipe), and with plain steps.
+EXPERT_FITS = [("default --fast (closed form, no expert fit)", {"fast": True})] + [
+    (f"default, expert fit with plain steps (--refit-steps {n} --no-refit-whiten)",
+     {"refit": {"steps": n, "whiten": False}}) for n in (30, 100)]
 TASK_ROWS = ("default", "reap", "hc-smoe")
 
 
@@ -108,9 +114,9 @@ def previous_rows(name: str, only: str | None) -> dict:
         return {}
     saved = json.loads((RESULTS / f"quality-{name}.json").read_text())
     rows = [r for group in [*saved["sizes"].values(), saved["ablation"], saved["calibration_tokens"]] for r in group]
-    kept = {(r["experts"], r["method"]): r for r in rows if only not in r["method"]}
+    kept = {(r["experts"], r["method"]): r for r in rows if not re.search(only, r["method"])}
     kept |= {(int(k), "original"): rows[0] for k, rows in saved["sizes"].items()}
-    return kept | {"tasks": {label: result for label, result in saved["tasks"].items() if only not in label},
+    return kept | {"tasks": {label: result for label, result in saved["tasks"].items() if not re.search(only, label)},
                    "tables": {"ablation": saved["ablation"], "calibration_tokens": saved["calibration_tokens"]}}
 
 
@@ -119,8 +125,9 @@ def size_rows(quick: bool = False) -> list[tuple[str, dict, str | None]]:
     size table, in order: the default, the opt-in expert fits, each baseline as published and with the fits, random."""
     rows = [("**default**", {}, None)] + ([] if quick else [(label, options, None) for label, options in EXPERT_FITS])
     for name, options in BASELINES[:3:2] if quick else BASELINES:
-        rows += [(f"{name} {suffix}", options | fits, f"{name} as published" if fits and name in REUSE_PLAN else None)
-                 for suffix, fits in FITS.items()]
+        fits = FITS | (ALL_FITS if name in WITH_EXPERT_FIT else {})
+        rows += [(f"{name} {suffix}", options | fit, f"{name} as published" if fit and name in REUSE_PLAN else None)
+                 for suffix, fit in fits.items()]
     return rows + ([] if quick else [(f"random (seed {s})", {"method": "random", "seed": s}, None) for s in RANDOM_SEEDS])
 
 
@@ -225,8 +232,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-ablation", action="store_true", help="skip the ablation and calibration-size tables "
                                                                     "(with --only: keep the earlier run's)")
-    parser.add_argument("--only", help="rerun only the rows whose label holds this text; the others come from the "
-                                       "last full run's JSON (after a change that only they see)")
+    parser.add_argument("--only", help="rerun only the rows whose label matches this regular expression; the others "
+                                       "come from the last full run's JSON (after a change that only they see)")
     args = parser.parse_args()
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

@@ -43,17 +43,19 @@ def qwen3_config(layers: int):
     return Qwen3MoeConfig(num_hidden_layers=layers, dtype="bfloat16", **QWEN3_SHAPES)
 
 
-def write_synthetic_checkpoint(directory: Path, layers: int, seed: int = 0, fp8: bool = False) -> int:
+def write_synthetic_checkpoint(directory: Path, layers: int, seed: int = 0, fp8: bool = False, config=None) -> int:
     """Random bf16 weights with real shapes, in the per-expert naming of Qwen3-MoE checkpoints, one layer
     at a time (never the whole model in memory); `fp8`: laid out as Qwen3-30B-A3B-FP8 (128x128 blocks).
-    Returns the checkpoint's size in bytes."""
+    `config`: another model's config (e.g. Mixtral's; its vocabulary must hold the bundled tokenizer's 8192
+    tokens) instead of Qwen3-30B's with `layers` layers. Returns the checkpoint's size in bytes."""
     from tests.quantized import fp8_config, fp8_tensors
 
     from hcsmoe.checkpoints.shards import ShardWriter, checkpoint_names
     from hcsmoe.checkpoints.loading import REFERENCE_MODEL
     from hcsmoe.checkpoints.loading import skeleton
 
-    config = qwen3_config(layers)
+    config = config or qwen3_config(layers)
+    layers = int(config.num_hidden_layers)
     model = skeleton(config)
     generator = torch.Generator().manual_seed(seed)
     directory.mkdir(parents=True)

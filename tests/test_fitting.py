@@ -190,7 +190,7 @@ def test_whitened_steps_do_not_depend_on_the_scale_of_the_hidden_states(tiny_mod
 @pytest.mark.parametrize("family", FAMILIES)
 def test_whitening_changes_coordinates_not_weights(tiny_models, family):
     """At the start of the fit (zero change) the whitened leaves stand for exactly the layer's weights, and
-    each whitening P makes its inputs' covariance, ridge added, the identity: P (C + r I) P = I."""
+    each whitening P makes its inputs' covariance, ridge added, the identity: P (C + r I) P^T = I."""
     _, architecture, moe = first_moe(tiny_models, family)
     x = tokens_of(moe, architecture, n=500).inputs.float()
     chunks = [(0, len(x), per_expert_tokens(moe, architecture, x))]
@@ -205,7 +205,8 @@ def test_whitening_changes_coordinates_not_weights(tiny_models, family):
     p = whitening(gram, 200).double()
     covariance = gram.double() / 200
     ridge = WHITENING_RIDGE * torch.linalg.eigvalsh(covariance).clamp(min=0).mean()
-    assert torch.allclose(p @ (covariance + ridge * torch.eye(6, dtype=torch.float64)) @ p, torch.eye(6, dtype=torch.float64), atol=1e-5)
+    eye = torch.eye(6, dtype=torch.float64)
+    assert torch.allclose(p @ (covariance + ridge * eye) @ p.T, eye, atol=1e-5)
     assert torch.equal(whitening(torch.zeros(4, 4), 0), torch.eye(4))  # an expert without tokens: nothing to rescale
 
 

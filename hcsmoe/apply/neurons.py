@@ -217,12 +217,12 @@ def _cheapest_independent(cost: torch.Tensor, inverse: torch.Tensor, size: int) 
         return order[:1]
     pool = order[: 4 * size]
     scale = inverse.diagonal()[pool].sqrt()
-    correlation = (inverse[pool][:, pool] / scale[:, None] / scale[None, :]).abs()
+    correlation = (inverse[pool][:, pool] / scale[:, None] / scale[None, :]).abs().cpu().numpy()  # a cheap loop
     taken: list[int] = []
     for position in range(pool.numel()):
         if len(taken) == size:
             break
-        if not taken or float(correlation[position, taken].max()) <= INDEPENDENT:
+        if not taken or correlation[position, taken].max() <= INDEPENDENT:
             taken.append(position)
     return pool[taken]
 

@@ -34,6 +34,10 @@ from hcsmoe.timing import timed
 
 SOLVERS = ("auto", "joint", "blockwise")
 JOINT_LIMIT = 6144  # joint system up to this many unknowns per output column (float64 Gram of 300 MB)
+# The blockwise solver keeps each expert's Cholesky factor across its sweeps while all K of them take at most
+# this much (Qwen3-30B's 64 experts of 768: 300 MB); larger layers (Mixtral's experts of 14,336: 1.6 GB each)
+# factor again every sweep.
+FACTOR_CACHE_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -194,25 +198,37 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, opti
     before = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     ridge = _ridge(trace, k * width, options.alpha)
     eye = torch.eye(width, dtype=torch.float64)
+    keep_factors = k * width * width * 8 <= FACTOR_CACHE_BYTES
+    factors: dict[int, tuple] = {}
     for _ in range(options.sweeps):
         for expert in range(k):
             token = per_expert[expert][0]
             if token.numel() == 0:
                 continue
-            phi = features(expert).double()  # its Gram is recomputed, not stored: O(I^2) memory, not O(K I^2)
+            phi = features(expert).double()
             current = down_matrix(experts, architecture, expert)
             residual = y[token].double() - prediction[token] + phi @ current
-            updated = _solve_spd(phi.T @ phi + ridge * eye, phi.T @ residual + ridge * start(expert))
+            factor = factors.get(expert) or _spd_factor(phi.T @ phi + ridge * eye)
+            if keep_factors:  # the system is the same every sweep: factored once (same bits)
+                factors[expert] = factor
+            updated = _solve_factored(factor, phi.T @ residual + ridge * start(expert))
             set_down_matrix(experts, architecture, expert, updated, dtype)
             prediction.index_add_(0, token, phi @ (down_matrix(experts, architecture, expert) - current))
     after = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     return {"error_before": round(before, 6), "error_after": round(after, 6), "sweeps": options.sweeps}
 
 
-def _solve_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve a symmetric positive definite system by Cholesky (half the work of LU); LU if it is not."""
+def _spd_factor(system: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A symmetric positive definite system's Cholesky factor (half the work of LU), or the system itself
+    (False) where it is not positive definite."""
     factor, info = torch.linalg.cholesky_ex(system)
-    return torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(system, rhs)
+    return (factor, True) if int(info) == 0 else (system, False)
+
+
+def _solve_factored(factor: tuple[torch.Tensor, bool], rhs: torch.Tensor) -> torch.Tensor:
+    """Solve with _spd_factor's result: by the Cholesky factor, or by LU where there is none."""
+    matrix, cholesky = factor
+    return torch.cholesky_solve(rhs, matrix) if cholesky else torch.linalg.solve(matrix, rhs)
 
 
 def routed_output(moe: MoELayer, architecture: Architecture, x: torch.Tensor) -> torch.Tensor:
