@@ -105,6 +105,8 @@ def join(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, threads: int
     if launched_ranks() == 1:
         if threads:
             torch.set_num_threads(threads)
+        else:
+            warn_if_busy(cores_here())
         return SINGLE
     import torch.distributed as dist
 
@@ -118,7 +120,7 @@ def join(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, threads: int
     world = World(dist.get_rank(), dist.get_world_size())
     if str(device).startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cores_here()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world.size)))
     threads = threads or max(1, cores // local)
     torch.set_num_threads(threads)
@@ -126,6 +128,24 @@ def join(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S, threads: int
     sys.stderr.write(f"hcsmoe: rank {world.rank} of {world.size} ({dist.get_backend()}), {threads} threads; {cores} "
                      f"cores on this node shared by {local} ranks\n")
     return world
+
+
+def cores_here() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def warn_if_busy(cores: int, load: float | None = None) -> bool:
+    """One process takes every core's worth of threads; on a machine already busy (load average above the
+    cores) two such processes slow each other down several times over (measured: 7x for two runs on 2 cores),
+    so say so, with the way out (HCSMOE_IGNORE_LOAD=1: never). Returns whether it warned."""
+    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else (load or 0.0)
+    if load <= cores or os.environ.get("HCSMOE_IGNORE_LOAD") == "1":
+        return False
+    sys.stderr.write(f"hcsmoe: this machine is busy (load average {load:.1f} on {cores} cores) and this run takes "
+                     f"{cores} threads; give it its share with --threads N (e.g. --threads "
+                     f"{max(1, cores // 2)}) if other jobs keep running\n")
+    return True
 
 
 def _stop_on_sigterm(signum, frame):

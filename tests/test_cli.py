@@ -224,6 +224,29 @@ def test_final_rename_refuses_an_output_that_appeared_meanwhile(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_busy_machine_is_told_how_to_share_it(capsys, monkeypatch):
+    from hcsmoe.distributed import warn_if_busy
+
+    monkeypatch.delenv("HCSMOE_IGNORE_LOAD")
+    assert warn_if_busy(2, load=5.0)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "load average 5.0 on 2 cores" in err and "--threads 1" in err
+    assert not warn_if_busy(2, load=1.5) and capsys.readouterr().err == ""
+
+
+def test_the_evaluation_that_does_not_fit_is_skipped_in_one_line_after_saving(capsys, tiny_models, tmp_path,
+                                                                            monkeypatch):
+    """A model too large for the before/after evaluation: the compressed model is saved, the evaluation is
+    skipped with one line saying how to run it elsewhere, and the command exits 0 instead of being killed."""
+    monkeypatch.setattr("hcsmoe.runners.streaming.available_memory", lambda: 1000)  # bytes: nothing fits
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "compress", str(tiny_models["olmoe"]), "-k", "4", "--method", "hc-smoe", "-q",
+                           "--out", str(out), "--blocks", "2", "--block-size", "32")
+    skipped = [line for line in err.splitlines() if "evaluation" in line]
+    assert code == 0 and len(skipped) == 1 and "skipped" in skipped[0] and f"hcsmoe eval {out}" in skipped[0]
+    assert (out / "config.json").is_file() and "## Evaluation" not in (out / "README.md").read_text()
+
+
 def test_a_model_too_large_for_free_memory_is_streamed(capsys, tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr("hcsmoe.runners.streaming.available_memory", lambda: 1000)  # bytes: nothing fits
     code, out, err = run_cli(capsys, "compress", str(tiny_models["olmoe"]), "-k", "4", "--method", "hc-smoe",

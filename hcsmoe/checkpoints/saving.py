@@ -7,13 +7,16 @@ only when complete, so an interrupted run never leaves a half-written model unde
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from hcsmoe.checkpoints.architectures import Architecture, architecture_for, set_expert_count
@@ -31,10 +34,26 @@ from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import Plan
 
+# What a write fails with when the disk (or the user's quota, or the process's file size limit) is full.
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def write_errno(error: Exception) -> int | None:
+    """The errno of a failed write: an OSError's own, or the one safetensors' writer quotes ("os error 28")."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"os error (\d+)", str(error))
+    return int(found.group(1)) if found else None
+
 
 def check_output_dir(out: str | Path, source: Path | None, overwrite: bool) -> Path:
-    """Refuse an output that would clobber data or land inside the input model, before any work."""
+    """Refuse an output that would clobber data, land inside the input model or cannot be written, before any
+    work."""
     out = Path(out).resolve()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if existing != out and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        why = "not a directory" if not existing.is_dir() else "not writable"
+        raise UserError(f"cannot create {out}: {existing} is {why}; choose another --out")
     if source is not None:
         source = source.resolve()
         if out == source or source in out.parents:
@@ -57,14 +76,24 @@ def atomic_directory(out: Path, overwrite: bool = False, world: World = SINGLE):
     temporary directory, and rank 0 renames it once every rank has finished its part."""
     temporary = world.from_leader(out.parent / f".{out.name}.hcsmoe-partial-{os.getpid()}")
     if world.leader:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        temporary.mkdir()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if temporary.exists():
+                shutil.rmtree(temporary)
+            temporary.mkdir()
+        except OSError as error:
+            raise UserError(f"cannot write in {out.parent} ({error.strerror}); choose another --out") from None
     world.barrier()
     try:
         yield temporary
         world.barrier()
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        code = write_errno(error)
+        if code not in FULL:
+            raise
+        raise UserError(f"{os.strerror(code)} while writing into {out.parent}: free space there or choose another "
+                        "--out; nothing was written under the requested name") from None
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

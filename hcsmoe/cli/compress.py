@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 
 from hcsmoe.errors import UserError
@@ -212,7 +214,7 @@ def compress_command(o: dict, world, quiet: bool) -> int:
     if o["save_stats"] and result.stats is not None:
         result.stats.save(o["save_stats"])
     saved = result.saved or result.save(out, overwrite=bool(o["overwrite"]))
-    if o["eval"]:
+    if o["eval"] and evaluation_fits(source, saved):
         evaluation = evaluate_before_after(source, saved, o)
         result.write_card(saved, evaluation)
         print(evaluation["table"])
@@ -232,8 +234,6 @@ IN_MEMORY_FACTOR = 4
 def should_stream(source: Path, stream: bool | None) -> bool:
     """--stream / --no-stream as given; unset, stream when the in-memory path would not fit comfortably in
     free memory (IN_MEMORY_FACTOR times the checkpoint as held), and say so on stderr."""
-    import sys
-
     from hcsmoe.checkpoints.formats import format_of
     from hcsmoe.checkpoints.loading import load_config
     from hcsmoe.checkpoints.shards import safetensors_bytes
@@ -251,6 +251,32 @@ def should_stream(source: Path, stream: bool | None) -> bool:
           f"in memory, {free / 2**30:.1f} GiB are free: streaming it one layer at a time (--no-stream forces the "
           "in-memory path)", file=sys.stderr)
     return True
+
+
+# Memory of the before/after evaluation over both models' float32 weights (activations, the evaluation's logits).
+EVALUATION_FACTOR = 1.25
+
+
+def float32_bytes(directory: Path) -> int:
+    """A checkpoint's weights in float32, from its safetensors headers (MXFP4's packed bytes hold two values)."""
+    from hcsmoe.checkpoints.shards import checkpoint_files, stored_metadata
+
+    return sum(4 * math.prod(shape) * (2 if dtype == "U8" else 1)
+               for shape, dtype in stored_metadata(checkpoint_files(directory)).values())
+
+
+def evaluation_fits(source: Path, compressed: Path) -> bool:
+    """Whether both models fit in free memory for the before/after evaluation; if not, say in one line that it
+    is skipped and how to run it elsewhere (the compressed model is saved: a killed run would hide that)."""
+    from hcsmoe.runners.streaming import available_memory
+
+    need, free = EVALUATION_FACTOR * (float32_bytes(source) + float32_bytes(compressed)), available_memory()
+    if need <= free:
+        return True
+    print(f"hcsmoe: saved {compressed}; the before/after evaluation needs about {need / 2**30:.1f} GiB (both models "
+          f"in float32), {free / 2**30:.1f} GiB are free: skipped (run `hcsmoe eval {compressed} --reference "
+          f"{source}` on a machine with more memory)", file=sys.stderr)
+    return False
 
 
 def evaluate_before_after(source: Path, compressed: Path, options: dict) -> dict:

@@ -16,9 +16,9 @@ tokens are taken evenly spaced over all calibration blocks, which bounds the cos
 
 The hidden states an expert reads are far from isotropic, which makes plain gradient steps slow. By default
 (`whiten`) each expert's weights are fitted in whitened coordinates: W = W0 + D P, the change D the fitted
-leaf, P = (C + r I)^(-1/2) for the covariance C of what the weight reads (gate/up: the expert's own hidden
+leaf, P (C + r I) P^T = I for the covariance C of what the weight reads (gate/up: the expert's own hidden
 states; down: its gated intermediate activations at the start), r a fraction WHITENING_RIDGE of C's mean
-eigenvalue; the whitenings are then balanced so that gate/up and down move at rates that do not depend on
+eigenvalue (P = L^-1, L the Cholesky factor of C + r I); the whitenings are then balanced so that gate/up and down move at rates that do not depend on
 the model's scale (balance_whitenings). The function fitted is the same; only the steps change: 30 whitened
 steps fit about as well as 100 plain ones on the bundled models (measured in the README).
 """
@@ -212,9 +212,12 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     energy = max(float(target.double().pow(2).sum()), 1e-30)
     fits = [fit_group(experts, architecture, inputs, target, chunks, energy, fitted, group, steps, history, whiten)
             for group in groups]
-    return {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "history": history, "groups": len(groups),
-            "error_before": round(fits[0][0], 6), "error_after": round(fits[-1][1], 6),
-            "evaluations": sum(fit[2] for fit in fits)}
+    report = {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "history": history,
+              "groups": len(groups), "error_before": round(fits[0][0], 6), "error_after": round(fits[-1][1], 6),
+              "evaluations": sum(fit[2] for fit in fits)}
+    if not all(math.isfinite(error) for fit in fits for error in fit[:2]):
+        report["fallback"] = "non-finite values: the experts were kept as the refit left them"
+    return report
 
 
 def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor, chunks: list,

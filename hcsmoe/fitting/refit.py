@@ -111,19 +111,30 @@ def refit_layer(moe: MoELayer, architecture: Architecture, tokens: BlockTokens,
                 options: RefitOptions = RefitOptions(), dtype: torch.dtype | None = None) -> dict:
     """Refit the down projections of a compressed MoE layer in place, rounded to `dtype` (the saved dtype;
     default down_proj's own); returns what the fit achieved (relative squared error of the routed output on
-    the calibration tokens, before and after)."""
+    the calibration tokens, before and after). A fit that gives non-finite values (a damaged target, a
+    singular system) leaves the down projections as they were and says so in its report ("fallback")."""
     experts = moe.experts
     k, (width, _) = experts.down_proj.shape[0], readout_shape(experts, architecture)
     solver = options.solver
     if solver == "auto":
         solver = "joint" if k * width <= JOINT_LIMIT else "blockwise"
     routing = routed(moe, architecture, tokens.inputs)
+    before = [tensor.detach().clone() for tensor in down_tensors(experts)]
     if solver == "joint":
         fitted, report = _joint(experts, architecture, tokens, routing, down_matrices(experts, architecture), options)
         set_down_matrices(experts, architecture, fitted, dtype)
     else:
         report = _blockwise(experts, architecture, tokens, routing, options, dtype)
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in down_tensors(experts)):
+        for tensor, kept in zip(down_tensors(experts), before):
+            tensor.data.copy_(kept)
+        report = {"fallback": "non-finite values: the down projections were kept as the plan made them"}
     return {"solver": solver, "alpha": options.alpha, "tokens": int(tokens.inputs.shape[0])} | report
+
+
+def down_tensors(experts: nn.Module) -> list[torch.Tensor]:
+    """What the refit writes: the down projections and their bias (GPT-OSS)."""
+    return [t for t in (experts.down_proj, getattr(experts, "down_proj_bias", None)) if t is not None]
 
 
 def _ridge(gram_trace: float, unknowns: int, alpha: float) -> float:

@@ -117,6 +117,8 @@ def fit_router(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan,
 
     before = kl(weight.data)
     fitted, evaluations = fit_rows(x, q, weight.data.float(), bias.data.float() if bias is not None else None, options)
+    if not bool(torch.isfinite(fitted).all()):
+        return {"kl_before": round(before, 6), "fallback": "non-finite values: the rows were kept as the plan made them"}
     weight.data.copy_(fitted.to(weight.dtype))
     report = {"kl_before": round(before, 6), "kl_after": round(kl(weight.data), 6), "tokens": int(x.shape[0]),
               "evaluations": evaluations}

@@ -4,6 +4,8 @@ refit, expert fit. Each fit is recorded in the layer's plan.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from hcsmoe.calibration.statistics import BlockTokens, LayerStats
@@ -57,10 +59,12 @@ def fit_compressed_layer(moe: MoELayer, architecture: Architecture, layer_plan: 
     identity = layer_plan.dropped == [] and all(len(g.members) == 1 for g in layer_plan.groups)
     with torch.no_grad():
         if router_fit is not None and not identity:
-            layer_plan.details["router_fit"] = fit_router(moe, architecture, layer_plan, stats, block, router_fit)
+            layer_plan.details["router_fit"] = reported(layer_plan, "router fit",
+                                                        fit_router(moe, architecture, layer_plan, stats, block, router_fit))
         round_layer(moe, output_dtype)
         if refit is not None and not identity:
-            layer_plan.details["refit"] = refit_layer(moe, architecture, block, refit, output_dtype)
+            layer_plan.details["refit"] = reported(layer_plan, "refit",
+                                                   refit_layer(moe, architecture, block, refit, output_dtype))
             round_layer(moe, output_dtype)
             if with_experts:
                 fit_layer_experts(moe, architecture, layer_plan, block, output_dtype, refit)
@@ -70,6 +74,15 @@ def fit_layer_experts(moe: MoELayer, architecture: Architecture, layer_plan: Lay
                       output_dtype: torch.dtype, refit: RefitOptions | None) -> None:
     """The expert fit (expert_fit.py) of a refitted layer, when refit.steps asks for one; rounded to the saved dtype."""
     if refit is not None and refit.steps and "refit" in layer_plan.details:
-        layer_plan.details["refit"]["experts"] = fit_experts(
-            moe, architecture, block, refit.steps, refit.step_tokens, refit.whiten)
+        layer_plan.details["refit"]["experts"] = reported(layer_plan, "expert fit", fit_experts(
+            moe, architecture, block, refit.steps, refit.step_tokens, refit.whiten))
         round_layer(moe, output_dtype)
+
+
+def reported(layer_plan: LayerPlan, fit: str, report: dict) -> dict:
+    """A fit's report, said on stderr in one line when the fit fell back to the weights before it (it gave
+    non-finite values): the run goes on, that layer a little less well fitted, and the plan records it."""
+    if "fallback" in report:
+        print(f"hcsmoe: MoE layer {layer_plan.layer}: the {fit} gave {report['fallback']} (recorded in the plan)",
+              file=sys.stderr)
+    return report

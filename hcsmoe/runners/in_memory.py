@@ -21,8 +21,10 @@ from hcsmoe.checkpoints.architectures import (
     set_expert_count,
     top_k,
 )
+from hcsmoe.checkpoints.check import check_checkpoint
 from hcsmoe.checkpoints.formats import Plain, drop_quantization, format_of
-from hcsmoe.checkpoints.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype
+from hcsmoe.checkpoints.loading import load_config, load_model, load_tokenizer, model_dir, parse_dtype, skeleton
+from hcsmoe.checkpoints.shards import INDEX_NAME
 from hcsmoe.errors import UserError
 from hcsmoe.fitting.choice import choose_layer_plan
 from hcsmoe.fitting.stage import fit_compressed_layer, fitting_tokens
@@ -53,6 +55,8 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
     else:
         source = model_dir(model_or_path)
         config = load_config(source)
+        if any(source.glob("*.safetensors")) or (source / INDEX_NAME).is_file():  # (.bin: transformers checks it)
+            check_checkpoint(source, skeleton(config))
         fmt = format_of(config)
         output_dtype = output_dtype_for(fmt, recipe.dtype, config)
         model = load_model(source, held_dtype(fmt, output_dtype, config), device)

@@ -14,9 +14,9 @@ from torch import nn
 from hcsmoe.apply.layer import layer_copy, merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
 from hcsmoe.calibration.statistics import LayerStats, expert_view
 from hcsmoe.checkpoints.architectures import Architecture, MoELayer, decoder_layers, expert_parameters, module_name
+from hcsmoe.checkpoints.check import check_checkpoint
 from hcsmoe.checkpoints.loading import materialize, skeleton
 from hcsmoe.checkpoints.shards import (
-    CheckpointReader,
     CheckpointSource,
     FormatEncoder,
     ShardWriter,
@@ -57,7 +57,7 @@ class StreamingCompressor:
         """`output_dtype` None: every tensor in the input's own format (quantized ones re-encoded), else that dtype."""
         self.model = skeleton(config)
         self.architecture = architecture
-        self.reader = CheckpointReader(source_dir, self.model)
+        self.reader = check_checkpoint(source_dir, self.model)
         self.source = CheckpointSource(self.reader, device)
         self.encoder = FormatEncoder(self.reader.stored) if output_dtype is None else None
         self.output_dtype = output_dtype or torch.float32
