@@ -39,15 +39,15 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("reap + refit, corrective", {"method": "reap", "refit": True, "sequential": "corrective"}),
     ("hc-smoe + refit", {"method": "hc-smoe", "refit": True}),
     ("anchored pairs, neuron selection + router fit + refit", MERGE | {"refit": True, "router_fit": True}),
-    ("per-layer choice (pairs or reap) + fits", {"sequential": False}),
-    ("**default**: per-layer choice + fits, corrective", {}),
-    ("default, neurons selected by output energy (before least squares)", {"merge": "select-energy"}),
+    ("per-layer choice (pairs or reap) + closed-form fits", {"sequential": False, "fast": True}),
+    ("default --fast: per-layer choice + closed-form fits, corrective", {"fast": True}),
+    ("default --fast, neurons selected by output energy (before least squares)", {"merge": "select-energy", "fast": True}),
     ("default, refit alpha 0.001", {"refit": RefitOptions(alpha=0.001)}),
     ("default, refit alpha 0.1", {"refit": RefitOptions(alpha=0.1)}),
     ("default + expert fit (gate/up and down, 30 plain L-BFGS steps, all tokens)", {"refit": PLAIN(steps=30)}),
     ("default + expert fit (30 plain steps on 8,192 tokens)", {"refit": PLAIN(steps=30, step_tokens=8192)}),
     ("default + expert fit (gate/up and down, 100 plain L-BFGS steps, all tokens)", {"refit": PLAIN(steps=100)}),
-    ("default + expert fit (gate/up and down, 30 whitened L-BFGS steps, all tokens)", {"refit": RefitOptions(steps=30)}),
+    ("**default**: + expert fit (gate/up and down, 30 whitened L-BFGS steps, all tokens)", {}),
 ]
 
 

@@ -82,7 +82,7 @@ def random_weight(name: str, shape, generator: torch.Generator) -> torch.Tensor:
 
 
 def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = False, method: str | None = None,
-           refit_steps: int = 0) -> dict:
+           refit_steps: int = 0, fast: bool = False) -> dict:
     """Stream-compress the synthetic checkpoint to 64 experts in a child process (with `refit_steps`, the
     opt-in expert fit too); its peak RSS vs size."""
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
@@ -94,6 +94,7 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
                  "--blocks", str(blocks), "--block-size", str(block_size), "--batch-size", "1"]
     arguments += ["--method", method] if method else []
     arguments += ["--refit-steps", str(refit_steps)] if refit_steps else []
+    arguments += ["--fast"] if fast else []
     start = time.perf_counter()
     peak = peak_resident_bytes(arguments)
     seconds = time.perf_counter() - start
@@ -102,20 +103,22 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
     formats = format_check(source, out) if fp8 else {}
     if not keep:
         shutil.rmtree(root)
-    return {"layers": layers, "format": "fp8 128x128 blocks" if fp8 else "bf16", "method": method or "default",
+    return {"layers": layers, "format": "fp8 128x128 blocks" if fp8 else "bf16",
+            "method": method or ("default --fast" if fast else "default"),
             **({"refit_steps": refit_steps} if refit_steps else {}), **formats, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
             "peak_rss_over_checkpoint": round(peak / size, 4), "calibration_tokens": blocks * block_size,
             "compress_seconds": round(seconds, 1), "generate_seconds": round(generated, 1), "reload": reload}
 
 
-def in_memory(layers: int, blocks: int, block_size: int) -> dict:
+def in_memory(layers: int, blocks: int, block_size: int, fast: bool = False) -> dict:
     """Peak memory of the in-memory path (--no-stream) over the checkpoint's size, for a weighted merge and for
     the default recipe: what `hcsmoe compress` sizes its choice of streaming by (commands.IN_MEMORY_FACTOR)."""
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
     source = root / "qwen3-synthetic"
     size = write_synthetic_checkpoint(source, layers)
     result = {"layers": layers, "checkpoint_bytes": size, "calibration_tokens": blocks * block_size}
-    for name, method in (("hc-smoe", ["--method", "hc-smoe"]), ("default", [])):
+    for name, method in (("hc-smoe", ["--method", "hc-smoe"]), ("default --fast" if fast else "default",
+                                                                 ["--fast"] if fast else [])):
         out = root / name
         start = time.perf_counter()
         peak = peak_resident_bytes(["compress", str(source), "--experts", "64", "--out", str(out), "--no-stream",
@@ -213,7 +216,7 @@ def run_ranks(processes: int, arguments: list[str], probe: Path) -> dict:
             "per_rank": [{"rank": r, "peak_rss_bytes": peak, "checkpoint_bytes_read": read} for r, peak, read in ranks]}
 
 
-def ranks(layers: int, blocks: int, block_size: int, method: str | None) -> dict:
+def ranks(layers: int, blocks: int, block_size: int, method: str | None, fast: bool = False) -> dict:
     """The synthetic checkpoint compressed to 64 experts by 1 process and by 2 torchrun ranks (each rank gets
     its share of the cores): bytes read and peak memory per rank, wall time, and that both write the same bits."""
     from tests.test_streaming import assert_same_checkpoint
@@ -230,6 +233,7 @@ def ranks(layers: int, blocks: int, block_size: int, method: str | None) -> dict
         arguments = ["compress", str(source), "--experts", "64", "--out", str(root / f"out-{processes}"), "--stream",
                      "--no-eval", "--quiet", "--blocks", str(blocks), "--block-size", str(block_size),
                      "--batch-size", "1", "--threads", str(threads)] + (["--method", method] if method else [])
+        arguments += ["--fast"] if fast else []
         runs[processes] = run_ranks(processes, arguments, probe) | {"threads_per_rank": threads}
     try:
         assert_same_checkpoint(root / "out-1", root / "out-2")
@@ -343,20 +347,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="speed: runs of each (the best is kept)")
     parser.add_argument("--keep", action="store_true", help="memory: keep the synthetic checkpoint")
     parser.add_argument("--method", help="memory, fp8, ranks: compression method [default; fp8: reap]")
-    parser.add_argument("--refit-steps", type=int, default=0, help="memory: the opt-in expert fit's steps [0: off]")
+    parser.add_argument("--refit-steps", type=int, default=0, help="memory: the expert fit's steps [the default's]")
+    parser.add_argument("--fast", action="store_true", help="memory, in-memory, ranks: the closed-form recipe "
+                                                            "(the default before the expert fit became its last stage)")
     args = parser.parse_args()
     torch.set_num_threads(min(os.cpu_count() or 1, 2))
     if args.benchmark == "memory":
         result = memory(args.layers, args.blocks, args.block_size, args.keep, method=args.method,
-                        refit_steps=args.refit_steps)
+                        refit_steps=args.refit_steps, fast=args.fast)
     elif args.benchmark == "in-memory":
-        result = in_memory(args.layers, args.blocks, args.block_size)
+        result = in_memory(args.layers, args.blocks, args.block_size, args.fast)
     elif args.benchmark == "fp8":
         result = memory(args.layers, args.blocks, args.block_size, args.keep, fp8=True, method=args.method or "reap")
     elif args.benchmark == "speed":
         result = speed(args.tokens, args.repeats)
     elif args.benchmark == "ranks":
-        result = ranks(args.layers, args.blocks, args.block_size, args.method)
+        result = ranks(args.layers, args.blocks, args.block_size, args.method, args.fast)
     else:
         result = replan()
     RESULTS.mkdir(exist_ok=True)

@@ -72,6 +72,7 @@ class Recipe:
     dtype: str | None = None  # saved dtype (None: the checkpoint's own; FP8 / MXFP4 stay in their format)
     seed: int = 0
     fast: bool = False  # the default recipe without the expert fit (closed-form fits only)
+    width: float | None = None  # neurons each routed expert keeps: a fraction of I in (0, 1] or a count (--width)
 
     def __post_init__(self):
         if self.experts is not None and self.ratio is not None:
@@ -102,7 +103,8 @@ class Recipe:
         router_fit = ((RouterFitOptions(**plan.router_fit) if plan.router_fit else False)
                       if self.router_fit is None else self.router_fit)
         return dataclasses.replace(self, method=self.method or plan.method, refit=refit, router_fit=router_fit,
-                                   sequential=plan.sequential if self.sequential is None else self.sequential)
+                                   sequential=plan.sequential if self.sequential is None else self.sequential,
+                                   width=plan.width if self.width is None else self.width)
 
     def resolved(self, replanning: bool = False) -> "Recipe":
         """Every fit settled: the default recipe's when no method is named, a named method's only if asked
@@ -140,6 +142,7 @@ class Recipe:
             batch_size=given(options, "batch_size", cls.batch_size), sequential=sequential_mode(options.get("sequential")),
             refit=refit_from_options(options), router_fit=options.get("fit_router"),
             dtype=options.get("dtype"), seed=given(options, "seed", cls.seed), fast=bool(options.get("fast")),
+            width=options.get("width"),
         )
 
 

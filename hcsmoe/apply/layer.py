@@ -20,9 +20,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hcsmoe.apply.neurons import NEURON_MERGES
+from hcsmoe.apply.narrow import narrowed_layer
+from hcsmoe.apply.neurons import NEURON_MERGES, gate_up_tensors
 from hcsmoe.calibration.statistics import LayerStats, expert_view
-from hcsmoe.checkpoints.architectures import Architecture, MoELayer, expert_parameters, set_expert_count
+from hcsmoe.checkpoints.architectures import (
+    Architecture,
+    MoELayer,
+    expert_parameters,
+    expert_width,
+    set_expert_count,
+    set_width_attributes,
+)
 from hcsmoe.checkpoints.loading import in_float32
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import Group, LayerPlan, Plan
@@ -104,10 +112,7 @@ def merged_group(view: nn.Module, architecture: Architecture, group: Group, merg
         if stats is None or stats.router_weight is None or stats.router_inputs.numel() == 0:
             raise UserError(f"{merge} merging needs calibration statistics with router inputs")
         gate_up, merged["down_proj"] = NEURON_MERGES[merge](view, architecture, group, stats, top_k)
-        if "gate_up_proj_bias" in tensors:
-            merged["gate_up_proj_bias"] = gate_up[-1] if architecture.transposed else gate_up[..., -1]
-            gate_up = gate_up[:-1] if architecture.transposed else gate_up[..., :-1]
-        merged["gate_up_proj"] = gate_up
+        merged |= gate_up_tensors(gate_up, "gate_up_proj_bias" in tensors, architecture)
     for name, tensor in tensors.items():
         if name not in merged:
             merged[name] = weighted_sum(tensor, group.weights)
@@ -136,7 +141,8 @@ def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 @timed("apply")
 def apply_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, plan: Plan,
                 stats: LayerStats | None, top_k: int) -> None:
-    """Shrink one MoE block in place to one expert and one router row per group."""
+    """Shrink one MoE block in place to one expert and one router row per group (and each expert to
+    plan.width neurons, when the plan narrows them: apply/narrow.py)."""
     e = moe.num_experts
     if layer_plan.num_experts != e:
         raise UserError(f"plan layer {layer_plan.layer} is for {layer_plan.num_experts} experts, the model has {e}")
@@ -154,6 +160,11 @@ def apply_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan
                 replace_tensor(moe.experts, name, torch.stack([m[name].to(tensor.dtype) for m in merged]))
         for name, tensor in expert_parameters(moe.router, e).items():
             replace_tensor(moe.router, name, router_rows(name, tensor.data, groups, router_method, stats))
+        if plan.width is not None and plan.width < expert_width(moe.experts, architecture):
+            for name, tensor in narrowed_layer(moe.experts, architecture, groups, stats, top_k, plan.width).items():
+                replace_tensor(moe.experts, name, tensor)
+            set_width_attributes(moe.experts, plan.width)
+            layer_plan.details["width"] = plan.width
     set_count_attributes(moe, len(groups))
 
 

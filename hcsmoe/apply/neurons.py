@@ -251,6 +251,15 @@ NEURON_MERGES = {"fix-dom": fix_dom_expert, "aligned": aligned_expert, "select":
                  "select-energy": energy_selected_expert}
 
 
+def gate_up_tensors(gate_up: torch.Tensor, with_bias: bool, architecture: Architecture) -> dict[str, torch.Tensor]:
+    """gate_up_proj (and its bias, which neuron_layout carried as one more input column) of one built expert."""
+    if not with_bias:
+        return {"gate_up_proj": gate_up}
+    if architecture.transposed:
+        return {"gate_up_proj": gate_up[:-1], "gate_up_proj_bias": gate_up[-1]}
+    return {"gate_up_proj": gate_up[..., :-1], "gate_up_proj_bias": gate_up[..., -1]}
+
+
 def neuron_layout(view: nn.Module, position: int, architecture: Architecture):
     """Expert `position` of `view` as [I, 2, H] gate/up pairs (bias column included) and [I, H] down columns."""
     return neurons_first(gate_up_with_bias(view, position, architecture), view.down_proj[position].float(),

@@ -40,15 +40,20 @@ class Architecture:
     group_keys: tuple[str, str] | None = None  # config keys: expert groups, groups kept per token (DeepSeek)
     group_method: str | None = None  # config.topk_method that turns group-limited routing on; None: always on
     min_group_size: int = 1  # experts every group needs (DeepSeek-V3 scores a group by its best two)
+    # config.json key of the routed experts' intermediate width (--width); None where the shared experts take
+    # their width from the same key (DeepSeek: moe_intermediate_size x n_shared_experts; Llama 4: intermediate_size)
+    width_key: str | None = "intermediate_size"
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("Qwen3-MoE", ("qwen3_moe",), count_keys=("num_experts", "num_local_experts")),
+    Architecture("Qwen3-MoE", ("qwen3_moe",), count_keys=("num_experts", "num_local_experts"),
+                 width_key="moe_intermediate_size"),
     Architecture(
         "Qwen2-MoE",
         ("qwen2_moe",),
         count_keys=("num_experts",),
         shared=("mlp.shared_expert", "mlp.shared_expert_gate"),
+        width_key="moe_intermediate_size",
     ),
     Architecture("Mixtral", ("mixtral",), count_keys=("num_local_experts",)),
     Architecture("OLMoE", ("olmoe",), count_keys=("num_experts",)),
@@ -59,6 +64,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         shared=("mlp.shared_experts",),
         group_keys=("n_group", "topk_group"),
         group_method="group_limited_greedy",
+        width_key=None,
     ),
     Architecture(
         "DeepSeek-V3",
@@ -68,6 +74,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         routing="sigmoid",
         group_keys=("n_group", "topk_group"),
         min_group_size=2,
+        width_key=None,
     ),
     Architecture(
         "GPT-OSS",
@@ -100,6 +107,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         transposed=True,
         routing="llama4",
         gate_on_input=True,
+        width_key=None,
     ),
 )
 
@@ -196,6 +204,28 @@ def set_expert_count(config, architecture: Architecture, count: int) -> None:
     """Write the new routed-expert count under every key the family's config classes read."""
     for key in architecture.count_keys:
         setattr(config, key, count)
+
+
+# Module attributes caching the routed experts' intermediate width (fused experts: intermediate_dim; GPT-OSS:
+# intermediate_size; Llama 4: expert_dim and intermediate_size).
+WIDTH_ATTRIBUTES = ("intermediate_dim", "intermediate_size", "expert_dim")
+
+
+def expert_width(experts: nn.Module, architecture: Architecture) -> int:
+    """I: the routed experts' intermediate width, from down_proj's shape."""
+    return int(experts.down_proj.shape[1 if architecture.transposed else 2])
+
+
+def set_expert_width(config, architecture: Architecture, width: int) -> None:
+    """Write the routed experts' new intermediate width into the config (--width)."""
+    setattr(config, architecture.width_key, int(width))
+
+
+def set_width_attributes(experts: nn.Module, width: int) -> None:
+    """Keep the experts module's cached width in step with its narrower tensors (as reloading would make it)."""
+    for name in WIDTH_ATTRIBUTES:
+        if isinstance(getattr(experts, name, None), int):
+            setattr(experts, name, int(width))
 
 
 def group_limits(config, architecture: Architecture) -> tuple[int, int] | None:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from hcsmoe.checkpoints.architectures import Architecture, architecture_for, set_expert_count
+from hcsmoe.checkpoints.architectures import Architecture, architecture_for, set_expert_count, set_expert_width
 from hcsmoe.checkpoints.formats import drop_quantization, format_of
 from hcsmoe.checkpoints.loading import load_config
 from hcsmoe.checkpoints.shards import (
@@ -191,11 +191,13 @@ def save_in_stored_format(model: nn.Module, source_dir: Path, plan: Plan, direct
 
 
 def write_config(source_dir: Path, config, architecture: Architecture, k: int, dtype: torch.dtype | None,
-                 directory: Path) -> None:
+                 directory: Path, width: int | None = None) -> None:
     """config.json with every expert-count key updated, and the generation config as it was. `dtype` None: the
     weights keep the input's format (its quantization_config stays); else they were written dequantized in it."""
     config = copy.deepcopy(config)
     set_expert_count(config, architecture, k)
+    if width is not None:
+        set_expert_width(config, architecture, width)
     if dtype is not None:
         config.dtype = dtype
         drop_quantization(config)

@@ -46,6 +46,7 @@ COMPRESS_DEFAULTS = {
     "refit_whiten": None,
     "fit_router": None,
     "fast": None,
+    "width": None,
     "eval": True,
     "eval_languages": "en,fr,es",
     "eval_tokens": None,
@@ -107,6 +108,9 @@ def add_compress_parser(sub) -> None:
                         "[on by default; off for a named --method unless given]")
     p.add_argument("--refit-alpha", type=float, help="ridge strength of the refit, relative to the mean Gram diagonal [0.01]")
     p.add_argument("--refit-solver", help="joint, blockwise (Gauss-Seidel over experts) or auto [auto]")
+    p.add_argument("--width", type=float,
+                   help="neurons every routed expert keeps: a fraction of its I in (0, 1] or a count; the checkpoint's "
+                        "intermediate width shrinks with it (chosen by least squares, then fitted) [all]")
     p.add_argument("--fast", action="store_true", default=None,
                    help="the closed-form recipe: the default without the expert fit, several times faster and a little "
                         "worse (for CPU-only runs of large models; see README)")
@@ -196,8 +200,8 @@ def compress_command(o: dict, world, quiet: bool) -> int:
     plan = Plan.load(o["plan"]) if o["plan"] else None
     e = expert_count(config, architecture_for(config))
     k = len(plan.layers[0].groups) if plan else recipe.kept(e)
-    if k >= e:
-        raise UserError(f"keeping {k} of {e} experts compresses nothing; choose --experts below {e}")
+    if k >= e and recipe.width is None:
+        raise UserError(f"keeping {k} of {e} experts compresses nothing; choose --experts below {e} or give --width")
     out = Path(o["out"]) if o["out"] else default_output(o["model"], k)
     check_output_dir(out, source, bool(o["overwrite"]))
     stats = Statistics.load(o["stats"]) if o["stats"] else None

@@ -54,9 +54,10 @@ def fit_compressed_layer(moe: MoELayer, architecture: Architecture, layer_plan: 
     the saved dtype, refit its down projections to the original layer's routed output (with the final
     router), then (refit.steps, unless `with_experts` is False) gate/up and down together, and record each
     fit in the layer's plan. The layer then holds exactly the values that will be saved (what sequential
-    calibration runs next). A plan that keeps every expert unmerged is only rounded, so K = E still
-    reproduces the model bit for bit."""
-    identity = layer_plan.dropped == [] and all(len(g.members) == 1 for g in layer_plan.groups)
+    calibration runs next). A plan that keeps every expert unmerged and as wide is only rounded, so K = E
+    still reproduces the model bit for bit."""
+    identity = (layer_plan.dropped == [] and all(len(g.members) == 1 for g in layer_plan.groups)
+                and "width" not in layer_plan.details)
     with torch.no_grad():
         if router_fit is not None and not identity:
             layer_plan.details["router_fit"] = reported(layer_plan, "router fit",

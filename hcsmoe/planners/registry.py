@@ -42,12 +42,13 @@ class PerLayerChoice:
         return self.candidates[0].plan_layer(stats, k)
 
     @timed("plan")
-    def candidate_plans(self, stats: LayerStats, k: int, router: str) -> list[tuple["Plan", LayerPlan]]:
+    def candidate_plans(self, stats: LayerStats, k: int, router: str,
+                        width: int | None = None) -> list[tuple["Plan", LayerPlan]]:
         """(one-layer plan saying how to merge, layer plan) for every candidate planner."""
         pairs = []
         for candidate in self.candidates:
             layer_plan = candidate.plan_layer(stats, k)
-            pairs.append((plan_of(candidate, router, [layer_plan]), layer_plan))
+            pairs.append((plan_of(candidate, router, [layer_plan], width), layer_plan))
         return pairs
 
 
@@ -117,25 +118,29 @@ def make_planner(method: str, **options):
     return PLANNERS[method](**{k: v for k, v in given.items() if k in accepted})
 
 
-def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, router: str = "dominant") -> Plan:
+def plan_model(layer_stats: list[LayerStats], k: int, top_k: int, planner, router: str = "dominant",
+               width: int | None = None) -> Plan:
     """Apply one planner to every layer with the same target k."""
     if router not in ROUTERS:
         raise UserError(f"unknown router method {router!r}; choose one of: {', '.join(ROUTERS)}")
     for stats in layer_stats:
         check_k(k, stats.num_experts, top_k)
-    return plan_of(planner, router, [planner.plan_layer(stats, k) for stats in layer_stats])
+    return plan_of(planner, router, [planner.plan_layer(stats, k) for stats in layer_stats], width)
 
 
-def plan_of(planner, router: str, layers: list[LayerPlan]) -> Plan:
-    """The plan a planner made, layer by layer (fix-dom and aligned planners mark it for neuron-level merging)."""
+def plan_of(planner, router: str, layers: list[LayerPlan], width: int | None = None) -> Plan:
+    """The plan a planner made, layer by layer (fix-dom and aligned planners mark it for neuron-level merging;
+    `width`: the neurons each expert keeps, --width)."""
     return Plan(method=planner.name, options=planner.options(), router=router, layers=layers,
-                merge=planner_merge(planner))
+                merge=planner_merge(planner), width=width)
 
 
-def plan_with_layers(given: Plan | None, planner, recipe: "Recipe", layer_plans: list[LayerPlan]) -> Plan:
+def plan_with_layers(given: Plan | None, planner, recipe: "Recipe", layer_plans: list[LayerPlan],
+                     width: int | None = None) -> Plan:
     """The plan as applied: the given one or the planner's, with each layer's fit reports, how it was fitted
     and the whole (resolved) recipe."""
-    plan = replace(given, layers=layer_plans) if given is not None else plan_of(planner, recipe.router, layer_plans)
+    plan = replace(given, layers=layer_plans) if given is not None else plan_of(planner, recipe.router, layer_plans,
+                                                                                 width)
     plan.refit = recipe.refit.to_dict() if recipe.refit is not None else None
     plan.router_fit = recipe.router_fit.to_dict() if recipe.router_fit is not None else None
     plan.sequential, plan.recipe = recipe.sequential, recipe.to_dict()

@@ -19,6 +19,7 @@ from hcsmoe.checkpoints.architectures import (
     architecture_for,
     moe_layers,
     set_expert_count,
+    set_expert_width,
     top_k,
 )
 from hcsmoe.checkpoints.check import check_checkpoint
@@ -76,17 +77,19 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
                                        offload_dir=Path(offload_dir) if offload_dir else None, progress=progress,
                                        corrective=recipe.sequential == "corrective", seed=recipe.seed)
         stats.info["sequential"] = recipe.sequential
-        plan = plan_with_layers(plan, job.planner, recipe, layer_plans)
+        plan = plan_with_layers(plan, job.planner, recipe, layer_plans, job.width)
         set_expert_count(model.config, job.architecture, job.kept)
         timings["calibrate+compress"] = time.perf_counter() - mark
     else:
         if plan is None:
-            plan = plan_model(stats.layers, job.kept, job.top_k, job.planner, recipe.router)
+            plan = plan_model(stats.layers, job.kept, job.top_k, job.planner, recipe.router, job.width)
             plan.recipe = recipe.to_dict()
         timings["plan"] = time.perf_counter() - mark
         mark = time.perf_counter()
         apply_plan(model, job.architecture, layers, plan, stats.layers if stats else None, progress=progress)
         timings["apply"] = time.perf_counter() - mark
+    if job.width is not None:
+        set_expert_width(model.config, job.architecture, job.width)
     if output_dtype is not None:
         model.to(output_dtype)
         drop_quantization(model.config)
@@ -143,7 +146,8 @@ def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan], estimate: La
 
     def after_layer(moe: MoELayer, stats, block) -> bool:
         if isinstance(job.planner, PerLayerChoice) and given is None:
-            _, layer_plan, chosen = choose_layer_plan(job.planner.candidate_plans(stats, job.kept, recipe.router),
+            candidates = job.planner.candidate_plans(stats, job.kept, recipe.router, job.width)
+            _, layer_plan, chosen = choose_layer_plan(candidates,
                                                       compressed_copy(moe, stats), architecture, stats, block,
                                                       output_dtype, recipe.refit, recipe.router_fit)
             install(moe, chosen)
@@ -153,7 +157,7 @@ def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan], estimate: La
             else:
                 with timed("plan"):
                     layer_plan = job.planner.plan_layer(stats, job.kept)
-                layer_plan_of = plan_of(job.planner, recipe.router, [layer_plan])
+                layer_plan_of = plan_of(job.planner, recipe.router, [layer_plan], job.width)
             apply_layer(moe, architecture, layer_plan, layer_plan_of, stats, job.top_k)
             fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block), output_dtype,
                                  recipe.refit, recipe.router_fit)

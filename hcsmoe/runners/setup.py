@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 import torch
 
 from hcsmoe import __version__
+from hcsmoe.apply.narrow import resolve_width
 from hcsmoe.calibration.statistics import Statistics
 from hcsmoe.checkpoints.architectures import (
     Architecture,
     MoELayer,
     architecture_for,
     check_k_for,
+    expert_width,
     group_limits,
     top_k,
 )
@@ -45,6 +47,7 @@ class Job:
     planner: object | None
     plan: Plan | None
     fmt: Format = field(default_factory=Plain)
+    width: int | None = None  # neurons each routed expert keeps (--width; None: all)
 
     @property
     def fitting(self) -> bool:
@@ -59,7 +62,7 @@ class Job:
         """Whether the model must be run: no statistics given, and a plan to make, an lsq router, a
         neuron-level merge or a fit."""
         return stats is None and (self.plan is None or self.plan.router == "lsq" or self.fitting
-                                  or self.merge != "weighted")
+                                  or self.merge != "weighted" or self.width is not None)
 
     def output_samples(self) -> int:
         """Per-token output samples to keep per expert: the recipe's, else what the planner needs."""
@@ -93,12 +96,16 @@ def prepare(config, layers: list[MoELayer], recipe: Recipe, plan: Plan | None, s
     if plan is not None:
         check_plan_layers(plan, layers)
     recipe = dataclasses.replace(recipe, router_fit=fits_that_apply(architecture, stats, recipe))
+    width = resolve_width(recipe.width, expert_width(layers[0].experts, architecture))
+    if width is not None and architecture.width_key is None:
+        raise UserError(f"--width: {architecture.name}'s shared experts take their width from the config key of its "
+                        "routed experts, so a checkpoint with narrower routed experts would not load; drop --width")
     planner = None
     if plan is None:
         context = {"seed": recipe.seed, "max_subsets": recipe.max_subsets, "top_k": k_route,
                    "norm_topk_prob": normalizes_top_k(layers)}
         planner = build_planner(recipe, config, architecture, context)
-    return Job(recipe, architecture, num_experts, k_route, k, output_dtype, planner, plan, fmt)
+    return Job(recipe, architecture, num_experts, k_route, k, output_dtype, planner, plan, fmt, width)
 
 
 def checkpoint_dtype(config) -> torch.dtype:

@@ -12,10 +12,20 @@ import torch
 from torch import nn
 
 from hcsmoe.apply.layer import layer_copy, merged_group, replace_tensor, router_rows, set_count_attributes, weighted_sum
+from hcsmoe.apply.narrow import narrowed_expert
 from hcsmoe.calibration.statistics import LayerStats, expert_view
-from hcsmoe.checkpoints.architectures import Architecture, MoELayer, decoder_layers, expert_parameters, module_name
+from hcsmoe.checkpoints.architectures import (
+    Architecture,
+    MoELayer,
+    decoder_layers,
+    expert_parameters,
+    expert_width,
+    module_name,
+    set_width_attributes,
+)
 from hcsmoe.checkpoints.check import check_checkpoint
-from hcsmoe.checkpoints.loading import materialize, skeleton
+from hcsmoe.checkpoints.formats import format_of
+from hcsmoe.checkpoints.loading import STORED, materialize, skeleton
 from hcsmoe.checkpoints.shards import (
     CheckpointSource,
     FormatEncoder,
@@ -27,6 +37,7 @@ from hcsmoe.checkpoints.shards import (
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.planners.plan import Group, LayerPlan, Plan
 from hcsmoe.runners.layerwise import LayerInputs, TokenStore, capture_layer_inputs, outside_layers
+from hcsmoe.runners.setup import held_dtype
 from hcsmoe.timing import timed
 
 MERGED_CHUNK_BYTES = 64 * 2**20  # merged experts (output dtype) written at once
@@ -61,6 +72,9 @@ class StreamingCompressor:
         self.source = CheckpointSource(self.reader, device)
         self.encoder = FormatEncoder(self.reader.stored) if output_dtype is None else None
         self.output_dtype = output_dtype or torch.float32
+        # how the in-memory path would hold the model: as stored when it saves in that dtype, else in float32
+        held = held_dtype(format_of(config), output_dtype, config)
+        self.held_dtype = self.output_dtype if held == STORED else torch.float32
         self.world = world
         self.writer = ShardWriter(directory, shard_bytes_for(source_dir), world)
         self.progress = progress and world.leader
@@ -185,10 +199,18 @@ class StreamingCompressor:
         k = len(layer_plan.groups)
         layer = {name: torch.zeros((k, *getattr(moe.experts, name).shape[1:]), dtype=self.output_dtype)
                  for name in expert_names}
+        narrow = plan.width is not None and plan.width < expert_width(moe.experts, self.architecture)
+        if narrow:  # the layer's tensors take the narrower experts' shapes
+            one = narrowed_expert({name: value[0] for name, value in layer.items()}, self.architecture,
+                                  layer_plan.groups[0], stats, top_k, plan.width, moe.experts)
+            layer = {name: torch.zeros((k, *one[name].shape), dtype=self.output_dtype) for name in expert_names}
         for g in self.world.share(k):  # each group written into the layer's tensors: no stacked copy
-            for name, value in self._merged_group(moe, experts_prefix, expert_names, layer_plan.groups[g], plan.merge,
-                                                  stats, top_k).items():
-                layer[name][g] = value
+            group = layer_plan.groups[g]
+            merged = self._merged_group(moe, experts_prefix, expert_names, group, plan.merge, stats, top_k)
+            if narrow:  # narrowed as the in-memory path narrows: from the merged expert as it holds it
+                merged = narrowed_expert(merged, self.architecture, group, stats, top_k, plan.width, moe.experts)
+            for name, value in merged.items():
+                layer[name][g] = value.to(self.output_dtype)
         for name in expert_names:  # under torchrun each rank merged its share of the groups: every rank gets all
             self.world.copy_rows(layer[name])
         for name in expert_names:
@@ -196,17 +218,20 @@ class StreamingCompressor:
         for name in router_names:
             rows = router_rows(name, self.source.read(f"{router_prefix}.{name}"), layer_plan.groups, plan.router, stats)
             replace_tensor(moe.router, name, rows)
+        if narrow:
+            set_width_attributes(moe.experts, plan.width)
+            layer_plan.details["width"] = plan.width
         set_count_attributes(moe, len(layer_plan.groups))
 
     def _merged_group(self, moe: MoELayer, prefix: str, names: list[str], group: Group, merge: str,
                       stats: LayerStats, top_k: int) -> dict[str, torch.Tensor]:
-        """One group's merged expert in the output dtype: weighted merges read members one at a time (as
-        _merged), neuron-level merges read the group's members together."""
+        """One group's merged expert as the in-memory path holds it (the held dtype): weighted merges read
+        members one at a time (as _merged), neuron-level merges read the group's members together."""
         if merge == "weighted" or len(group.members) == 1:
-            return {name: self._merged(f"{prefix}.{name}", [group])[0] for name in names}
+            return {name: self._merged(f"{prefix}.{name}", [group], self.held_dtype)[0] for name in names}
         view = expert_view(moe.experts, {name: torch.cat([self.source.read(f"{prefix}.{name}", j, j + 1)
                                                           for j in group.members]) for name in names})
-        return {name: value.to(self.output_dtype)
+        return {name: value.to(self.held_dtype)
                 for name, value in merged_group(view, self.architecture, group, merge, stats, top_k).items()}
 
     def _write_chunks(self, owned: range, expert_names: set[str], experts_prefix: str):
@@ -224,14 +249,15 @@ class StreamingCompressor:
         for first in range(owned.start, owned.stop, size):
             yield range(first, min(owned.stop, first + size))
 
-    def _merged(self, name: str, groups: list[Group]) -> torch.Tensor:
-        """Each group's merge in the output dtype, its members read one at a time: the in-memory path's
-        float32 arithmetic, rounded once to the output dtype as the in-memory path rounds it on saving."""
+    def _merged(self, name: str, groups: list[Group], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Each group's merge in `dtype` (the output dtype by default), its members read one at a time: the
+        in-memory path's float32 arithmetic, rounded once to the output dtype as the in-memory path rounds it on
+        saving."""
         merged = []
         for group in groups:
             members = (self.source.read(name, j, j + 1)[0] for j in group.members)
             value = next(members) if len(group.members) == 1 else weighted_sum(members, group.weights)
-            merged.append(value.to(self.output_dtype))
+            merged.append(value.to(dtype or self.output_dtype))
         return torch.stack(merged)
 
 

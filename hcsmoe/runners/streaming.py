@@ -118,7 +118,7 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
         info["streamed"] = True
         result = CompressionResult(None, tokenizer, plan, stats, job.architecture, source, info, saved=target)
         if world.leader:
-            write_config(source, config, job.architecture, job.kept, output_dtype, directory)
+            write_config(source, config, job.architecture, job.kept, output_dtype, directory, job.width)
             result.write_extras(directory)
     return result
 
@@ -167,15 +167,15 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
             layer_plan_of, layer_plan = plan_in, copy.deepcopy(plans_by_layer[index])
         elif isinstance(planner, PerLayerChoice) and block is not None:
             layer_plan_of, layer_plan, fitted = choose_layer_plan(
-                planner.candidate_plans(stats, k, router), compressor.compressed_copy(moe, stats, job.top_k),
+                planner.candidate_plans(stats, k, router, job.width), compressor.compressed_copy(moe, stats, job.top_k),
                 architecture, stats, block, compressor.output_dtype, refit, router_fit, keep_winner=False,
                 world=compressor.world)
         else:
             with timed("plan"):
                 layer_plan = planner.plan_layer(stats, k)
-            layer_plan_of = plan_of(planner, router, [layer_plan])
+            layer_plan_of = plan_of(planner, router, [layer_plan], job.width)
         in_memory = (refit is not None or router_fit is not None or layer_plan_of.merge != "weighted" or sequential
-                     or "choice" in layer_plan.details)
+                     or "choice" in layer_plan.details or layer_plan_of.width is not None)
         if fitted is not None:
             install(moe, fitted)
             del fitted
@@ -204,4 +204,4 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
         estimate.layer_done()
         if stats is not None and not keep_samples:
             all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
-    return plan_with_layers(plan_in, planner, recipe, layer_plans), all_stats
+    return plan_with_layers(plan_in, planner, recipe, layer_plans, job.width), all_stats
