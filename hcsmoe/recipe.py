@@ -38,7 +38,8 @@ SEQUENTIAL_MODES = (False, True, "corrective")
 SEQUENTIAL_FLAGS = {None: None, "on": True, True: True, "off": False, False: False, "corrective": "corrective"}
 
 # What a planner may be told by the user (None: the planner's own default).
-PLANNER_OPTIONS = ("linkage", "metric", "merge", "group_size", "assignment", "representation", "max_group_size")
+PLANNER_OPTIONS = ("linkage", "metric", "merge", "group_size", "assignment", "representation", "max_group_size",
+                   "similarity")
 # The refit's options that have a flag of their own: --refit-alpha, --refit-solver, ... (RefitOptions fields).
 REFIT_FLAGS = {"refit_alpha": "alpha", "refit_solver": "solver", "refit_steps": "steps",
                "refit_tokens": "step_tokens", "refit_whiten": "whiten"}
@@ -59,6 +60,7 @@ class Recipe:
     assignment: str | None = None
     representation: str | None = None
     max_group_size: int | None = None
+    similarity: str | None = None  # stun: router (rows' distance) or co-selection
     max_subsets: int | None = None
     router: str = "dominant"  # new router rows: dominant, average or lsq
     output_samples: int | None = None  # per-token output samples kept per expert (None: what the planner needs)

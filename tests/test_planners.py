@@ -241,3 +241,34 @@ def test_a_group_size_cap_is_respected_and_still_gives_exactly_k():
     assert sorted(m for g in capped.groups for m in g.members) == list(range(20))
     with pytest.raises(UserError, match="max-group-size"):
         HCSMoE(max_group_size=2).plan_layer(stats, 8)
+
+
+def test_stun_clusters_the_nearest_router_rows_and_keeps_the_expert_nearest_each_mean():
+    """Nine experts whose router rows sit in three tight triples far apart: three clusters, the triples; each
+    keeps the member whose weights lie nearest the cluster's mean (its middle one, by the weights' Gram)."""
+    from hcsmoe.planners.stun import STUN, expert_distances
+
+    centres = torch.tensor([[10.0, 0, 0, 0], [0, 10.0, 0, 0], [0, 0, 10.0, 0]])
+    order = [0, 1, 2, 0, 1, 2, 0, 1, 2]  # expert e belongs to triple order[e]
+    router = torch.stack([centres[c] + 0.1 * torch.randn(4, generator=torch.Generator().manual_seed(e))
+                          for e, c in enumerate(order)])
+    offsets = {0: -1.0, 1: 0.1, 2: 1.0}  # experts 0-2 sit left, near and right of their triple's mean weight
+    weights = torch.stack([centres[c] + offsets[e // 3] * torch.ones(4) for e, c in enumerate(order)]).double()
+    stats = hand_made(e=9, h=4, router_weight=router, weight_gram=weights @ weights.T)
+    plan = STUN().plan_layer(stats, 3)
+    assert plan.details["clusters"] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert kept(plan) == [3, 4, 5] and all(len(g.members) == 1 for g in plan.groups)
+    together = expert_distances(stats, "co-selection", 2)
+    assert together.shape == (9, 9) and (together == together.T).all() and (together.diagonal() == 0).all()
+
+
+def test_stun_compresses_in_memory_and_streaming_alike(tiny_models, tmp_path):
+    from tests.test_streaming import assert_same_checkpoint
+
+    memory = compress(tiny_models["qwen3_moe"], num_experts=4, method="stun", **FAST)
+    assert len(memory.plan.layers[0].groups) == 4 and memory.plan.options == {"similarity": "router"}
+    memory.save(tmp_path / "memory")
+    compress(tiny_models["qwen3_moe"], num_experts=4, method="stun", stream_to=tmp_path / "streamed", **FAST)
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    chosen = compress(tiny_models["qwen3_moe"], num_experts=4, method="stun", similarity="co-selection", **FAST)
+    assert chosen.plan.options == {"similarity": "co-selection"}

@@ -22,6 +22,7 @@ COMPRESS_DEFAULTS = {
     "assignment": None,
     "representation": None,
     "max_group_size": None,
+    "similarity": None,
     "max_subsets": None,
     "router": "dominant",
     "calibration": "wiki:en,fr,es",
@@ -68,7 +69,7 @@ def add_compress_parser(sub) -> None:
     size.add_argument("--ratio", type=float, help="fraction of experts to remove per layer, in (0, 1) [0.5]")
     p.add_argument("--out", "-o", help="output directory [./<model>-hcsmoe-<K>e]")
     p.add_argument("--method", help="planner, run as published: hc-smoe, ream, kmeans, m-smoe, f-prune, s-prune, o-prune, "
-                                    "reap, ean, random [default: the measured best recipe, see README]")
+                                    "reap, ean, stun, random [default: the measured best recipe, see README]")
     p.add_argument("--linkage", help="hierarchical clustering linkage: average (default), single, complete, ward")
     p.add_argument("--metric", help="distance between expert outputs: euclidean (default) or cosine")
     p.add_argument("--merge", help="merge inside a group: frequency, average, fix-dom (ZipIt-style), aligned (Hungarian, "
@@ -79,6 +80,8 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--representation", help="what hc-smoe clusters: expert-output (default), router-logits, weights")
     p.add_argument("--max-group-size", type=int,
                    help="hc-smoe: at most this many experts merged into one (capped agglomerative clustering)")
+    p.add_argument("--similarity", help="stun: experts alike by their router rows (router, default) or by how often "
+                                         "they are chosen together (co-selection)")
     p.add_argument("--max-subsets", type=int, help="o-prune: most subsets searched per layer [10000]")
     p.add_argument("--router", help="new router rows: dominant (default), average or lsq")
     p.add_argument("--calibration", help="calibration text: wiki:en,fr,es (default), wiki:en, a .txt/.jsonl file, "

@@ -22,6 +22,7 @@ import torch
 from hcsmoe.planners.plan import ROUTERS, check_k
 from hcsmoe.planners.pruning import EAN, REAP, FrequencyPrune, OPrune, RandomPrune, SoftPrune
 from hcsmoe.planners.ream import REAM
+from hcsmoe.planners.stun import STUN
 
 
 class PerLayerChoice:
@@ -53,7 +54,7 @@ class PerLayerChoice:
 
 
 PLANNERS = {p.name: p for p in (HCSMoE, KMeans, MSMoE, FrequencyPrune, SoftPrune, OPrune, REAP, EAN, RandomPrune,
-                                REAM)}
+                                REAM, STUN)}
 
 
 def stats_subset(stats: LayerStats, members: list[int]) -> LayerStats:

@@ -73,7 +73,7 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
         stats = calibration_statistics(model, job.architecture, layers, tokenizer, recipe.calibration,
                                        num_blocks=recipe.blocks, block_size=recipe.block_size,
                                        batch_size=recipe.batch_size, output_samples=job.output_samples(),
-                                       with_weight_gram=recipe.representation == "weights", after_layer=after_layer,
+                                       with_weight_gram=job.with_weight_gram, after_layer=after_layer,
                                        offload_dir=Path(offload_dir) if offload_dir else None, progress=progress,
                                        corrective=recipe.sequential == "corrective", seed=recipe.seed)
         stats.info["sequential"] = recipe.sequential

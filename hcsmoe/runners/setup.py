@@ -64,6 +64,11 @@ class Job:
         return stats is None and (self.plan is None or self.plan.router == "lsq" or self.fitting
                                   or self.merge != "weighted" or self.width is not None)
 
+    @property
+    def with_weight_gram(self) -> bool:
+        """Whether the statistics must hold the experts' weight Gram matrix (weight-space clustering, STUN)."""
+        return self.recipe.representation == "weights" or bool(getattr(self.planner, "needs_weight_gram", False))
+
     def output_samples(self) -> int:
         """Per-token output samples to keep per expert: the recipe's, else what the planner needs."""
         if self.recipe.output_samples is not None:

@@ -158,7 +158,7 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
         if inputs is not None:
             stats, outputs, block = calibrate_layer(model, layer, moe, architecture, inputs, compressor.source,
                                                     output_samples=job.output_samples(),
-                                                    with_weight_gram=recipe.representation == "weights",
+                                                    with_weight_gram=job.with_weight_gram,
                                                     original=original, world=compressor.world)
         if stats is not None:
             all_stats.append(stats)
