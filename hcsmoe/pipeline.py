@@ -46,6 +46,7 @@ def compress(
     device: str = "cpu",
     progress: bool = True,
     world: World = SINGLE,
+    resume: bool = False,
     **recipe_options,
 ) -> CompressionResult:
     """Compress an MoE model to K experts per layer by `recipe` (a Recipe, or its fields as keywords:
@@ -61,6 +62,7 @@ def compress(
     `offload_dir`: keep the calibration's per-token buffers in memory-mapped files there (streaming does
     this by itself, inside its output's temporary directory, when they would take over 1/4 of free memory).
     `world` (streaming only): this process is one rank of a torchrun job (`distributed.join`): expert-parallel.
+    `resume` (streaming, one process): continue the interrupted streaming run of the same command into `stream_to`.
     """
     recipe = with_options(recipe or Recipe(), recipe_options).following(plan).resolved(replanning=stats is not None)
     if recipe.sequential and stats is not None:
@@ -75,7 +77,7 @@ def compress(
             raise UserError("streaming reads a checkpoint directory; pass its path instead of a loaded model")
         return compress_streaming(model_or_path, stream_to, recipe, tokenizer=tokenizer, stats=stats, plan=plan,
                                   keep_samples=keep_samples, offload_dir=offload_dir, overwrite=overwrite,
-                                  device=device, progress=progress, world=world)
+                                  device=device, progress=progress, world=world, resume=resume)
     from hcsmoe.runners.in_memory import compress_in_memory
 
     return compress_in_memory(model_or_path, recipe, tokenizer=tokenizer, stats=stats, plan=plan,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import fcntl
 import json
 import os
 import re
@@ -67,26 +68,48 @@ def check_output_dir(out: str | Path, source: Path | None, overwrite: bool) -> P
 
 
 @contextmanager
-def atomic_directory(out: Path, overwrite: bool = False, world: World = SINGLE):
+def atomic_directory(out: Path, overwrite: bool = False, world: World = SINGLE, resume: bool = False,
+                     keep: str | None = None):
     """Yield a temporary directory that becomes `out` only if the block finishes.
 
     Without `overwrite` the final rename refuses a non-empty `out` that appeared meanwhile (another run
     finished first): rename(2) onto a non-empty directory fails, so of two runs with one output exactly one
     succeeds and the other leaves nothing and says so. Under torchrun every rank writes into rank 0's
-    temporary directory, and rank 0 renames it once every rank has finished its part."""
+    temporary directory, and rank 0 renames it once every rank has finished its part.
+    Each directory is locked while its run lives. `resume`: take over the temporary directory an interrupted
+    run left (one whose lock nobody holds); otherwise such leftovers are removed. `keep` (a file inside the
+    directory, e.g. a journal): when the block is interrupted (Ctrl-C, SIGTERM) and that file exists, the
+    directory is kept for --resume instead of removed."""
     temporary = world.from_leader(out.parent / f".{out.name}.hcsmoe-partial-{os.getpid()}")
+    lock = None
     if world.leader:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            if temporary.exists():
+            left = leftovers(out)
+            if resume and left:
+                left[-1].rename(temporary)
+                left = left[:-1]
+            for stale in left:
+                shutil.rmtree(stale, ignore_errors=True)
+            if temporary.exists() and not resume:
                 shutil.rmtree(temporary)
-            temporary.mkdir()
+            if temporary.exists():
+                lock = hold_lock(temporary)
+            else:  # locked before it can be seen under its name: another run never takes it for a leftover
+                starting = out.parent / f".{out.name}.hcsmoe-starting-{os.getpid()}"
+                starting.mkdir()
+                lock = hold_lock(starting)
+                starting.rename(temporary)
         except OSError as error:
             raise UserError(f"cannot write in {out.parent} ({error.strerror}); choose another --out") from None
     world.barrier()
     try:
         yield temporary
         world.barrier()
+    except KeyboardInterrupt:
+        if keep is None or not (temporary / keep).exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
     except (OSError, SafetensorError) as error:
         shutil.rmtree(temporary, ignore_errors=True)
         code = write_errno(error)
@@ -97,10 +120,42 @@ def atomic_directory(out: Path, overwrite: bool = False, world: World = SINGLE):
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    finally:
+        if lock is not None and not temporary.exists():
+            lock.close()
     refusal = _rename_into_place(temporary, out, overwrite) if world.leader else None
+    if lock is not None:
+        lock.close()
+        if refusal is None:
+            (out / LOCK).unlink(missing_ok=True)
     refusal = world.from_leader(refusal)
     if refusal:
         raise UserError(refusal)
+
+
+LOCK = ".lock"
+
+
+def hold_lock(directory: Path):
+    """Lock `directory` for this process's lifetime (released by the OS if it is killed)."""
+    handle = open(directory / LOCK, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Temporary directories of earlier runs for `out` that no live run holds, oldest first."""
+    found = []
+    for candidate in sorted(out.parent.glob(f".{out.name}.hcsmoe-partial-*"), key=lambda p: p.stat().st_mtime):
+        try:
+            with open(candidate / LOCK, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: its run is gone
+        except BlockingIOError:
+            continue  # a live run's
+        except OSError:
+            pass  # no lock file: a run from before locks, or one killed while starting
+        found.append(candidate)
+    return found
 
 
 def _rename_into_place(temporary: Path, out: Path, overwrite: bool) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hcsmoe.errors import UserError
+from hcsmoe.errors import Interrupted, UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"hcsmoe: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as interruption:
+        print(f"hcsmoe: {interruption}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("hcsmoe: interrupted; nothing was written under the requested name", file=sys.stderr)
         return 130

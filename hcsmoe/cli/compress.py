@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ COMPRESS_DEFAULTS = {
     "save_stats": None,
     "overwrite": False,
     "stream": None,
+    "resume": False,
     "offload_dir": None,
     "sequential": None,
     "refit": None,
@@ -102,6 +104,9 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read, compress and write one layer at a time (models larger than memory) [automatic when "
                         "the in-memory path would need more than the free memory]")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the interrupted run of this same command (its finished layers are kept beside --out; "
+                        "a different recipe or checkpoint is refused); streams, one process")
     p.add_argument("--offload-dir", help="keep calibration hidden states in memory-mapped files in this directory "
                                           "(automatic with --stream when they would not fit)")
     p.add_argument("--sequential", nargs="?", const="on", choices=("on", "off", "corrective"),
@@ -167,6 +172,17 @@ def default_output(model: str | None, k: int) -> Path:
     return Path(f"{name}-hcsmoe-{k}e")
 
 
+def resumable(out: Path) -> bool:
+    """Whether an interrupted run left its finished layers for `out`; says so in one line when it did not."""
+    from hcsmoe.checkpoints.saving import leftovers
+    from hcsmoe.runners.journal import FOLDER, STATE
+
+    if any((left / FOLDER / STATE).is_file() for left in leftovers(out.resolve())):
+        return True
+    print(f"hcsmoe: no interrupted run of {out} to resume: starting from the first layer", file=sys.stderr)
+    return False
+
+
 def stream_choice(source: Path, stream: bool | None, world) -> bool:
     """A torchrun job always streams (each rank reads its share of every layer's experts from disk); one
     process streams as asked, or when the model would not fit in memory."""
@@ -183,10 +199,16 @@ def run_compress(args: argparse.Namespace) -> int:
 
     o = resolve_options(args)
     world = join(o["device"], float(o["dist_timeout"]), o["threads"])
+    if world.size == 1:  # SIGTERM (a scheduler's stop) as Ctrl-C: a streaming run keeps its journal
+        signal.signal(signal.SIGTERM, interrupted)
     try:
         return compress_command(o, world, quiet=args.quiet)
     finally:
         leave(world)
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
 
 
 def compress_command(o: dict, world, quiet: bool) -> int:
@@ -213,8 +235,10 @@ def compress_command(o: dict, world, quiet: bool) -> int:
     if o["save_stats"] and Path(o["save_stats"]).exists() and not o["overwrite"]:
         raise UserError(f"statistics file {o['save_stats']} exists; choose another path or pass --overwrite")
 
+    resume = bool(o["resume"]) and resumable(out)
     result = compress(
-        source, recipe, stats=stats, plan=plan, stream_to=out if stream_choice(source, o["stream"], world) else None,
+        source, recipe, stats=stats, plan=plan, resume=resume,
+        stream_to=out if resume or stream_choice(source, o["stream"], world) else None,
         keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"], overwrite=bool(o["overwrite"]),
         device=o["device"], progress=not quiet, world=world,
     )

@@ -46,6 +46,11 @@ class LayerPlan:
         kept = {m for g in self.groups for m in g.members}
         return [e for e in range(self.num_experts) if e not in kept]
 
+    @classmethod
+    def from_dict(cls, entry: dict) -> "LayerPlan":
+        return cls(layer=entry["layer"], num_experts=entry["num_experts"],
+                   groups=[Group(**g) for g in entry["groups"]], details=entry.get("details", {}))
+
 
 @dataclass
 class Plan:
@@ -76,15 +81,7 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         if data.get("format") != PLAN_FORMAT:
             raise UserError(f"not an hcsmoe plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
-        layers = [
-            LayerPlan(
-                layer=entry["layer"],
-                num_experts=entry["num_experts"],
-                groups=[Group(**g) for g in entry["groups"]],
-                details=entry.get("details", {}),
-            )
-            for entry in data["layers"]
-        ]
+        layers = [LayerPlan.from_dict(entry) for entry in data["layers"]]
         return cls(method=data["method"], options=data["options"], router=data["router"], layers=layers,
                    merge=data.get("merge", "weighted"), refit=data.get("refit"), router_fit=data.get("router_fit"),
                    sequential=data.get("sequential", False), world_size=data.get("world_size", 1),

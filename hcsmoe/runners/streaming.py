@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,16 +34,19 @@ from hcsmoe.checkpoints.architectures import (
 )
 from hcsmoe.checkpoints.formats import format_of
 from hcsmoe.checkpoints.loading import load_config, load_tokenizer, materialize, model_dir
-from hcsmoe.checkpoints.saving import atomic_directory, check_output_dir, write_config
+from hcsmoe.checkpoints.saving import atomic_directory, check_output_dir, leftovers, write_config
 from hcsmoe.checkpoints.shards import MemorySource
 from hcsmoe.distributed import SINGLE, World
-from hcsmoe.errors import UserError
+from hcsmoe.errors import Interrupted, UserError
 from hcsmoe.fitting.choice import choose_layer_plan
 from hcsmoe.fitting.stage import fit_compressed_layer, fitting_tokens
 from hcsmoe.planners.plan import Plan
 from hcsmoe.planners.registry import PerLayerChoice, plan_of, plan_with_layers
 from hcsmoe.recipe import Recipe
 from hcsmoe.result import CompressionResult
+from hcsmoe.runners.journal import FOLDER as JOURNAL_FOLDER
+from hcsmoe.runners.journal import STATE as JOURNAL_STATE
+from hcsmoe.runners.journal import Journal, fingerprint
 from hcsmoe.runners.layerwise import (
     calibrate_layer,
     expert_chunks,
@@ -76,8 +81,11 @@ def available_memory() -> int:
 
 def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats: Statistics | None = None,
                        plan: Plan | None = None, keep_samples: bool = True, offload_dir=None, overwrite: bool = False,
-                       device: str = "cpu", progress: bool = True, world: World = SINGLE) -> CompressionResult:
-    """compress() one decoder layer in memory at a time, each written as it is done (`recipe` resolved)."""
+                       device: str = "cpu", progress: bool = True, world: World = SINGLE,
+                       resume: bool = False) -> CompressionResult:
+    """compress() one decoder layer in memory at a time, each written as it is done (`recipe` resolved). One
+    process journals its progress after every layer: `resume` continues an interrupted run of the same command
+    (refused in one line for another recipe or checkpoint) and writes the same bits as an uninterrupted one."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -87,7 +95,16 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
     fmt = format_of(config)
     output_dtype = output_dtype_for(fmt, recipe.dtype, config)
     tokenizer = tokenizer or load_tokenizer(source)
-    with atomic_directory(target, overwrite, world) as directory:
+    signature = fingerprint(source, recipe.to_dict(), plan, world.size) if world.size == 1 else None
+    if resume:
+        if world.size > 1:
+            raise UserError("--resume continues a run of one process; a torchrun job starts again without it")
+        kept = [d for d in leftovers(target) if Journal(d, signature).exists()]
+        if kept:
+            Journal(kept[-1], signature).check()  # before adopting it: a refused resume keeps the run
+    keep = f"{JOURNAL_FOLDER}/{JOURNAL_STATE}"
+    with resumable_interrupts(target, signature), atomic_directory(target, overwrite, world, resume, keep) as directory:
+        journal = Journal(directory, signature) if signature else None
         compressor = StreamingCompressor(source, config, architecture_for(config), output_dtype, directory, device,
                                          progress, world)
         meta_layers = moe_layers(compressor.model, compressor.architecture)
@@ -102,10 +119,12 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
             blocks = calibration_blocks(tokenizer, recipe.calibration, recipe.blocks, recipe.block_size, context)
         if offload_dir is None and blocks is not None and token_buffer_bytes(blocks, config) > available_memory() / 4:
             offload_dir = directory / ".token-buffers"
-        plan, layer_stats = run_streaming(compressor, job, blocks, stats.layers if stats else None,
+        plan, layer_stats = run_streaming(compressor, job, blocks, stats.layers if stats else None, journal,
                                           keep_samples=keep_samples,
                                           offload_dir=Path(offload_dir) if offload_dir else None)
         compressor.writer.finish()
+        if journal is not None:
+            shutil.rmtree(journal.folder, ignore_errors=True)
         if offload_dir is not None and Path(offload_dir).parent == directory and world.leader:
             shutil.rmtree(offload_dir, ignore_errors=True)
         if blocks is not None:
@@ -123,10 +142,25 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
     return result
 
 
+@contextmanager
+def resumable_interrupts(target: Path, signature: str | None):
+    """Ctrl-C or SIGTERM after some layers were journaled: say how to resume (the directory is kept)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = [d for d in leftovers(target) if Journal(d, signature).exists()] if signature else []
+        if not kept:
+            raise
+        done = Journal(kept[-1], signature).state()["next_layer"]
+        raise Interrupted(f"interrupted; {done} decoder layers are done and kept in {kept[-1]}: run the same "
+                          "command with --resume to continue from there") from None
+
+
 def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tensor | None,
-                  stats_in: list[LayerStats] | None, keep_samples: bool = False,
+                  stats_in: list[LayerStats] | None, journal: Journal | None = None, keep_samples: bool = False,
                   offload_dir: Path | None = None) -> tuple[Plan, list[LayerStats]]:
-    """The layer loop: stage 1 (unless statistics or a plan make it unnecessary), stages 2-4, then write.
+    """The layer loop: stage 1 (unless statistics or a plan make it unnecessary), stages 2-4, then write;
+    the journal (if any) records each finished layer, and a journal already there is where the loop resumes.
 
     Per-token samples (router inputs, output samples) of finished layers are dropped unless `keep_samples`,
     so memory does not grow with the number of layers."""
@@ -136,12 +170,32 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
     layers = decoder_layers(model, architecture)
     inputs = compressor.capture_inputs(blocks, recipe.batch_size, offload_dir) if blocks is not None else None
     original = original_stream(inputs, sequential == "corrective") if inputs is not None else None
-    compressor.write_outside_layers()
     stats_by_layer = {s.layer: s for s in stats_in or []}
     plans_by_layer = {lp.layer: lp for lp in plan_in.layers} if plan_in else {}
-    layer_plans, all_stats = [], []
-    estimate = LayerEstimate(len(moe_layers(model, architecture)), compressor.progress)
-    for index in tqdm(range(len(layers)), desc="streaming", unit="layer", disable=not compressor.progress):
+    layer_plans, all_stats, first = [], [], 0
+    if journal is not None and journal.exists():  # an interrupted run of this command: its finished layers stand
+        state = journal.check()
+        layer_plans, all_stats, streams = journal.restore(state, compressor.writer)
+        if inputs is not None:
+            inputs.hidden = streams["hidden"]
+        if original is not None:
+            original.hidden = streams["original"]
+        for layer_plan in layer_plans:
+            compressor.keep_layer_plan(layer_plan)
+        first = state["next_layer"]
+        print(f"hcsmoe: resuming at decoder layer {first} of {len(layers)} (the layers before it are the interrupted "
+              "run's)", file=sys.stderr)
+    else:
+        compressor.write_outside_layers()
+
+    def done(index: int) -> None:
+        if journal is not None:
+            journal.save(index + 1, compressor.writer, layer_plans, all_stats, job.top_k,
+                         inputs and inputs.hidden, original and original.hidden)
+
+    estimate = LayerEstimate(sum(m.index >= first for m in moe_layers(model, architecture)), compressor.progress)
+    for index in tqdm(range(first, len(layers)), desc="streaming", unit="layer", disable=not compressor.progress,
+                      initial=first, total=len(layers)):
         layer = layers[index]
         moe = moe_layer_at(model, architecture, index)
         if moe is None:
@@ -150,6 +204,7 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
                 run_dense_streams(layer, inputs, original, index)
             compressor.write_unchanged(module_name(model, layer), layer)
             release(layer)
+            done(index)
             continue
         expert_names = {f"{module_name(model, moe.experts)}.{n}" for n in expert_parameters(moe.experts, moe.num_experts)}
         materialize(model, layer, compressor.source, skip=expert_names)
@@ -204,4 +259,5 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
         estimate.layer_done()
         if stats is not None and not keep_samples:
             all_stats[-1] = dataclasses.replace(stats, router_inputs=torch.zeros(0), sample_outputs=None)
+        done(index)
     return plan_with_layers(plan_in, planner, recipe, layer_plans, job.width), all_stats

@@ -1,0 +1,98 @@
+"""A streaming run's progress, kept in its temporary directory so that a run killed at layer 40 of 48 (out of
+memory, a preempted node, Ctrl-C) continues from layer 41 with `--resume` and writes the same bits.
+
+After every decoder layer the journal records, each file replaced atomically and the state file last (the
+commit point): the shards written so far and the tensors still pending for the next shard, the finished
+layers' plans and statistics, the hidden states the next layer reads (both streams in corrective mode) and
+the RNG state. The per-layer arguments (positions, masks) are recomputed from the calibration blocks, which
+are deterministic. A run started with other arguments or on another checkpoint is refused in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hcsmoe import __version__
+from hcsmoe.calibration.statistics import LayerStats, Statistics
+from hcsmoe.checkpoints.shards import ShardWriter
+from hcsmoe.errors import UserError
+from hcsmoe.planners.plan import LayerPlan, Plan
+
+FOLDER = ".journal"
+STATE = "state.json"
+
+
+def fingerprint(source: Path, recipe: dict, plan: Plan | None, world_size: int) -> str:
+    """What must not change between a run and its resumption: the recipe, the checkpoint (config and every
+    weight file's name and size), a given plan, hcsmoe's version and the number of ranks."""
+    files = sorted((p.name, p.stat().st_size) for p in source.iterdir() if p.suffix in (".safetensors", ".json"))
+    payload = {"recipe": recipe, "config": (source / "config.json").read_text(), "files": files,
+               "plan": plan.to_dict() if plan is not None else None, "version": __version__, "ranks": world_size}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Journal:
+    """The journal of one streaming run, in `directory` (the run's temporary output directory)."""
+
+    def __init__(self, directory: Path, print_: str):
+        self.folder = directory / FOLDER
+        self.print = print_
+
+    def exists(self) -> bool:
+        return (self.folder / STATE).is_file()
+
+    def state(self) -> dict:
+        return json.loads((self.folder / STATE).read_text())
+
+    def check(self) -> dict:
+        """The journal's state, refused in one line if it belongs to another run."""
+        state = self.state()
+        if state["fingerprint"] != self.print:
+            raise UserError(f"the interrupted run kept in {self.folder.parent} was made with other arguments or "
+                            "another checkpoint; run again without --resume to start over")
+        return state
+
+    def save(self, next_layer: int, writer: ShardWriter, layer_plans: list[LayerPlan], stats: list[LayerStats],
+             top_k: int, hidden: list[torch.Tensor] | None, original: list[torch.Tensor] | None) -> None:
+        """Commit the run's progress up to decoder layer `next_layer` (exclusive)."""
+        self.folder.mkdir(exist_ok=True)
+        tensors = {f"pending.{key}": tensor for key, tensor in writer.pending.items()}
+        for name, stream in (("hidden", hidden), ("original", original)):
+            tensors |= {f"{name}.{b}": h.contiguous() for b, h in enumerate(stream or [])}
+        tensors["rng"] = torch.get_rng_state()
+        save_file(tensors, str(self.folder / f"tensors-{next_layer}.safetensors"))
+        if stats:
+            Statistics(stats, top_k, {}).save(self.folder / f"stats-{next_layer}.safetensors")
+        state = {"fingerprint": self.print, "next_layer": next_layer, "shards": writer.shards,
+                 "written": sorted(writer.written), "pending_bytes": writer.pending_bytes,
+                 "layer_plans": [asdict(layer_plan) for layer_plan in layer_plans], "with_stats": bool(stats),
+                 "streams": {"hidden": len(hidden or []), "original": len(original or [])}}
+        partial = self.folder / f".{STATE}.partial"
+        partial.write_text(json.dumps(state))
+        os.replace(partial, self.folder / STATE)  # the commit: a kill before it leaves the previous state whole
+        for old in self.folder.iterdir():  # the files of earlier commits
+            if old.name.split("-")[0] in ("tensors", "stats") and not old.name.startswith(
+                    (f"tensors-{next_layer}.", f"stats-{next_layer}.")):
+                old.unlink()
+
+    def restore(self, state: dict, writer: ShardWriter) -> tuple[list[LayerPlan], list[LayerStats], dict]:
+        """Give `writer` the journal's shards and pending tensors and the RNG its state; returns the finished
+        layers' plans and statistics and the saved streams ({"hidden": [...], "original": [...]})."""
+        tensors = load_file(str(self.folder / f"tensors-{state['next_layer']}.safetensors"))
+        writer.shards = [(keys, size) for keys, size in state["shards"]]
+        writer.written = set(state["written"])
+        writer.pending = {key.removeprefix("pending."): t for key, t in tensors.items() if key.startswith("pending.")}
+        writer.pending_bytes = state["pending_bytes"]
+        torch.set_rng_state(tensors["rng"])
+        streams = {name: [tensors[f"{name}.{b}"] for b in range(count)] for name, count in state["streams"].items()}
+        plans = [LayerPlan.from_dict(entry) for entry in state["layer_plans"]]
+        saved = self.folder / f"stats-{state['next_layer']}.safetensors"
+        stats = Statistics.load(saved).layers if state["with_stats"] else []
+        return plans, stats, streams
