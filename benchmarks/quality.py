@@ -57,6 +57,10 @@ BASELINES: list[tuple[str, dict]] = [
     ("o-prune", {"method": "o-prune"}),
     ("s-prune", {"method": "s-prune"}),
     ("f-prune", {"method": "f-prune"}),
+    ("m-smoe", {"method": "m-smoe"}),
+    ("kmeans", {"method": "kmeans"}),
+    ("ean", {"method": "ean"}),
+    ("stun", {"method": "stun"}),
 ]
 ABLATIONS: list[tuple[str, dict]] = [
     ("default without the expert fit (--fast)", {"fast": True}),
