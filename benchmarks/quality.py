@@ -147,7 +147,8 @@ class Bench:
         architecture = architecture_for(self.original.config)
         self.experts = expert_count(self.original.config, architecture)
         self.stats = calibration_statistics(self.original, architecture, moe_layers(self.original, architecture),
-                                            self.tokenizer, DEFAULT_CALIBRATION, output_samples=512, progress=False)
+                                            self.tokenizer, DEFAULT_CALIBRATION, output_samples=512, progress=False,
+                                            with_weight_gram=True)  # STUN's survivors
 
     def score(self, model, generate: int) -> dict:
         result = evaluate(model.float(), self.tokenizer, reference=self.reference, languages=LANGUAGES,
