@@ -75,6 +75,7 @@ class Recipe:
     seed: int = 0
     fast: bool = False  # the default recipe without the expert fit (closed-form fits only)
     width: float | None = None  # neurons each routed expert keeps: a fraction of I in (0, 1] or a count (--width)
+    sparsity: float | None = None  # STUN's unstructured stage: share of routed-expert weights zeroed (saves nothing)
 
     def __post_init__(self):
         if self.experts is not None and self.ratio is not None:
@@ -144,7 +145,7 @@ class Recipe:
             batch_size=given(options, "batch_size", cls.batch_size), sequential=sequential_mode(options.get("sequential")),
             refit=refit_from_options(options), router_fit=options.get("fit_router"),
             dtype=options.get("dtype"), seed=given(options, "seed", cls.seed), fast=bool(options.get("fast")),
-            width=options.get("width"),
+            width=options.get("width"), sparsity=options.get("sparsity"),
         )
 
 

@@ -272,3 +272,31 @@ def test_stun_compresses_in_memory_and_streaming_alike(tiny_models, tmp_path):
     assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
     chosen = compress(tiny_models["qwen3_moe"], num_experts=4, method="stun", similarity="co-selection", **FAST)
     assert chosen.plan.options == {"similarity": "co-selection"}
+
+
+def test_owl_gives_layers_with_more_outliers_less_sparsity_around_the_target():
+    from hcsmoe.apply.sparsify import OUTLIER_SPREAD, layer_sparsities
+
+    shares = layer_sparsities([1.0, 2.0, 3.0], 0.4)
+    assert shares == sorted(shares, reverse=True) and abs(sum(shares) / 3 - 0.4) < 1e-9
+    assert abs(shares[0] - shares[2] - 2 * OUTLIER_SPREAD) < 1e-9
+
+
+def test_owl_wanda_zeroes_each_layers_share_of_every_output_row(tiny_models, capsys, tmp_path):
+    """--sparsity 0.25: every routed-expert weight row loses its layer's share (OWL's, around 0.25) of its
+    lowest-scoring weights; the plan records the shares; a streaming run refuses it in one line."""
+    from tests.test_cli import assert_one_line_error, run_cli
+
+    result = compress(tiny_models["qwen3_moe"], num_experts=4, fast=True, sparsity=0.25, **FAST)
+    report = result.plan.sparsity
+    assert abs(sum(report["layer_sparsities"]) / len(report["layer_sparsities"]) - 0.25) < 1e-9
+    layers = moe_layers(result.model, architecture_for(result.model.config))
+    for moe, share in zip(layers, report["layer_sparsities"]):
+        for name in ("gate_up_proj", "down_proj"):
+            rows = getattr(moe.experts, name).detach()
+            zeros = (rows == 0).sum(-1).float()  # per output row ([E, out, in] storage)
+            assert (zeros == int(rows.shape[-1] * share)).all(), (name, share)
+    code, _, err = run_cli(capsys, "compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--sparsity", "0.25",
+                           "--stream", "--no-eval", "-q", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err)
+    assert "runs in memory" in err

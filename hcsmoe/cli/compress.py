@@ -50,6 +50,7 @@ COMPRESS_DEFAULTS = {
     "fit_router": None,
     "fast": None,
     "width": None,
+    "sparsity": None,
     "eval": True,
     "eval_languages": "en,fr,es",
     "eval_tokens": None,
@@ -121,6 +122,9 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--width", type=float,
                    help="neurons every routed expert keeps: a fraction of its I in (0, 1] or a count; the checkpoint's "
                         "intermediate width shrinks with it (chosen by least squares, then fitted) [all]")
+    p.add_argument("--sparsity", type=float,
+                   help="STUN's unstructured stage: zero this share of the routed experts' weights (OWL-weighted Wanda), "
+                        "in memory; no engine stores MoE sparsity, so it saves nothing on disk or in memory [off]")
     p.add_argument("--fast", action="store_true", default=None,
                    help="the closed-form recipe: the default without the expert fit, several times faster and a little "
                         "worse (for CPU-only runs of large models; see README)")

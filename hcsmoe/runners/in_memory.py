@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hcsmoe.apply.layer import apply_layer, apply_plan, install, layer_copy
+from hcsmoe.apply.sparsify import input_norms, sparsify_layers
 from hcsmoe.calibration.statistics import Statistics
 from hcsmoe.calibration.text import calibration_blocks
 from hcsmoe.checkpoints.architectures import (
@@ -69,7 +70,8 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
     mark = time.perf_counter()
     if job.needs_calibration(stats):
         layer_plans: list[LayerPlan] = []
-        after_layer = compress_layer_in_place(job, layer_plans, LayerEstimate(len(layers), progress))
+        norms: dict[int, list] = {}  # --sparsity: each fitted layer's input norms (Wanda)
+        after_layer = compress_layer_in_place(job, layer_plans, LayerEstimate(len(layers), progress), norms)
         stats = calibration_statistics(model, job.architecture, layers, tokenizer, recipe.calibration,
                                        num_blocks=recipe.blocks, block_size=recipe.block_size,
                                        batch_size=recipe.batch_size, output_samples=job.output_samples(),
@@ -78,6 +80,8 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
                                        corrective=recipe.sequential == "corrective", seed=recipe.seed)
         stats.info["sequential"] = recipe.sequential
         plan = plan_with_layers(plan, job.planner, recipe, layer_plans, job.width)
+        if recipe.sparsity is not None:
+            plan.sparsity = sparsify_layers(layers, job.architecture, norms, recipe.sparsity)
         set_expert_count(model.config, job.architecture, job.kept)
         timings["calibrate+compress"] = time.perf_counter() - mark
     else:
@@ -128,11 +132,13 @@ def calibration_statistics(
     return Statistics(layer_stats, top_k(model.config, architecture), info)
 
 
-def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan], estimate: LayerEstimate):
+def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan], estimate: LayerEstimate,
+                            norms: dict[int, list]):
     """Stages 2-4 of one layer, run as soon as it is calibrated: plan it (or take the given plan's layer),
     apply the plan, then fit the compressed layer to the original's output. The returned callback says
     whether the next layers see the compressed layer (sequential mode) or the original. After the first
-    layer, `estimate` tells the user what the whole run will take."""
+    layer, `estimate` tells the user what the whole run will take. With --sparsity, the fitted layer's input
+    norms go to `norms` (OWL-Wanda zeroes weights once every layer is done)."""
     recipe, architecture, given = job.recipe, job.architecture, job.plan
     given_layers = {lp.layer: lp for lp in given.layers} if given is not None else {}
     output_dtype = job.output_dtype or torch.float32
@@ -162,6 +168,8 @@ def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan], estimate: La
             fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block), output_dtype,
                                  recipe.refit, recipe.router_fit)
         layer_plans.append(layer_plan)
+        if recipe.sparsity is not None:
+            norms[moe.index] = input_norms(moe, architecture, block)
         estimate.layer_done()
         return bool(recipe.sequential)
 

@@ -62,7 +62,8 @@ class Job:
         """Whether the model must be run: no statistics given, and a plan to make, an lsq router, a
         neuron-level merge or a fit."""
         return stats is None and (self.plan is None or self.plan.router == "lsq" or self.fitting
-                                  or self.merge != "weighted" or self.width is not None)
+                                  or self.merge != "weighted" or self.width is not None
+                                  or self.recipe.sparsity is not None)
 
     @property
     def with_weight_gram(self) -> bool:

@@ -96,6 +96,9 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
     output_dtype = output_dtype_for(fmt, recipe.dtype, config)
     tokenizer = tokenizer or load_tokenizer(source)
     signature = fingerprint(source, recipe.to_dict(), plan, world.size) if world.size == 1 else None
+    if recipe.sparsity is not None:
+        raise UserError("--sparsity (STUN's unstructured stage) runs in memory: drop --stream (it saves nothing on "
+                        "disk: the zeros are stored dense)")
     if resume:
         if world.size > 1:
             raise UserError("--resume continues a run of one process; a torchrun job starts again without it")
