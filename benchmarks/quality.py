@@ -174,7 +174,8 @@ class Bench:
             return self.previous[(k, label)]
         start = time.perf_counter()
         options = options_of(options)
-        fitted = options.get("method") is None or options.get("refit") or options.get("router_fit")
+        fitted = (options.get("method") is None or options.get("refit") or options.get("router_fit")
+                  or options.get("sparsity"))
         shared = {} if fitted or "calibration" in options or "num_blocks" in options else {"stats": self.stats}
         result = compress(self.original, tokenizer=self.tokenizer, progress=False, **shared, **options,
                           **({} if "plan" in options else {"num_experts": k}))

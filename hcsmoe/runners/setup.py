@@ -181,6 +181,9 @@ def fits_that_apply(architecture: Architecture, stats: Statistics | None, recipe
     router_fit = recipe.router_fit
     if router_fit is not None and router_fit.only_if_softmax and architecture.routing != "softmax":
         router_fit = None
+    if stats is not None and recipe.sparsity is not None:
+        raise UserError("--sparsity weighs weights by the inputs the compressed layers see, which a statistics file "
+                        "does not hold; drop --stats")
     if stats is not None and (recipe.refit is not None or router_fit is not None):
         raise UserError("fitting the compressed layers needs the model's per-token outputs, which a statistics file "
                         "does not hold; drop --stats, or add --no-refit --no-fit-router to re-plan from it")
