@@ -5,7 +5,8 @@ fitting stages; the mean perplexity ratio over en/fr/es to the original, mean KL
 the original, and (at 50% removed) the mean matching prefix of greedy continuations. The best compressed value
 of each column at each size is bold.
 
-    python -m benchmarks.headline   # prints markdown
+    python -m benchmarks.headline            # prints markdown
+    python -m benchmarks.headline --readme   # the README's rows only (bold: best of every row measured)
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ def cells_of(row: dict, original: dict) -> dict:
     return cells
 
 
-def size_table(rows: list[dict]) -> list[str]:
+# The README's rows: the default and --fast, the best published method (REAP) and HC-SMoE as published, each with
+# and without the fits.
+README_ROWS = ("**default**", "default --fast (closed form, no expert fit)", "reap as published", "reap + fits",
+               "reap + fits + expert fit", "hc-smoe as published", "hc-smoe + fits", "hc-smoe + fits + expert fit")
+
+
+def size_table(rows: list[dict], shown: tuple[str, ...] | None = None) -> list[str]:
+    """One size's table; `shown`: only these rows (in this order), the best of each column still over all."""
     original = next(r for r in rows if r["method"] == "original")
     compressed = [r for r in rows if r["method"] != "original"]
     values = [cells_of(r, original) for r in compressed]
@@ -45,6 +53,11 @@ def size_table(rows: list[dict]) -> list[str]:
     digits = {"ratio": 3, "kl": 3, "top1": 3, "gen_prefix": 1}
     lines = ["| experts | method | " + " | ".join(name for name, _, _ in columns) + " |",
              "|" + "---|" * (len(columns) + 2)]
+    if shown is not None:
+        order = {label: i for i, label in enumerate(shown)}
+        kept = sorted((i for i, r in enumerate(compressed) if r["method"] in order),
+                      key=lambda i: order[compressed[i]["method"]])
+        compressed, values = [compressed[i] for i in kept], [values[i] for i in kept]
     lines.append(f"| {original['experts']} | original | " + " | ".join(
         f"{original[key]:.2f}" if key in original else ("1.000" if key == "ratio" else "–")
         for _, key, _ in columns) + " |")
@@ -58,6 +71,9 @@ def size_table(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
+    import sys
+
+    shown = README_ROWS if "--readme" in sys.argv[1:] else None
     for name, title in MODELS.items():
         path = RESULTS / f"quality-{name}.json"
         if not path.exists():
@@ -65,7 +81,7 @@ def main() -> None:
         report = json.loads(path.read_text())
         print(f"**{title}**, full validation splits (`benchmarks/results/quality-{name}.md`):\n")
         for k, rows in report["sizes"].items():
-            print("\n".join(size_table(rows)) + "\n")
+            print("\n".join(size_table(rows, shown)) + "\n")
 
 
 if __name__ == "__main__":
