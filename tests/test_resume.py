@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from hcsmoe.checkpoints.saving import leftovers
 from tests.test_cli import assert_one_line_error, run_cli
 
@@ -34,6 +36,7 @@ def digests(directory: Path) -> dict[str, str]:
 
 
 def killed_run(arguments: list[str], after: int, signal: int = 9) -> subprocess.CompletedProcess:
+    """`hcsmoe ARGS` on one thread in another process, killed after decoder layer `after` (-1: never)."""
     return subprocess.run([sys.executable, "-c", KILLED_AFTER, *arguments], capture_output=True, text=True,
                           env={**os.environ, "KILL_AFTER": str(after), "SIGNAL": str(signal), "OMP_NUM_THREADS": "1"})
 
@@ -41,14 +44,16 @@ def killed_run(arguments: list[str], after: int, signal: int = 9) -> subprocess.
 def test_a_killed_streaming_run_resumes_to_the_same_bits(capsys, tiny_models, tmp_path):
     common = ["compress", str(tiny_models["deepseek_v3"]), "-k", "4", "--stream", "--no-eval", "-q", "--blocks", "2",
               "--block-size", "32"]
-    code, _, err = run_cli(capsys, *common, "--out", str(tmp_path / "whole"))
-    assert code == 0, err
+    whole = killed_run([*common, "--out", str(tmp_path / "whole")], after=-1)  # one thread, as the killed run
+    assert whole.returncode == 0, whole.stderr
     out = tmp_path / "resumed"
     killed = killed_run([*common, "--out", str(out)], after=2)  # the dense layer 0 and MoE layer 1 done, 2 to go
     assert killed.returncode == -9 and not out.exists()
     assert len(leftovers(out)) == 1
-    code, _, err = run_cli(capsys, *common, "--out", str(out), "--resume")
+    threads = torch.get_num_threads()
+    code, _, err = run_cli(capsys, *common, "--out", str(out), "--resume")  # this process's threads
     assert code == 0 and "resuming at decoder layer 2 of 3" in err, err
+    assert ("resuming with 1 threads" in err) == (threads != 1) and torch.get_num_threads() == threads, err
     assert digests(out) == digests(tmp_path / "whole") and "model.safetensors" in "".join(digests(out))
     assert not leftovers(out) and sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "whole"]
 

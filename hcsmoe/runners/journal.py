@@ -4,7 +4,8 @@ memory, a preempted node, Ctrl-C) continues from layer 41 with `--resume` and wr
 After every decoder layer the journal records, each file replaced atomically and the state file last (the
 commit point): the shards written so far and the tensors still pending for the next shard, the finished
 layers' plans and statistics, the hidden states the next layer reads (both streams in corrective mode) and
-the RNG state. The per-layer arguments (positions, masks) are recomputed from the calibration blocks, which
+the RNG state and the thread count (the
+rounding of CPU kernels depends on it, so a resumed run takes the interrupted run's). The per-layer arguments (positions, masks) are recomputed from the calibration blocks, which
 are deterministic. A run started with other arguments or on another checkpoint is refused in one line.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,7 +75,8 @@ class Journal:
         state = {"fingerprint": self.print, "next_layer": next_layer, "shards": writer.shards,
                  "written": sorted(writer.written), "pending_bytes": writer.pending_bytes,
                  "layer_plans": [asdict(layer_plan) for layer_plan in layer_plans], "with_stats": bool(stats),
-                 "streams": {"hidden": len(hidden or []), "original": len(original or [])}}
+                 "streams": {"hidden": len(hidden or []), "original": len(original or [])},
+                 "threads": torch.get_num_threads()}
         partial = self.folder / f".{STATE}.partial"
         partial.write_text(json.dumps(state))
         os.replace(partial, self.folder / STATE)  # the commit: a kill before it leaves the previous state whole
@@ -96,3 +99,13 @@ class Journal:
         saved = self.folder / f"stats-{state['next_layer']}.safetensors"
         stats = Statistics.load(saved).layers if state["with_stats"] else []
         return plans, stats, streams
+
+
+def take_threads_of(state: dict) -> None:
+    """Run on with the interrupted run's thread count: CPU reductions and MKL's kernels round differently with
+    another count, and the resumed layers must be the bits the uninterrupted run would have written."""
+    threads = state.get("threads", torch.get_num_threads())
+    if threads != torch.get_num_threads():
+        print(f"hcsmoe: resuming with {threads} threads as the interrupted run had (another count would round "
+              "differently)", file=sys.stderr)
+        torch.set_num_threads(threads)
