@@ -136,7 +136,8 @@ def size_rows(quick: bool = False) -> list[tuple[str, dict, str | None]]:
 
 
 class Bench:
-    def __init__(self, path: Path, max_tokens: int | None, previous: dict, prompts: int = PROMPTS):
+    def __init__(self, path: Path, max_tokens: int | None, previous: dict, prompts: int = PROMPTS,
+                 shared_stats: bool = True):
         self.path, self.max_tokens, self.previous = path, max_tokens, previous
         self.tokenizer, self.original = load_tokenizer(path), load_model(path)
         self.reference = RememberedLogits(self.original)
@@ -146,7 +147,7 @@ class Bench:
         self.last_plan = None
         architecture = architecture_for(self.original.config)
         self.experts = expert_count(self.original.config, architecture)
-        self.stats = calibration_statistics(self.original, architecture, moe_layers(self.original, architecture),
+        self.stats = None if not shared_stats else calibration_statistics(self.original, architecture, moe_layers(self.original, architecture),
                                             self.tokenizer, DEFAULT_CALIBRATION, output_samples=512, progress=False,
                                             with_weight_gram=True)  # STUN's survivors
 

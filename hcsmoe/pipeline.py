@@ -64,7 +64,15 @@ def compress(
     `world` (streaming only): this process is one rank of a torchrun job (`distributed.join`): expert-parallel.
     `resume` (streaming, one process): continue the interrupted streaming run of the same command into `stream_to`.
     """
-    recipe = with_options(recipe or Recipe(), recipe_options).following(plan).resolved(replanning=stats is not None)
+    recipe, sizing = with_options(recipe or Recipe(), recipe_options), None
+    if recipe.size is not None and plan is None:
+        if stream_to is not None or stats is not None:
+            raise UserError("--size compresses the model at each shape of its grid in memory: give --experts and "
+                            "--width instead of --size with --stream or --stats")
+        from hcsmoe.sizing import choose_shape
+
+        recipe, sizing = choose_shape(model_or_path, recipe, tokenizer=tokenizer, device=device, progress=progress)
+    recipe = recipe.following(plan).resolved(replanning=stats is not None)
     if recipe.sequential and stats is not None:
         raise UserError("sequential mode calibrates each layer after compressing the ones before it; it cannot "
                         "re-plan from a statistics file: drop --stats or --sequential")
@@ -80,8 +88,11 @@ def compress(
                                   device=device, progress=progress, world=world, resume=resume)
     from hcsmoe.runners.in_memory import compress_in_memory
 
-    return compress_in_memory(model_or_path, recipe, tokenizer=tokenizer, stats=stats, plan=plan,
-                              offload_dir=offload_dir, device=device, progress=progress)
+    result = compress_in_memory(model_or_path, recipe, tokenizer=tokenizer, stats=stats, plan=plan,
+                                offload_dir=offload_dir, device=device, progress=progress)
+    if sizing is not None:
+        result.plan.size = sizing
+    return result
 
 
 def with_options(recipe: Recipe, options: dict) -> Recipe:

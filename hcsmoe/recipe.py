@@ -76,12 +76,18 @@ class Recipe:
     fast: bool = False  # the default recipe without the expert fit (closed-form fits only)
     width: float | None = None  # neurons each routed expert keeps: a fraction of I in (0, 1] or a count (--width)
     sparsity: float | None = None  # STUN's unstructured stage: share of routed-expert weights zeroed (saves nothing)
+    size: float | None = None  # share of the routed experts' parameters kept, shape (K, I2) chosen (hcsmoe/sizing.py)
 
     def __post_init__(self):
         if self.experts is not None and self.ratio is not None:
             raise UserError("give either --experts or --ratio, not both")
         if self.ratio is not None and not 0.0 < float(self.ratio) < 1.0:
             raise UserError(f"--ratio is the fraction of experts to remove and must lie in (0, 1), got {self.ratio}")
+        if self.size is not None and not 0.0 < float(self.size) < 1.0:
+            raise UserError(f"--size is the share of the routed experts' parameters to keep, in (0, 1); got {self.size}")
+        if self.size is not None and (self.experts is not None or self.ratio is not None or self.width is not None):
+            raise UserError("--size chooses the number of experts and their width: give it alone, or --experts / "
+                            "--ratio with --width")
         if self.router not in ROUTERS:
             raise UserError(f"unknown router method {self.router!r}; choose one of: {', '.join(ROUTERS)}")
         if self.sequential not in (None, *SEQUENTIAL_MODES):
@@ -145,7 +151,7 @@ class Recipe:
             batch_size=given(options, "batch_size", cls.batch_size), sequential=sequential_mode(options.get("sequential")),
             refit=refit_from_options(options), router_fit=options.get("fit_router"),
             dtype=options.get("dtype"), seed=given(options, "seed", cls.seed), fast=bool(options.get("fast")),
-            width=options.get("width"), sparsity=options.get("sparsity"),
+            width=options.get("width"), sparsity=options.get("sparsity"), size=options.get("size"),
         )
 
 

@@ -51,6 +51,7 @@ COMPRESS_DEFAULTS = {
     "fast": None,
     "width": None,
     "sparsity": None,
+    "size": None,
     "eval": True,
     "eval_languages": "en,fr,es",
     "eval_tokens": None,
@@ -122,6 +123,10 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--width", type=float,
                    help="neurons every routed expert keeps: a fraction of its I in (0, 1] or a count; the checkpoint's "
                         "intermediate width shrinks with it (chosen by least squares, then fitted) [all]")
+    p.add_argument("--size", type=float,
+                   help="share of the routed experts' parameters to keep, in (0, 1): fewer experts, narrower experts "
+                        "or both, the shape chosen by each one's held-out error after the closed-form recipe (a few "
+                        "quick compressions first; in memory) [off: --experts / --ratio]")
     p.add_argument("--sparsity", type=float,
                    help="STUN's unstructured stage: zero this share of the routed experts' weights (OWL-weighted Wanda), "
                         "in memory; no engine stores MoE sparsity, so it saves nothing on disk or in memory [off]")
@@ -171,9 +176,9 @@ def resolve_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def default_output(model: str | None, k: int) -> Path:
+def default_output(model: str | None, k: int, size: float | None = None) -> Path:
     name = Path(model).resolve().name if model else "reference"
-    return Path(f"{name}-hcsmoe-{k}e")
+    return Path(f"{name}-hcsmoe-{f'size{size:g}' if size else f'{k}e'}")
 
 
 def resumable(out: Path) -> bool:
@@ -233,7 +238,7 @@ def compress_command(o: dict, world, quiet: bool) -> int:
     k = len(plan.layers[0].groups) if plan else recipe.kept(e)
     if k >= e and recipe.width is None:
         raise UserError(f"keeping {k} of {e} experts compresses nothing; choose --experts below {e} or give --width")
-    out = Path(o["out"]) if o["out"] else default_output(o["model"], k)
+    out = Path(o["out"]) if o["out"] else default_output(o["model"], k, recipe.size)
     check_output_dir(out, source, bool(o["overwrite"]))
     stats = Statistics.load(o["stats"]) if o["stats"] else None
     if o["save_stats"] and Path(o["save_stats"]).exists() and not o["overwrite"]:

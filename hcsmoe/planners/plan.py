@@ -70,6 +70,7 @@ class Plan:
     recipe: dict | None = None  # the whole recipe it was made with (hcsmoe.recipe.Recipe.to_dict())
     width: int | None = None  # neurons every routed expert keeps (--width; None: all of them)
     sparsity: dict | None = None  # --sparsity: OWL-Wanda's per-layer shares of zeroed weights (apply/sparsify.py)
+    size: dict | None = None  # --size: the shapes tried, each one's held-out error and the one chosen (sizing.py)
     format: str = PLAN_FORMAT
 
     def to_dict(self) -> dict:
@@ -86,7 +87,8 @@ class Plan:
         return cls(method=data["method"], options=data["options"], router=data["router"], layers=layers,
                    merge=data.get("merge", "weighted"), refit=data.get("refit"), router_fit=data.get("router_fit"),
                    sequential=data.get("sequential", False), world_size=data.get("world_size", 1),
-                   recipe=data.get("recipe"), width=data.get("width"), sparsity=data.get("sparsity"))
+                   recipe=data.get("recipe"), width=data.get("width"), sparsity=data.get("sparsity"),
+                   size=data.get("size"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
