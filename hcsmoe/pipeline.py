@@ -15,6 +15,7 @@ disk (streaming), or expert-parallel under torchrun; all three write the same bi
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -71,7 +72,9 @@ def compress(
                             "--width instead of --size with --stream or --stats")
         from hcsmoe.sizing import choose_shape
 
+        start = time.perf_counter()
         recipe, sizing = choose_shape(model_or_path, recipe, tokenizer=tokenizer, device=device, progress=progress)
+        sizing["seconds"] = round(time.perf_counter() - start, 3)
     recipe = recipe.following(plan).resolved(replanning=stats is not None)
     if recipe.sequential and stats is not None:
         raise UserError("sequential mode calibrates each layer after compressing the ones before it; it cannot "
@@ -92,6 +95,7 @@ def compress(
                                 offload_dir=offload_dir, device=device, progress=progress)
     if sizing is not None:
         result.plan.size = sizing
+        result.info["seconds"] = {"choose size": sizing["seconds"], **result.info["seconds"]}
     return result
 
 

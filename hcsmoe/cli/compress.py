@@ -261,6 +261,7 @@ def compress_command(o: dict, world, quiet: bool) -> int:
         result.write_card(saved, evaluation)
         print(evaluation["table"])
     summary = {"out": str(saved), "experts": f"{result.info['experts_before']} -> {result.info['experts_after']}",
+               **({"neurons per expert": result.plan.width} if result.plan.width else {}),
                "seconds": result.info["seconds"]}
     print(json.dumps(summary))
     return 0
