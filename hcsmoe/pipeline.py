@@ -63,7 +63,8 @@ def compress(
     `offload_dir`: keep the calibration's per-token buffers in memory-mapped files there (streaming does
     this by itself, inside its output's temporary directory, when they would take over 1/4 of free memory).
     `world` (streaming only): this process is one rank of a torchrun job (`distributed.join`): expert-parallel.
-    `resume` (streaming, one process): continue the interrupted streaming run of the same command into `stream_to`.
+    `resume` (streaming, one process or torchrun): continue the interrupted streaming run of the same command into
+    `stream_to`.
     """
     recipe, sizing = with_options(recipe or Recipe(), recipe_options), None
     if recipe.size is not None and plan is None:

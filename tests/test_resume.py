@@ -22,7 +22,7 @@ from hcsmoe.runners import journal
 save = journal.Journal.save
 def save_then_die(self, next_layer, *args, **kwargs):
     save(self, next_layer, *args, **kwargs)
-    if next_layer == int(os.environ["KILL_AFTER"]):
+    if next_layer == int(os.environ["KILL_AFTER"]) and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0"):
         os.kill(os.getpid(), int(os.environ.get("SIGNAL", "9")))
 journal.Journal.save = save_then_die
 from hcsmoe.cli import main
@@ -84,3 +84,31 @@ def test_sigterm_keeps_the_finished_layers_and_says_how_to_resume(tiny_models, t
     lines = [line for line in stopped.stderr.splitlines() if line.strip()]
     assert stopped.returncode == 130 and len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in stopped.stderr
     assert not out.exists() and len(leftovers(out)) == 1
+
+
+def torchrun_job(script: Path, arguments: list[str], after: int) -> subprocess.CompletedProcess:
+    """`hcsmoe ARGS` as a torchrun job of 2 gloo ranks, one thread each; rank 1 SIGKILLed right after decoder
+    layer `after` is committed (-1: never)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               *arguments, "--threads", "1"]
+    environment = {**os.environ, "KILL_AFTER": str(after), "KILL_RANK": "1", "PYTHONFAULTHANDLER": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_a_torchrun_job_that_lost_a_rank_resumes_to_the_same_bits(tiny_models, tmp_path):
+    """Each rank journals its own shards; rank 0 commits a layer once both kept theirs. Rank 1 killed after
+    layer 2 of the DeepSeek-V3-shaped model: the job dies, its journal stays, and the resumed job writes the
+    uninterrupted job's files (every rank's shards, the index, config and plan)."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AFTER)
+    common = ["compress", str(tiny_models["deepseek_v3"]), "-k", "4", "--stream", "--no-eval", "-q", "--blocks", "2",
+              "--block-size", "32", "--batch-size", "1"]
+    whole = torchrun_job(script, [*common, "--out", str(tmp_path / "whole")], after=-1)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "resumed"
+    killed = torchrun_job(script, [*common, "--out", str(out)], after=2)
+    assert killed.returncode != 0 and not out.exists() and len(leftovers(out)) == 1, killed.stderr
+    resumed = torchrun_job(script, [*common, "--out", str(out), "--resume"], after=-1)
+    assert resumed.returncode == 0 and "resuming at decoder layer 2 of 3" in resumed.stderr, resumed.stderr
+    assert digests(out) == digests(tmp_path / "whole") and len(digests(out)) >= 4
+    assert not leftovers(out)

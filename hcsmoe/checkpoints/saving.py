@@ -78,8 +78,8 @@ def atomic_directory(out: Path, overwrite: bool = False, world: World = SINGLE, 
     temporary directory, and rank 0 renames it once every rank has finished its part.
     Each directory is locked while its run lives. `resume`: take over the temporary directory an interrupted
     run left (one whose lock nobody holds); otherwise such leftovers are removed. `keep` (a file inside the
-    directory, e.g. a journal): when the block is interrupted (Ctrl-C, SIGTERM) and that file exists, the
-    directory is kept for --resume instead of removed."""
+    directory, e.g. a journal): when the block is interrupted (Ctrl-C, SIGTERM) or fails (a lost rank, any error
+    but a full disk) and that file exists, the directory is kept for --resume instead of removed."""
     temporary = world.from_leader(out.parent / f".{out.name}.hcsmoe-partial-{os.getpid()}")
     lock = None
     if world.leader:
@@ -118,7 +118,8 @@ def atomic_directory(out: Path, overwrite: bool = False, world: World = SINGLE, 
         raise UserError(f"{os.strerror(code)} while writing into {out.parent}: free space there or choose another "
                         "--out; nothing was written under the requested name") from None
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if keep is None or not (temporary / keep).exists():  # a journaled run stays resumable after any failure
+            shutil.rmtree(temporary, ignore_errors=True)
         raise
     finally:
         if lock is not None and not temporary.exists():

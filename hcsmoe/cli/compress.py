@@ -108,7 +108,8 @@ def add_compress_parser(sub) -> None:
                         "the in-memory path would need more than the free memory]")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the interrupted run of this same command (its finished layers are kept beside --out; "
-                        "a different recipe or checkpoint is refused); streams, one process")
+                        "a different recipe, checkpoint or rank count is refused); streams; under torchrun, the same "
+                        "torchrun command with --resume")
     p.add_argument("--offload-dir", help="keep calibration hidden states in memory-mapped files in this directory "
                                           "(automatic with --stream when they would not fit)")
     p.add_argument("--sequential", nargs="?", const="on", choices=("on", "off", "corrective"),
@@ -244,7 +245,7 @@ def compress_command(o: dict, world, quiet: bool) -> int:
     if o["save_stats"] and Path(o["save_stats"]).exists() and not o["overwrite"]:
         raise UserError(f"statistics file {o['save_stats']} exists; choose another path or pass --overwrite")
 
-    resume = bool(o["resume"]) and resumable(out)
+    resume = bool(o["resume"]) and world.from_leader(resumable(out) if world.leader else None)
     result = compress(
         source, recipe, stats=stats, plan=plan, resume=resume,
         stream_to=out if resume or stream_choice(source, o["stream"], world) else None,

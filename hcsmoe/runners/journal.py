@@ -1,12 +1,13 @@
 """A streaming run's progress, kept in its temporary directory so that a run killed at layer 40 of 48 (out of
-memory, a preempted node, Ctrl-C) continues from layer 41 with `--resume` and writes the same bits.
+memory, a preempted node, Ctrl-C, a lost rank) continues from layer 41 with `--resume` and writes the same bits.
 
-After every decoder layer the journal records, each file replaced atomically and the state file last (the
-commit point): the shards written so far and the tensors still pending for the next shard, the finished
-layers' plans and statistics, the hidden states the next layer reads (both streams in corrective mode) and
-the RNG state and the thread count (the
-rounding of CPU kernels depends on it, so a resumed run takes the interrupted run's). The per-layer arguments (positions, masks) are recomputed from the calibration blocks, which
-are deterministic. A run started with other arguments or on another checkpoint is refused in one line.
+After every decoder layer each process records, each file replaced atomically: the shards it wrote so far and
+the tensors still pending for its next shard, the finished layers' plans and statistics, the hidden states the
+next layer reads (both streams in corrective mode) and the RNG state. Then the state file (the commit point,
+written by rank 0 once every rank kept its part) names the layer and the thread count: the rounding of CPU
+kernels depends on it, so a resumed run takes the interrupted run's. The per-layer arguments (positions,
+masks) are recomputed from the calibration blocks, which are deterministic. A run started with other arguments,
+on another checkpoint or with another number of ranks is refused in one line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from hcsmoe import __version__
 from hcsmoe.calibration.statistics import LayerStats, Statistics
 from hcsmoe.checkpoints.shards import ShardWriter
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import LayerPlan, Plan
 
@@ -41,11 +43,14 @@ def fingerprint(source: Path, recipe: dict, plan: Plan | None, world_size: int) 
 
 
 class Journal:
-    """The journal of one streaming run, in `directory` (the run's temporary output directory)."""
+    """The journal of one streaming run, in `directory` (the run's temporary output directory). Under torchrun
+    each rank keeps its own part (its shards, pending tensors and streams) in a folder of its own, and rank 0
+    commits a layer once every rank has kept its part."""
 
-    def __init__(self, directory: Path, print_: str):
+    def __init__(self, directory: Path, print_: str, world: World = SINGLE):
         self.folder = directory / FOLDER
-        self.print = print_
+        self.own = self.folder / f"rank-{world.rank}" if world.size > 1 else self.folder
+        self.print, self.world = print_, world
 
     def exists(self) -> bool:
         return (self.folder / STATE).is_file()
@@ -63,42 +68,51 @@ class Journal:
 
     def save(self, next_layer: int, writer: ShardWriter, layer_plans: list[LayerPlan], stats: list[LayerStats],
              top_k: int, hidden: list[torch.Tensor] | None, original: list[torch.Tensor] | None) -> None:
-        """Commit the run's progress up to decoder layer `next_layer` (exclusive)."""
-        self.folder.mkdir(exist_ok=True)
+        """Commit the run's progress up to decoder layer `next_layer` (exclusive): this rank's part, then (once
+        every rank kept its own) the state file, replaced atomically: a kill before it leaves the last commit."""
+        self.own.mkdir(parents=True, exist_ok=True)
         tensors = {f"pending.{key}": tensor for key, tensor in writer.pending.items()}
         for name, stream in (("hidden", hidden), ("original", original)):
             tensors |= {f"{name}.{b}": h.contiguous() for b, h in enumerate(stream or [])}
         tensors["rng"] = torch.get_rng_state()
-        save_file(tensors, str(self.folder / f"tensors-{next_layer}.safetensors"))
+        save_file(tensors, str(self.own / f"tensors-{next_layer}.safetensors"))
         if stats:
-            Statistics(stats, top_k, {}).save(self.folder / f"stats-{next_layer}.safetensors")
-        state = {"fingerprint": self.print, "next_layer": next_layer, "shards": writer.shards,
-                 "written": sorted(writer.written), "pending_bytes": writer.pending_bytes,
-                 "layer_plans": [asdict(layer_plan) for layer_plan in layer_plans], "with_stats": bool(stats),
-                 "streams": {"hidden": len(hidden or []), "original": len(original or [])},
-                 "threads": torch.get_num_threads()}
-        partial = self.folder / f".{STATE}.partial"
-        partial.write_text(json.dumps(state))
-        os.replace(partial, self.folder / STATE)  # the commit: a kill before it leaves the previous state whole
-        for old in self.folder.iterdir():  # the files of earlier commits
-            if old.name.split("-")[0] in ("tensors", "stats") and not old.name.startswith(
-                    (f"tensors-{next_layer}.", f"stats-{next_layer}.")):
+            Statistics(stats, top_k, {}).save(self.own / f"stats-{next_layer}.safetensors")
+        part = {"shards": writer.shards, "written": sorted(writer.written), "pending_bytes": writer.pending_bytes,
+                "layer_plans": [asdict(layer_plan) for layer_plan in layer_plans], "with_stats": bool(stats),
+                "streams": {"hidden": len(hidden or []), "original": len(original or [])}}
+        replace_text(self.own / f"part-{next_layer}.json", json.dumps(part))
+        self.world.barrier()
+        if self.world.leader:
+            replace_text(self.folder / STATE, json.dumps({"fingerprint": self.print, "next_layer": next_layer,
+                                                          "threads": torch.get_num_threads()}))
+        self.world.barrier()
+        for old in self.own.iterdir():  # this rank's parts of earlier commits
+            if old.name.split("-")[0] in ("tensors", "stats", "part") and old.name.split("-")[1].split(".")[0] != str(next_layer):
                 old.unlink()
 
     def restore(self, state: dict, writer: ShardWriter) -> tuple[list[LayerPlan], list[LayerStats], dict]:
-        """Give `writer` the journal's shards and pending tensors and the RNG its state; returns the finished
+        """Give `writer` this rank's shards and pending tensors and the RNG its state; returns the finished
         layers' plans and statistics and the saved streams ({"hidden": [...], "original": [...]})."""
-        tensors = load_file(str(self.folder / f"tensors-{state['next_layer']}.safetensors"))
-        writer.shards = [(keys, size) for keys, size in state["shards"]]
-        writer.written = set(state["written"])
+        layer = state["next_layer"]
+        part = json.loads((self.own / f"part-{layer}.json").read_text())
+        tensors = load_file(str(self.own / f"tensors-{layer}.safetensors"))
+        writer.shards = [(keys, size) for keys, size in part["shards"]]
+        writer.written = set(part["written"])
         writer.pending = {key.removeprefix("pending."): t for key, t in tensors.items() if key.startswith("pending.")}
-        writer.pending_bytes = state["pending_bytes"]
+        writer.pending_bytes = part["pending_bytes"]
         torch.set_rng_state(tensors["rng"])
-        streams = {name: [tensors[f"{name}.{b}"] for b in range(count)] for name, count in state["streams"].items()}
-        plans = [LayerPlan.from_dict(entry) for entry in state["layer_plans"]]
-        saved = self.folder / f"stats-{state['next_layer']}.safetensors"
-        stats = Statistics.load(saved).layers if state["with_stats"] else []
+        streams = {name: [tensors[f"{name}.{b}"] for b in range(count)] for name, count in part["streams"].items()}
+        plans = [LayerPlan.from_dict(entry) for entry in part["layer_plans"]]
+        stats = Statistics.load(self.own / f"stats-{layer}.safetensors").layers if part["with_stats"] else []
         return plans, stats, streams
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temporary file renamed over it)."""
+    partial = path.parent / f".{path.name}.partial"
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def take_threads_of(state: dict) -> None:

@@ -95,19 +95,19 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
     fmt = format_of(config)
     output_dtype = output_dtype_for(fmt, recipe.dtype, config)
     tokenizer = tokenizer or load_tokenizer(source)
-    signature = fingerprint(source, recipe.to_dict(), plan, world.size) if world.size == 1 else None
+    signature = fingerprint(source, recipe.to_dict(), plan, world.size)
     if recipe.sparsity is not None:
         raise UserError("--sparsity (STUN's unstructured stage) runs in memory: drop --stream (it saves nothing on "
                         "disk: the zeros are stored dense)")
-    if resume:
-        if world.size > 1:
-            raise UserError("--resume continues a run of one process; a torchrun job starts again without it")
+    if resume:  # every rank looks before rank 0 adopts the directory: a refused resume keeps the run
+        world.barrier()
         kept = [d for d in leftovers(target) if Journal(d, signature).exists()]
         if kept:
-            Journal(kept[-1], signature).check()  # before adopting it: a refused resume keeps the run
+            Journal(kept[-1], signature).check()
+        world.barrier()
     keep = f"{JOURNAL_FOLDER}/{JOURNAL_STATE}"
     with resumable_interrupts(target, signature), atomic_directory(target, overwrite, world, resume, keep) as directory:
-        journal = Journal(directory, signature) if signature else None
+        journal = Journal(directory, signature, world)
         compressor = StreamingCompressor(source, config, architecture_for(config), output_dtype, directory, device,
                                          progress, world)
         meta_layers = moe_layers(compressor.model, compressor.architecture)
@@ -130,7 +130,7 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
         finally:
             torch.set_num_threads(threads)
         compressor.writer.finish()
-        if journal is not None:
+        if world.leader:  # every rank is past the layers (the writer's finish gathered them)
             shutil.rmtree(journal.folder, ignore_errors=True)
         if offload_dir is not None and Path(offload_dir).parent == directory and world.leader:
             shutil.rmtree(offload_dir, ignore_errors=True)
@@ -150,17 +150,22 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
 
 
 @contextmanager
-def resumable_interrupts(target: Path, signature: str | None):
-    """Ctrl-C or SIGTERM after some layers were journaled: say how to resume (the directory is kept)."""
+def resumable_interrupts(target: Path, signature: str):
+    """A run stopped after some layers were journaled (Ctrl-C, SIGTERM, a lost rank, any failure): say how to
+    resume (the directory is kept)."""
     try:
         yield
-    except KeyboardInterrupt:
-        kept = [d for d in leftovers(target) if Journal(d, signature).exists()] if signature else []
+    except (KeyboardInterrupt, Exception) as error:
+        kept = [d for d in leftovers(target) if Journal(d, signature).exists()]
         if not kept:
             raise
         done = Journal(kept[-1], signature).state()["next_layer"]
-        raise Interrupted(f"interrupted; {done} decoder layers are done and kept in {kept[-1]}: run the same "
-                          "command with --resume to continue from there") from None
+        advice = (f"{done} decoder layers are done and kept in {kept[-1]}: run the same command with --resume to "
+                  "continue from there")
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; {advice}") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{reason}; {advice}") from None
 
 
 def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tensor | None,
