@@ -18,18 +18,16 @@ parameter count (`--width` chosen so K x I2 neurons hold LoSparse's count); the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 
 import torch
-from transformers.utils import logging
 
-from benchmarks.quality import PROMPTS, RESULTS, Bench, ratio
+from benchmarks.quality import PROMPTS, RESULTS, model_bench, ratio
+from benchmarks.size import mean
 from hcsmoe.calibration.text import LANGUAGES, calibration_blocks
 from hcsmoe.checkpoints.architectures import architecture_for, moe_layers
-from hcsmoe.checkpoints.loading import BUNDLED_MODELS
 from hcsmoe.pipeline import compress
 from hcsmoe.recipe import DEFAULT_CALIBRATION
 
@@ -105,16 +103,8 @@ def compress_experts(model, batches: dict) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
-    parser.add_argument("--max-tokens", type=int, help="validation tokens per language [all]")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     begin = time.perf_counter()
-    bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens, {}, shared_stats=False)
-    original = bench.original_row()
+    args, bench, original = model_bench(__doc__)
     experts = bench.experts
     k = experts // 2
     rows = []
@@ -146,15 +136,14 @@ def main() -> None:
             + " | mean ratio | mean KL | top-1 (mean) | gen prefix (mean) | s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        mean = lambda key: sum(r[f"{lang}/{key}"] for lang in LANGUAGES) / len(LANGUAGES)
         lines.append(f"| {r['method']} | {r['routed_parameters']:.3f} | "
                      + " | ".join(f"{r[f'{lang}/ppl']:.2f}" for lang in LANGUAGES)
-                     + f" | {ratio(r, original):.4f} | {mean('kl'):.4f} | {mean('top1'):.3f} | "
-                     f"{mean('gen_prefix'):.2f} | {r['seconds']:.0f} |")
+                     + f" | {ratio(r, original):.4f} | {mean(r, 'kl'):.4f} | {mean(r, 'top1'):.3f} | "
+                     f"{mean(r, 'gen_prefix'):.2f} | {r['seconds']:.0f} |")
     scope = f"first {args.max_tokens} tokens of each validation split" if args.max_tokens else "full validation splits"
     text = "\n".join([f"# MC-SMoE's compress stage on the bundled {args.model} model ({scope})", "",
-                      f"{experts} -> {k} experts. Routed parameters kept: of the original routed experts' "
-                      "weights, LoSparse's counted as rank x (out + in) + kept rows x in per matrix.", "",
+                      (f"{experts} -> {k} experts. Routed parameters kept: of the original routed experts' "
+                       "weights, LoSparse's counted as rank x (out + in) + kept rows x in per matrix."), "",
                       "\n".join(lines), "",
                       f"Whole benchmark: {(time.perf_counter() - begin) / 60:.1f} min on {torch.get_num_threads()} threads."])
     stem = f"mcsmoe-{args.model}" + ("-quick" if args.max_tokens else "")

@@ -200,6 +200,20 @@ class Bench:
         return results
 
 
+def model_bench(description: str) -> tuple[argparse.Namespace, Bench, dict]:
+    """--model, --max-tokens and --threads parsed and applied, the Bench (no shared statistics) and the original's
+    row: the start of every benchmark that scores a few compressed models of one bundled model."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
+    parser.add_argument("--max-tokens", type=int, help="validation tokens per language [all]")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens, {}, shared_stats=False)
+    return args, bench, bench.original_row()
+
+
 def ratio(row: dict, original: dict) -> float:
     return sum(row[f"{l}/ppl"] / original[f"{l}/ppl"] for l in LANGUAGES) / len(LANGUAGES)
 

@@ -12,16 +12,13 @@ the shape it chooses. --size's model is the chosen shape's row: the same recipe 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
-from transformers.utils import logging
 
-from benchmarks.quality import PROMPTS, RESULTS, Bench, ratio
+from benchmarks.quality import PROMPTS, RESULTS, model_bench, ratio
 from hcsmoe.calibration.text import LANGUAGES
-from hcsmoe.checkpoints.loading import BUNDLED_MODELS
 from hcsmoe.pipeline import compress
 from hcsmoe.recipe import Recipe
 from hcsmoe.sizing import choose_shape, model_shape, shape_grid
@@ -49,16 +46,8 @@ def table(rows: list[dict], original: dict, chosen: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
-    parser.add_argument("--max-tokens", type=int, help="validation tokens per language [all]")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     begin = time.perf_counter()
-    bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens, {}, shared_stats=False)
-    original = bench.original_row()
+    args, bench, original = model_bench(__doc__)
     start = time.perf_counter()
     _, record = choose_shape(bench.original, Recipe(size=FRACTION), tokenizer=bench.tokenizer, progress=False)
     probe_seconds = time.perf_counter() - start
@@ -77,9 +66,9 @@ def main() -> None:
     scope = f"first {args.max_tokens} tokens of each validation split" if args.max_tokens else "full validation splits"
     text = "\n".join([
         f"# --size {FRACTION} on the bundled {args.model} model ({scope})", "",
-        f"Every shape of the grid ({experts} experts of {width} neurons at the start), default recipe; the probe "
-        f"errors are --size's ({probe_seconds:.0f} s for all probes, closed-form recipe on "
-        f"{record['probe_blocks']} calibration blocks). Bold: the shape --size {FRACTION} chose.", "",
+        (f"Every shape of the grid ({experts} experts of {width} neurons at the start), default recipe; the probe "
+         f"errors are --size's ({probe_seconds:.0f} s for all probes, closed-form recipe on "
+         f"{record['probe_blocks']} calibration blocks). Bold: the shape --size {FRACTION} chose."), "",
         table(rows, original, record["chosen"]), "",
         f"Whole benchmark: {(time.perf_counter() - begin) / 60:.1f} min on {torch.get_num_threads()} threads."])
     RESULTS.mkdir(exist_ok=True)

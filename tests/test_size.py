@@ -35,7 +35,7 @@ def test_size_chooses_the_shape_with_the_lowest_held_out_error_and_writes_what_t
     assert record["fraction"] == 0.5 and [(t["experts"], t["width"]) for t in record["grid"]] == shape_grid(8, 16, 0.5, 2)
     best = min(record["grid"], key=lambda t: t["held_out_error"])
     assert record["chosen"] == {"experts": best["experts"], "width": best["width"]}
-    assert len(set(t["held_out_error"] for t in record["grid"])) == len(record["grid"])  # the shapes differ
+    assert len({t["held_out_error"] for t in record["grid"]}) == len(record["grid"])  # the shapes differ
     assert all(len(layer.groups) == best["experts"] for layer in sized.plan.layers)
     direct = compress(source, num_experts=best["experts"], width=best["width"] if best["width"] < 16 else None, **FAST)
     for name, tensor in direct.model.state_dict().items():
