@@ -11,7 +11,8 @@ with its true parameter count: no engine loads low-rank or sparse experts, so th
 output format.
 
 Rows at E/2 experts: M-SMoE as published; M-SMoE + LoSparse; the default recipe at the same routed-expert
-parameter count (`--width` chosen so K x I2 neurons hold LoSparse's count); the default at E/2 experts of I.
+parameter count (`--width` chosen so K x I2 neurons hold at most LoSparse's count, I2 a multiple of 8 as --width
+rounds); the default at E/2 experts of I.
 
     python -m benchmarks.mcsmoe [--model qwen2-moe] [--threads 1]   # writes benchmarks/results/mcsmoe-<model>.{md,json}
 """
@@ -26,6 +27,7 @@ import torch
 
 from benchmarks.quality import PROMPTS, RESULTS, model_bench, ratio
 from benchmarks.size import mean
+from hcsmoe.apply.narrow import WIDTH_MULTIPLE
 from hcsmoe.calibration.text import LANGUAGES, calibration_blocks
 from hcsmoe.checkpoints.architectures import architecture_for, moe_layers
 from hcsmoe.pipeline import compress
@@ -124,10 +126,10 @@ def main() -> None:
     share = k / experts * after / before
     scored(f"M-SMoE + LoSparse (rank {RANK}, {KEPT_ROWS:.0%} of S's rows)", merged, start, share)
     width = moe_layers(bench.original, architecture_for(bench.original.config))[0].experts.down_proj.shape[2]
-    neurons = math.floor(share * experts * width / k)
+    neurons = math.floor(share * experts * width / k) // WIDTH_MULTIPLE * WIDTH_MULTIPLE  # as --width rounds
     start = time.perf_counter()
     model = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k, width=neurons, progress=False).model
-    scored(f"default, -k {k} --width {neurons} (the same parameter count)", model, start, k * neurons / (experts * width))
+    scored(f"default, -k {k} --width {neurons} (at most LoSparse's parameters)", model, start, k * neurons / (experts * width))
     start = time.perf_counter()
     model = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k, progress=False).model
     scored(f"default, -k {k}", model, start, k / experts)

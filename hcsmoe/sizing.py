@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from hcsmoe.apply.narrow import WIDTH_MULTIPLE
 from hcsmoe.calibration.text import CALIBRATION_TOKENS
 from hcsmoe.checkpoints.architectures import architecture_for, expert_count, top_k
 from hcsmoe.checkpoints.loading import load_config, model_dir
@@ -27,13 +28,22 @@ GRID_POINTS = 5  # shapes tried: K = F*E, ..., E in equal steps
 PROBE_TOKENS = CALIBRATION_TOKENS // 4  # calibration tokens each probe compresses with
 
 
-def shape_grid(num_experts: int, width: int, fraction: float, top_k: int = 1) -> list[tuple[int, int]]:
+def shape_grid(num_experts: int, width: int, fraction: float, top_k: int = 1,
+               multiple: int = WIDTH_MULTIPLE) -> list[tuple[int, int]]:
     """(K, I2) pairs holding at most `fraction` of E x I neurons: K from the fewest experts that keep every
-    neuron to all E experts, each with the most neurons the budget leaves (at least top_k experts)."""
+    neuron to all E experts (at least top_k), each with the most neurons the budget leaves in multiples of
+    `multiple` (as --width rounds); of two shapes with one width the one with more experts stays, and a count
+    no multiple fits is left out."""
     budget = fraction * num_experts * width
     fewest = max(math.ceil(fraction * num_experts - 1e-9), top_k, 1)
     counts = sorted({round(fewest + j * (num_experts - fewest) / (GRID_POINTS - 1)) for j in range(GRID_POINTS)})
-    return [(k, min(width, int(budget // k + 1e-9))) for k in counts if int(budget // k + 1e-9) >= 1]
+    by_width: dict[int, int] = {}
+    for k in counts:
+        neurons = min(width, int(budget // k + 1e-9))
+        neurons = neurons if neurons == width else neurons // multiple * multiple
+        if neurons >= 1:
+            by_width[neurons] = k  # counts ascend: the last one for a width has the most experts
+    return sorted((k, neurons) for neurons, k in by_width.items())
 
 
 def config_of(model_or_path: PreTrainedModel | str | Path | None):

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from hcsmoe.apply.narrow import WIDTH_MULTIPLE
 from hcsmoe.pipeline import compress
 from hcsmoe.sizing import GRID_POINTS, shape_grid
 from tests.test_cli import assert_one_line_error, run_cli
@@ -16,16 +17,18 @@ from tests.test_compress import FAST
 
 
 @pytest.mark.parametrize("experts, width, fraction, top_k", [(32, 64, 0.5, 4), (60, 48, 0.5, 4), (8, 14336, 0.5, 2),
-                                                             (128, 768, 0.75, 8), (8, 16, 0.3, 2)])
+                                                             (128, 768, 0.75, 8), (8, 16, 0.5, 2)])
 def test_every_shape_of_the_grid_fits_the_budget_with_as_many_neurons_as_it_allows(experts, width, fraction, top_k):
+    """Widths in multiples of 8 (what engines' grouped kernels need) or all I; the fewest experts keep every
+    neuron; a width appears once, with the most experts the budget allows it."""
     grid = shape_grid(experts, width, fraction, top_k)
     budget = fraction * experts * width
-    counts = [k for k, _ in grid]
-    assert counts == sorted(set(counts)) and counts[-1] == experts and len(grid) <= GRID_POINTS
-    assert counts[0] == max(math.ceil(fraction * experts), top_k)
+    counts, widths = [k for k, _ in grid], [n for _, n in grid]
+    assert counts == sorted(set(counts)) and widths == sorted(set(widths), reverse=True) and len(grid) <= GRID_POINTS
+    assert grid[0] == (max(math.ceil(fraction * experts), top_k), width) and counts[-1] == experts
     for k, neurons in grid:
-        assert k * neurons <= budget and (neurons == width or k * (neurons + 1) > budget)
-    assert grid[0][1] == min(width, int(budget // counts[0]))
+        assert k * neurons <= budget and (neurons == width or neurons % WIDTH_MULTIPLE == 0)
+        assert neurons == width or k * (neurons + WIDTH_MULTIPLE) > budget
 
 
 def test_size_chooses_the_shape_with_the_lowest_held_out_error_and_writes_what_that_shape_writes(tiny_models):

@@ -101,3 +101,12 @@ def test_width_only_keeps_every_expert(capsys, tiny_models, tmp_path):
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["num_experts"] == 8 and config["moe_intermediate_size"] == 8
+
+
+def test_widths_come_in_multiples_engines_can_run():
+    """transformers' grouped expert kernels need 16-byte rows (a width of 46 fails there), MXFP4 blocks of 32:
+    a fraction rounds down to such a multiple, a count that is none is refused in one line."""
+    assert resolve_width(0.72, 64) == 40 and resolve_width(0.05, 64) == 8 and resolve_width(0.75, 64) == 48
+    assert resolve_width(0.5, 2880, multiple=32) == 1440 and resolve_width(0.3, 2880, multiple=32) == 864
+    with pytest.raises(UserError, match="multiple of 8 neurons.*choose 40 or 48"):
+        resolve_width(46, 64)

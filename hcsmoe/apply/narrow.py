@@ -27,9 +27,16 @@ from hcsmoe.checkpoints.architectures import Architecture, expert_parameters
 from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import Group
 
+# Neurons a narrower expert keeps come in multiples of this: transformers' grouped expert kernels read rows of
+# 16 bytes (8 bf16 values; a width of 46 fails there with "strides should be multiple of 16 bytes"), and an MXFP4
+# checkpoint stores its down projections in blocks of 32 inputs.
+WIDTH_MULTIPLE = 8
+MXFP4_WIDTH_MULTIPLE = 32
 
-def resolve_width(width: float | None, full: int) -> int | None:
-    """--width as a neuron count: a ratio of I for values up to 1, a count above; None when nothing narrows."""
+
+def resolve_width(width: float | None, full: int, multiple: int = WIDTH_MULTIPLE) -> int | None:
+    """--width as a neuron count: a ratio of I for values up to 1 (rounded down to a multiple of `multiple`, at
+    least one multiple), a count above (which must be such a multiple); None when nothing narrows."""
     if width is None:
         return None
     count = round(width * full) if width <= 1 else int(width)
@@ -37,6 +44,15 @@ def resolve_width(width: float | None, full: int) -> int | None:
         raise UserError(f"--width is a fraction of the experts' {full} neurons in (0, 1] or a count of them, got {width}")
     if count > full:
         raise UserError(f"--width {count}: the experts have {full} neurons; choose at most {full}")
+    if count == full:
+        return None
+    if width <= 1:
+        count = max(multiple, count // multiple * multiple)
+    elif count % multiple:
+        below, above = count // multiple * multiple, (count // multiple + 1) * multiple
+        raise UserError(f"--width {count}: engines need a multiple of {multiple} neurons (transformers' grouped expert "
+                        f"kernels read 16-byte rows; MXFP4 stores blocks of 32); choose {below or above} or "
+                        f"{min(above, full)}")
     return count if count < full else None
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hcsmoe import __version__
-from hcsmoe.apply.narrow import resolve_width
+from hcsmoe.apply.narrow import MXFP4_WIDTH_MULTIPLE, WIDTH_MULTIPLE, resolve_width
 from hcsmoe.calibration.statistics import Statistics
 from hcsmoe.checkpoints.architectures import (
     Architecture,
@@ -23,7 +23,7 @@ from hcsmoe.checkpoints.architectures import (
     group_limits,
     top_k,
 )
-from hcsmoe.checkpoints.formats import Format, Plain
+from hcsmoe.checkpoints.formats import Format, Mxfp4, Plain
 from hcsmoe.checkpoints.loading import STORED, parse_dtype
 from hcsmoe.errors import UserError
 from hcsmoe.fitting.router_fit import check_router_fit
@@ -102,7 +102,8 @@ def prepare(config, layers: list[MoELayer], recipe: Recipe, plan: Plan | None, s
     if plan is not None:
         check_plan_layers(plan, layers)
     recipe = dataclasses.replace(recipe, router_fit=fits_that_apply(architecture, stats, recipe))
-    width = resolve_width(recipe.width, expert_width(layers[0].experts, architecture))
+    multiple = MXFP4_WIDTH_MULTIPLE if isinstance(fmt, Mxfp4) and output_dtype is None else WIDTH_MULTIPLE
+    width = resolve_width(recipe.width, expert_width(layers[0].experts, architecture), multiple)
     if width is not None and architecture.width_key is None:
         raise UserError(f"--width: {architecture.name}'s shared experts take their width from the config key of its "
                         "routed experts, so a checkpoint with narrower routed experts would not load; drop --width")
