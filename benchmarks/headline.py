@@ -6,7 +6,8 @@ the original, and (at 50% removed) the mean matching prefix of greedy continuati
 of each column at each size is bold.
 
     python -m benchmarks.headline            # prints markdown
-    python -m benchmarks.headline --readme   # the README's rows only (bold: best of every row measured)
+    python -m benchmarks.headline --readme   # the README's rows only, both sizes in one table per model
+                                             # (bold: best of every row measured at that size)
 """
 
 from __future__ import annotations
@@ -37,23 +38,30 @@ def cells_of(row: dict, original: dict) -> dict:
     return cells
 
 
-# The README's rows: the default and --fast, the best published method (REAP) and HC-SMoE as published, each with
-# and without the fits.
-README_ROWS = ("**default**", "default --fast (closed form, no expert fit)", "reap as published", "reap + fits",
+# The README's rows: the default, --fast and the best expert-fit setting measured, the best published method (REAP)
+# and HC-SMoE as published, each with and without the fits.
+README_ROWS = ("**default**", "default --fast (closed form, no expert fit)",
+               "default, expert fit with plain steps (--refit-steps 100 --no-refit-whiten)", "reap as published", "reap + fits",
                "reap + fits + expert fit", "hc-smoe as published", "hc-smoe + fits", "hc-smoe + fits + expert fit")
+# Shorter names for the README's narrow tables.
+README_LABELS = {"default --fast (closed form, no expert fit)": "default --fast (closed form)",
+                 "default, expert fit with plain steps (--refit-steps 100 --no-refit-whiten)":
+                     "default, 100 plain steps (--refit-steps 100 --no-refit-whiten)"}
 
 
-def size_table(rows: list[dict], shown: tuple[str, ...] | None = None) -> list[str]:
-    """One size's table; `shown`: only these rows (in this order), the best of each column still over all."""
+def size_table(rows: list[dict], shown: tuple[str, ...] | None = None, every_column: bool = False) -> list[str]:
+    """One size's table; `shown`: only these rows (in this order), the best of each column still over all;
+    `every_column`: keep the columns no row measured (a dash), so that sizes line up."""
     original = next(r for r in rows if r["method"] == "original")
     compressed = [r for r in rows if r["method"] != "original"]
     values = [cells_of(r, original) for r in compressed]
-    columns = [c for c in COLUMNS if not all(math.isnan(v[c[1]]) for v in values)]
-    best = {key: pick(v[key] for v in values if not math.isnan(v[key])) for _, key, pick in columns}
+    columns = [c for c in COLUMNS if every_column or not all(math.isnan(v[c[1]]) for v in values)]
+    best = {key: pick((v[key] for v in values if not math.isnan(v[key])), default=math.nan) for _, key, pick in columns}
     digits = {"ratio": 3, "kl": 3, "top1": 3, "gen_prefix": 1}
     lines = ["| experts | method | " + " | ".join(name for name, _, _ in columns) + " |",
              "|" + "---|" * (len(columns) + 2)]
-    if shown is not None:
+    shown_only = shown is not None
+    if shown_only:
         order = {label: i for i, label in enumerate(shown)}
         kept = sorted((i for i, r in enumerate(compressed) if r["method"] in order),
                       key=lambda i: order[compressed[i]["method"]])
@@ -66,7 +74,8 @@ def size_table(rows: list[dict], shown: tuple[str, ...] | None = None) -> list[s
         for _, key, _ in columns:
             text = "–" if math.isnan(cell[key]) else f"{cell[key]:.{digits.get(key, 2)}f}"
             shown.append(f"**{text}**" if cell[key] == best[key] else text)
-        lines.append(f"| {row['experts']} | {row['method'].strip('*')} | " + " | ".join(shown) + " |")
+        label = README_LABELS.get(row["method"], row["method"]) if shown_only else row["method"]
+        lines.append(f"| {row['experts']} | {label.strip('*')} | " + " | ".join(shown) + " |")
     return lines
 
 
@@ -80,8 +89,12 @@ def main() -> None:
             continue
         report = json.loads(path.read_text())
         print(f"**{title}**, full validation splits (`benchmarks/results/quality-{name}.md`):\n")
-        for k, rows in report["sizes"].items():
-            print("\n".join(size_table(rows, shown)) + "\n")
+        if shown is None:
+            for k, rows in report["sizes"].items():
+                print("\n".join(size_table(rows, shown)) + "\n")
+            continue
+        tables = [size_table(rows, shown, every_column=True) for rows in report["sizes"].values()]
+        print("\n".join(tables[0] + [line for table in tables[1:] for line in table[3:]]) + "\n")  # one header
 
 
 if __name__ == "__main__":
