@@ -184,10 +184,9 @@ def default_output(model: str | None, k: int, size: float | None = None) -> Path
 
 def resumable(out: Path) -> bool:
     """Whether an interrupted run left its finished layers for `out`; says so in one line when it did not."""
-    from hcsmoe.checkpoints.saving import leftovers
-    from hcsmoe.runners.journal import FOLDER, STATE
+    from hcsmoe.runners.journal import journaled
 
-    if any((left / FOLDER / STATE).is_file() for left in leftovers(out.resolve())):
+    if journaled(out.resolve()):
         return True
     print(f"hcsmoe: no interrupted run of {out} to resume: starting from the first layer", file=sys.stderr)
     return False

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from hcsmoe import __version__
 from hcsmoe.calibration.statistics import LayerStats, Statistics
+from hcsmoe.checkpoints.saving import leftovers
 from hcsmoe.checkpoints.shards import ShardWriter
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
@@ -75,28 +76,29 @@ class Journal:
         for name, stream in (("hidden", hidden), ("original", original)):
             tensors |= {f"{name}.{b}": h.contiguous() for b, h in enumerate(stream or [])}
         tensors["rng"] = torch.get_rng_state()
-        save_file(tensors, str(self.own / f"tensors-{next_layer}.safetensors"))
+        names = part_names(next_layer)
+        save_file(tensors, str(self.own / names["tensors"]))
         if stats:
-            Statistics(stats, top_k, {}).save(self.own / f"stats-{next_layer}.safetensors")
+            Statistics(stats, top_k, {}).save(self.own / names["stats"])
         part = {"shards": writer.shards, "written": sorted(writer.written), "pending_bytes": writer.pending_bytes,
                 "layer_plans": [asdict(layer_plan) for layer_plan in layer_plans], "with_stats": bool(stats),
                 "streams": {"hidden": len(hidden or []), "original": len(original or [])}}
-        replace_text(self.own / f"part-{next_layer}.json", json.dumps(part))
+        replace_text(self.own / names["part"], json.dumps(part))
         self.world.barrier()
         if self.world.leader:
             replace_text(self.folder / STATE, json.dumps({"fingerprint": self.print, "next_layer": next_layer,
                                                           "threads": torch.get_num_threads()}))
         self.world.barrier()
         for old in self.own.iterdir():  # this rank's parts of earlier commits
-            if old.name.split("-")[0] in ("tensors", "stats", "part") and old.name.split("-")[1].split(".")[0] != str(next_layer):
+            if old.name.startswith(PART_PREFIXES) and not old.name.startswith(tuple(names.values())):  # + sidecars
                 old.unlink()
 
     def restore(self, state: dict, writer: ShardWriter) -> tuple[list[LayerPlan], list[LayerStats], dict]:
         """Give `writer` this rank's shards and pending tensors and the RNG its state; returns the finished
         layers' plans and statistics and the saved streams ({"hidden": [...], "original": [...]})."""
-        layer = state["next_layer"]
-        part = json.loads((self.own / f"part-{layer}.json").read_text())
-        tensors = load_file(str(self.own / f"tensors-{layer}.safetensors"))
+        names = part_names(state["next_layer"])
+        part = json.loads((self.own / names["part"]).read_text())
+        tensors = load_file(str(self.own / names["tensors"]))
         writer.shards = [(keys, size) for keys, size in part["shards"]]
         writer.written = set(part["written"])
         writer.pending = {key.removeprefix("pending."): t for key, t in tensors.items() if key.startswith("pending.")}
@@ -104,8 +106,23 @@ class Journal:
         torch.set_rng_state(tensors["rng"])
         streams = {name: [tensors[f"{name}.{b}"] for b in range(count)] for name, count in part["streams"].items()}
         plans = [LayerPlan.from_dict(entry) for entry in part["layer_plans"]]
-        stats = Statistics.load(self.own / f"stats-{layer}.safetensors").layers if part["with_stats"] else []
+        stats = Statistics.load(self.own / names["stats"]).layers if part["with_stats"] else []
         return plans, stats, streams
+
+
+PART_PREFIXES = ("tensors-", "stats-", "part-")
+
+
+def part_names(next_layer: int) -> dict[str, str]:
+    """The files of one rank's part of the commit up to decoder layer `next_layer` (the statistics file has a
+    sidecar, `<name>.json`)."""
+    return {"tensors": f"tensors-{next_layer}.safetensors", "stats": f"stats-{next_layer}.safetensors",
+            "part": f"part-{next_layer}.json"}
+
+
+def journaled(out: Path) -> list[Path]:
+    """The temporary directories of dead runs for `out` that hold a journal (oldest first): what --resume takes."""
+    return [left for left in leftovers(out) if (left / FOLDER / STATE).is_file()]
 
 
 def replace_text(path: Path, text: str) -> None:

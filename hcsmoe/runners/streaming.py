@@ -33,8 +33,13 @@ from hcsmoe.checkpoints.architectures import (
     moe_layers,
 )
 from hcsmoe.checkpoints.formats import format_of
-from hcsmoe.checkpoints.loading import load_config, load_tokenizer, materialize, model_dir
-from hcsmoe.checkpoints.saving import atomic_directory, check_output_dir, leftovers, write_config
+from hcsmoe.checkpoints.loading import (
+    load_config,
+    load_tokenizer,
+    materialize,
+    model_dir,
+)
+from hcsmoe.checkpoints.saving import atomic_directory, check_output_dir, write_config
 from hcsmoe.checkpoints.shards import MemorySource
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import Interrupted, UserError
@@ -46,7 +51,7 @@ from hcsmoe.recipe import Recipe
 from hcsmoe.result import CompressionResult
 from hcsmoe.runners.journal import FOLDER as JOURNAL_FOLDER
 from hcsmoe.runners.journal import STATE as JOURNAL_STATE
-from hcsmoe.runners.journal import Journal, fingerprint, take_threads_of
+from hcsmoe.runners.journal import Journal, fingerprint, journaled, take_threads_of
 from hcsmoe.runners.layerwise import (
     calibrate_layer,
     expert_chunks,
@@ -101,7 +106,7 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
                         "disk: the zeros are stored dense)")
     if resume:  # every rank looks before rank 0 adopts the directory: a refused resume keeps the run
         world.barrier()
-        kept = [d for d in leftovers(target) if Journal(d, signature).exists()]
+        kept = journaled(target)
         if kept:
             Journal(kept[-1], signature).check()
         world.barrier()
@@ -156,7 +161,7 @@ def resumable_interrupts(target: Path, signature: str):
     try:
         yield
     except (KeyboardInterrupt, Exception) as error:
-        kept = [d for d in leftovers(target) if Journal(d, signature).exists()]
+        kept = journaled(target)
         if not kept:
             raise
         done = Journal(kept[-1], signature).state()["next_layer"]
