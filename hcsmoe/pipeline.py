@@ -15,7 +15,6 @@ disk (streaming), or expert-parallel under torchrun; all three write the same bi
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -73,9 +72,7 @@ def compress(
                             "--width instead of --size with --stream or --stats")
         from hcsmoe.sizing import choose_shape
 
-        start = time.perf_counter()
         recipe, sizing = choose_shape(model_or_path, recipe, tokenizer=tokenizer, device=device, progress=progress)
-        sizing["seconds"] = round(time.perf_counter() - start, 3)
     recipe = recipe.following(plan).resolved(replanning=stats is not None)
     if recipe.sequential and stats is not None:
         raise UserError("sequential mode calibrates each layer after compressing the ones before it; it cannot "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -56,9 +57,8 @@ def probe_blocks(recipe: Recipe, config) -> int:
     return min(recipe.blocks or CALIBRATION_TOKENS // length, -(-PROBE_TOKENS // length))
 
 
-def model_shape(model_or_path: PreTrainedModel | str | Path | None) -> tuple[int, int, int]:
+def model_shape(config) -> tuple[int, int, int]:
     """E (routed experts per layer), I (their neurons) and the routing's top-k, from the config."""
-    config = config_of(model_or_path)
     architecture = architecture_for(config)
     if architecture.width_key is None:
         raise UserError(f"--size narrows experts, and {architecture.name}'s shared experts take their width from the "
@@ -81,8 +81,9 @@ def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str =
     if recipe.method is not None:
         raise UserError("--size compares shapes by the default recipe's per-layer choice; drop --method (or give "
                         "--experts and --width)")
-    num_experts, width, routed = model_shape(model_or_path)
-    grid, blocks = shape_grid(num_experts, width, recipe.size, routed), probe_blocks(recipe, config_of(model_or_path))
+    start, config = time.perf_counter(), config_of(model_or_path)
+    num_experts, width, routed = model_shape(config)
+    grid, blocks = shape_grid(num_experts, width, recipe.size, routed), probe_blocks(recipe, config)
     tried = []
     for k, neurons in grid:
         probe = dataclasses.replace(recipe, size=None, experts=k, width=neurons if neurons < width else None,
@@ -95,5 +96,6 @@ def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str =
     best = min(tried, key=lambda t: (t["held_out_error"], -t["width"]))
     chosen = dataclasses.replace(recipe, size=None, experts=best["experts"], width=best["width"] if best["width"] < width else None)
     record = {"fraction": recipe.size, "experts": num_experts, "neurons": width, "probe_blocks": blocks,
-              "probe_recipe": "fast", "grid": tried, "chosen": {"experts": best["experts"], "width": best["width"]}}
+              "probe_recipe": "fast", "grid": tried, "chosen": {"experts": best["experts"], "width": best["width"]},
+              "seconds": round(time.perf_counter() - start, 3)}
     return chosen, record
