@@ -200,9 +200,9 @@ class Bench:
         return results
 
 
-def model_bench(description: str) -> tuple[argparse.Namespace, Bench, dict]:
-    """--model, --max-tokens and --threads parsed and applied, the Bench (no shared statistics) and the original's
-    row: the start of every benchmark that scores a few compressed models of one bundled model."""
+def model_bench(description: str, shared_stats: bool = False) -> tuple[argparse.Namespace, Bench, dict]:
+    """--model, --max-tokens and --threads parsed and applied, the Bench (with the shared statistics only if asked)
+    and the original's row: the start of every benchmark that scores a few compressed models of one bundled model."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
     parser.add_argument("--max-tokens", type=int, help="validation tokens per language [all]")
@@ -210,7 +210,7 @@ def model_bench(description: str) -> tuple[argparse.Namespace, Bench, dict]:
     args = parser.parse_args()
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens, {}, shared_stats=False)
+    bench = Bench(BUNDLED_MODELS[args.model], args.max_tokens, {}, shared_stats=shared_stats)
     return args, bench, bench.original_row()
 
 

@@ -6,20 +6,15 @@ Rows (full validation splits, as benchmarks.quality): OWL-Wanda at 40% with ever
 stage at 80% of the experts then OWL-Wanda on the rest to 40% in all (as published, and with the default's
 closed-form fits); the default recipe keeping 60% of the experts (the same count of nonzero routed weights).
 
-    python -m benchmarks.stun [--model reference|qwen2-moe]   # writes benchmarks/results/stun-<model>.{md,json}
+    python -m benchmarks.stun [--model reference|qwen2-moe] [--threads 1]   # writes benchmarks/results/stun-<model>.{md,json}
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-import torch
-from transformers.utils import logging
-
-from benchmarks.quality import CLOSED_FORM_FITS, RESULTS, Bench, table
-from hcsmoe.checkpoints.loading import BUNDLED_MODELS
+from benchmarks.quality import CLOSED_FORM_FITS, RESULTS, model_bench, table
 
 TOTAL = 0.4  # STUN's headline sparsity of the routed experts
 
@@ -41,22 +36,17 @@ def rows(experts: int) -> list[tuple[str, int, dict]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     begin = time.perf_counter()
-    bench = Bench(BUNDLED_MODELS[args.model], None, {})
-    original = bench.original_row()
+    args, bench, original = model_bench(__doc__, shared_stats=True)  # STUN as published re-plans from them
     measured = [bench.row(label, k, options, 0) for label, k, options in rows(bench.experts)]
-    text = "\n".join([f"# STUN's claim on the bundled {args.model} model (full validation splits)", "",
+    scope = f"first {args.max_tokens} tokens of each validation split" if args.max_tokens else "full validation splits"
+    text = "\n".join([f"# STUN's claim on the bundled {args.model} model ({scope})", "",
                       table([original] + measured, original), "",
                       f"{(time.perf_counter() - begin) / 60:.1f} min on {args.threads} threads."])
+    stem = f"stun-{args.model}" + ("-quick" if args.max_tokens else "")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"stun-{args.model}.md").write_text(text + "\n")
-    (RESULTS / f"stun-{args.model}.json").write_text(json.dumps({"original": original, "rows": measured}, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(text + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"original": original, "rows": measured}, indent=1) + "\n")
     print(text)
 
 
