@@ -200,13 +200,17 @@ class Bench:
         return results
 
 
-def model_bench(description: str, shared_stats: bool = False) -> tuple[argparse.Namespace, Bench, dict]:
-    """--model, --max-tokens and --threads parsed and applied, the Bench (with the shared statistics only if asked)
-    and the original's row: the start of every benchmark that scores a few compressed models of one bundled model."""
+def model_bench(description: str, shared_stats: bool = False,
+                arguments=None) -> tuple[argparse.Namespace, Bench, dict]:
+    """--model, --max-tokens and --threads parsed and applied (with a benchmark's own, added by `arguments(parser)`),
+    the Bench (with the shared statistics only if asked) and the original's row: the start of every benchmark
+    that scores a few compressed models of one bundled model."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
     parser.add_argument("--max-tokens", type=int, help="validation tokens per language [all]")
     parser.add_argument("--threads", type=int, default=2)
+    if arguments is not None:
+        arguments(parser)
     args = parser.parse_args()
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

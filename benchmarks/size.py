@@ -1,13 +1,15 @@
-"""A size, not an expert count (--size): every shape of the grid at half the routed experts' parameters, each
-compressed with the default recipe and evaluated on the full validation splits, and the shape --size picks.
+"""A size, not an expert count (--size): every shape of the grid at a share of the routed experts' parameters
+(half by default), each compressed with the default recipe and evaluated on the full validation splits, and the
+shape --size picks.
 
-For each bundled model: the grid hcsmoe.sizing.shape_grid(E, I, 0.5) (K = E/2 experts of all I neurons, i.e.
-`-k E/2`, up to all E experts of I/2 neurons), each shape compressed by the default recipe (`-k K --width I2`)
+For each bundled model: the grid hcsmoe.sizing.shape_grid(E, I, F) (K = F*E experts of all I neurons, i.e.
+`-k F*E`, up to all E experts of F*I neurons), each shape compressed by the default recipe (`-k K --width I2`)
 and scored as benchmarks.quality scores its rows (perplexity, KL to the original, top-1 agreement, 64 greedy
 continuations); then the probe --size runs (the closed-form recipe on 16,384 calibration tokens per shape) and
 the shape it chooses. --size's model is the chosen shape's row: the same recipe writes the same bits.
 
-    python -m benchmarks.size [--model qwen2-moe] [--threads 1]   # writes benchmarks/results/size-<model>.{md,json}
+    python -m benchmarks.size [--model qwen2-moe] [--threads 1] [--fraction 0.75]
+    # writes benchmarks/results/size-<model>.{md,json} (F = 0.5) or size-<model>-<F>.{md,json}
 """
 
 from __future__ import annotations
@@ -23,20 +25,17 @@ from hcsmoe.pipeline import compress
 from hcsmoe.recipe import Recipe
 from hcsmoe.sizing import choose_shape, model_shape, shape_grid
 
-FRACTION = 0.5
-
-
 def mean(row: dict, key: str) -> float:
     return sum(row[f"{lang}/{key}"] for lang in LANGUAGES) / len(LANGUAGES)
 
 
-def table(rows: list[dict], original: dict, chosen: dict) -> str:
+def table(rows: list[dict], original: dict, chosen: dict, fraction: float) -> str:
     head = ("| experts | neurons | routed parameters kept | probe held-out error | "
             + " | ".join(f"{lang} ppl" for lang in LANGUAGES) + " | mean ratio | mean KL | top-1 (mean) | "
             "gen prefix (mean) | s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        mark = " **(--size 0.5)**" if (r["experts"], r["width"]) == (chosen["experts"], chosen["width"]) else ""
+        mark = f" **(--size {fraction:g})**" if (r["experts"], r["width"]) == (chosen["experts"], chosen["width"]) else ""
         cells = [f"{r['experts']}{mark}", str(r["width"]), f"{r['share']:.3f}", f"{r['probe_error']:.4f}"]
         cells += [f"{r[f'{lang}/ppl']:.2f}" for lang in LANGUAGES]
         cells += [f"{ratio(r, original):.4f}", f"{mean(r, 'kl'):.4f}", f"{mean(r, 'top1'):.3f}",
@@ -47,14 +46,16 @@ def table(rows: list[dict], original: dict, chosen: dict) -> str:
 
 def main() -> None:
     begin = time.perf_counter()
-    args, bench, original = model_bench(__doc__)
+    args, bench, original = model_bench(__doc__, arguments=lambda parser: parser.add_argument(
+        "--fraction", type=float, default=0.5, help="share of the routed experts' parameters kept [0.5]"))
+    fraction = args.fraction
     start = time.perf_counter()
-    _, record = choose_shape(bench.original, Recipe(size=FRACTION), tokenizer=bench.tokenizer, progress=False)
+    _, record = choose_shape(bench.original, Recipe(size=fraction), tokenizer=bench.tokenizer, progress=False)
     probe_seconds = time.perf_counter() - start
     errors = {(t["experts"], t["width"]): t["held_out_error"] for t in record["grid"]}
-    experts, width, top_k = model_shape(bench.original.config)
+    experts, width, top_k, _ = model_shape(bench.original.config)
     rows = []
-    for k, neurons in shape_grid(experts, width, FRACTION, top_k):
+    for k, neurons in shape_grid(experts, width, fraction, top_k):
         start = time.perf_counter()
         model = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k,
                          width=neurons if neurons < width else None, progress=False).model
@@ -65,14 +66,14 @@ def main() -> None:
         rows.append(row)
     scope = f"first {args.max_tokens} tokens of each validation split" if args.max_tokens else "full validation splits"
     text = "\n".join([
-        f"# --size {FRACTION} on the bundled {args.model} model ({scope})", "",
+        f"# --size {fraction:g} on the bundled {args.model} model ({scope})", "",
         (f"Every shape of the grid ({experts} experts of {width} neurons at the start), default recipe; the probe "
          f"errors are --size's ({probe_seconds:.0f} s for all probes, closed-form recipe on "
-         f"{record['probe_blocks']} calibration blocks). Bold: the shape --size {FRACTION} chose."), "",
-        table(rows, original, record["chosen"]), "",
+         f"{record['probe_blocks']} calibration blocks). Bold: the shape --size {fraction:g} chose."), "",
+        table(rows, original, record["chosen"], fraction), "",
         f"Whole benchmark: {(time.perf_counter() - begin) / 60:.1f} min on {torch.get_num_threads()} threads."])
     RESULTS.mkdir(exist_ok=True)
-    stem = f"size-{args.model}" + ("-quick" if args.max_tokens else "")
+    stem = f"size-{args.model}" + (f"-{fraction:g}" if fraction != 0.5 else "") + ("-quick" if args.max_tokens else "")
     (RESULTS / f"{stem}.md").write_text(text + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"original": original, "size": record, "rows": rows,
                                                       "probe_seconds": round(probe_seconds, 1)}, indent=1) + "\n")

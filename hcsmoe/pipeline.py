@@ -49,8 +49,9 @@ def compress(
     resume: bool = False,
     **recipe_options,
 ) -> CompressionResult:
-    """Compress an MoE model to K experts per layer by `recipe` (a Recipe, or its fields as keywords:
-    `num_experts=16`, `method="hc-smoe"`, `refit=RefitOptions(steps=30)`, ...; the default recipe if none).
+    """Compress an MoE model by `recipe` (a Recipe, or its fields as keywords: `num_experts=16`, `size=0.5`,
+    `method="hc-smoe"`, `refit=RefitOptions(steps=30)`, ...; the default recipe if none: half the routed
+    parameters, in the shape of experts and neurons that measures best, see hcsmoe/sizing.py).
 
     `model_or_path` is a checkpoint directory (None: the bundled reference model) or a loaded model, which is
     copied, never modified. Computation runs in float32; the result is cast to the recipe's dtype (default: the
@@ -66,13 +67,14 @@ def compress(
     `stream_to`.
     """
     recipe, sizing = with_options(recipe or Recipe(), recipe_options), None
-    if recipe.size is not None and plan is None:
-        if stream_to is not None or stats is not None:
-            raise UserError("--size compresses the model at each shape of its grid in memory: give --experts and "
-                            "--width instead of --size with --stream or --stats")
+    if recipe.size is not None and stats is not None:
+        raise UserError("--size compresses the model at each shape of its grid from its calibration text: give "
+                        "--experts and --width instead of --size with --stats")
+    if recipe.size_to_choose() is not None and plan is None and stats is None:
         from hcsmoe.sizing import choose_shape
 
-        recipe, sizing = choose_shape(model_or_path, recipe, tokenizer=tokenizer, device=device, progress=progress)
+        recipe, sizing = choose_shape(model_or_path, recipe, tokenizer=tokenizer, device=device, progress=progress,
+                                      stream_to=stream_to, world=world)
     recipe = recipe.following(plan).resolved(replanning=stats is not None)
     if recipe.sequential and stats is not None:
         raise UserError("sequential mode calibrates each layer after compressing the ones before it; it cannot "
@@ -86,7 +88,7 @@ def compress(
             raise UserError("streaming reads a checkpoint directory; pass its path instead of a loaded model")
         return compress_streaming(model_or_path, stream_to, recipe, tokenizer=tokenizer, stats=stats, plan=plan,
                                   keep_samples=keep_samples, offload_dir=offload_dir, overwrite=overwrite,
-                                  device=device, progress=progress, world=world, resume=resume)
+                                  device=device, progress=progress, world=world, resume=resume, size=sizing)
     from hcsmoe.runners.in_memory import compress_in_memory
 
     result = compress_in_memory(model_or_path, recipe, tokenizer=tokenizer, stats=stats, plan=plan,

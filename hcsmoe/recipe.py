@@ -22,6 +22,11 @@ from hcsmoe.planners.plan import ROUTERS, Plan
 # beats English-only calibration even on English at 50% removed (benchmarks/results/choices-*.md).
 DEFAULT_CALIBRATION = "wiki:en,fr,es"
 
+# The default size: half of the routed experts' parameters, in the shape (experts x neurons) that --size finds
+# best. On both bundled models it keeps every expert at half its width: mean ppl ratio 1.050 and 1.017 on full
+# validation against 1.068 and 1.036 for half the experts (benchmarks/results/size-*.md).
+DEFAULT_SIZE = 0.5
+
 # The default compressor, chosen on held-out train text of both bundled models (benchmarks/choices.py): per
 # layer, the better on held-out calibration tokens of two plans, each fitted to the original layer (router
 # fit, then down-projection refit): the K most salient experts (REAP) anchoring pairs whose merged expert
@@ -99,6 +104,15 @@ class Recipe:
             return int(self.experts)
         ratio = 0.5 if self.ratio is None else float(self.ratio)
         return num_experts - round(ratio * num_experts)
+
+    def size_to_choose(self) -> float | None:
+        """The share of the routed parameters whose shape --size chooses: --size, or DEFAULT_SIZE when nothing
+        else sets the shape (no --experts, --ratio, --width or named method)."""
+        if self.size is not None:
+            return self.size
+        if self.method is None and self.experts is None and self.ratio is None and self.width is None:
+            return DEFAULT_SIZE
+        return None
 
     def planner_options(self) -> dict:
         """The options given to the planner (unset ones omitted)."""

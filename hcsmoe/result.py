@@ -69,18 +69,22 @@ class CompressionResult:
 def model_card(result: CompressionResult, has_dendrograms: bool, evaluation: dict | None) -> str:
     """A README saying what this checkpoint is and exactly how it was made."""
     info, plan = result.info, result.plan
+    shape = f"{info['experts_before']} to {info['experts_after']} experts per layer"
+    if plan.width:
+        shape += f" of {plan.width} neurons"
     lines = [
         "---",
         "library_name: transformers",
         "tags: [mixture-of-experts, hcsmoe, expert-merging]",
         "---",
-        f"# {info['architecture']} compressed from {info['experts_before']} to {info['experts_after']} experts per layer",
+        f"# {info['architecture']} compressed from {shape}",
         "",
         f"Made by hcsmoe {info['hcsmoe_version']} from `{info['source'] or 'an in-memory model'}`.",
         "Loads with plain `transformers`: `AutoModelForCausalLM.from_pretrained(this_directory)`.",
         "",
         "## How",
         f"- method: `{plan.method}` with options `{json.dumps(plan.options)}`; router rows: `{plan.router}`",
+        *([f"- shape chosen by --size {plan.size['fraction']}: `{json.dumps(plan.size['grid'])}`"] if plan.size else []),
         f"- calibration: `{json.dumps(result.stats.info) if result.stats else 'plan applied without statistics'}`",
         f"- top-k routing unchanged ({info['top_k']}); weights saved as {info['dtype']}; seed {info['seed']}",
         "- `hcsmoe_plan.json`: per layer, which original experts form each merged expert, with their routing"

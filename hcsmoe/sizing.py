@@ -5,23 +5,29 @@ Each shape of a small grid (K from F*E to E, I2 = F*E*I/K) is compressed with th
 on a share of the calibration text; the shape whose fitted layers reproduce the original layers best on the
 per-layer choice's held-out tokens (mean over MoE layers) is then compressed with the whole recipe. The plan
 records the grid, each shape's error and the choice. Router rows (K x H) are not counted: under 1% of an
-expert's parameters at every supported shape.
+expert's parameters at every supported shape. The default recipe is --size 0.5 (recipe.DEFAULT_SIZE) unless
+--experts, --ratio, --width or a method set the shape. Where the experts cannot be narrowed (DeepSeek's
+shared experts read the routed experts' width key) only the count changes: F*E experts, no probes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from hcsmoe.apply.narrow import WIDTH_MULTIPLE
+from hcsmoe.apply.narrow import MXFP4_WIDTH_MULTIPLE, WIDTH_MULTIPLE
 from hcsmoe.calibration.text import CALIBRATION_TOKENS
 from hcsmoe.checkpoints.architectures import architecture_for, expert_count, top_k
+from hcsmoe.checkpoints.formats import Mxfp4, format_of
 from hcsmoe.checkpoints.loading import load_config, model_dir
+from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import UserError
 from hcsmoe.recipe import Recipe
 
@@ -57,14 +63,17 @@ def probe_blocks(recipe: Recipe, config) -> int:
     return min(recipe.blocks or CALIBRATION_TOKENS // length, -(-PROBE_TOKENS // length))
 
 
-def model_shape(config) -> tuple[int, int, int]:
-    """E (routed experts per layer), I (their neurons) and the routing's top-k, from the config."""
+def model_shape(config) -> tuple[int, int, int, bool]:
+    """E (routed experts per layer), I (their neurons), the routing's top-k, and whether the experts can be
+    narrowed (an architecture whose shared experts take their width from the routed experts' key cannot)."""
     architecture = architecture_for(config)
-    if architecture.width_key is None:
-        raise UserError(f"--size narrows experts, and {architecture.name}'s shared experts take their width from the "
-                        "config key of its routed experts; give --experts instead")
-    return (expert_count(config, architecture), int(getattr(config, architecture.width_key)),
-            top_k(config, architecture))
+    return (expert_count(config, architecture), int(getattr(config, architecture.width_key or "hidden_size")),
+            top_k(config, architecture), architecture.width_key is not None)
+
+
+def width_multiple(config, recipe: Recipe) -> int:
+    """What widths must be multiples of: as --width rounds (32 when the output stays MXFP4)."""
+    return MXFP4_WIDTH_MULTIPLE if isinstance(format_of(config), Mxfp4) and recipe.dtype is None else WIDTH_MULTIPLE
 
 
 def held_out_error(plan) -> float:
@@ -73,29 +82,60 @@ def held_out_error(plan) -> float:
     return sum(errors) / len(errors)
 
 
-def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str = "cpu",
-                 progress: bool = True) -> tuple[Recipe, dict]:
-    """The recipe with --size turned into --experts and --width, and the record of how (for the plan)."""
-    from hcsmoe.runners.in_memory import compress_in_memory
-
+def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str = "cpu", progress: bool = True,
+                 stream_to: Path | None = None, world: World = SINGLE) -> tuple[Recipe, dict]:
+    """The recipe with --size turned into --experts and --width, and the record of how (for the plan).
+    `stream_to` (the run's output): the probes stream the checkpoint too, each into a scratch directory beside
+    it that is removed after its plan is read (under torchrun, expert-parallel as the run itself)."""
     if recipe.method is not None:
         raise UserError("--size compares shapes by the default recipe's per-layer choice; drop --method (or give "
                         "--experts and --width)")
-    start, config = time.perf_counter(), config_of(model_or_path)
-    num_experts, width, routed = model_shape(config)
-    grid, blocks = shape_grid(num_experts, width, recipe.size, routed), probe_blocks(recipe, config)
-    tried = []
-    for k, neurons in grid:
+    start, config, fraction = time.perf_counter(), config_of(model_or_path), recipe.size_to_choose()
+    num_experts, width, routed, narrows = model_shape(config)
+    if not narrows:  # e.g. DeepSeek: only the count can change
+        if recipe.size is not None and progress and world.leader:
+            print(f"hcsmoe: --size {fraction}: {architecture_for(config).name}'s shared experts take their width "
+                  "from the routed experts' config key, so only the number of experts changes", file=sys.stderr)
+        grid = [(max(math.ceil(fraction * num_experts - 1e-9), routed), width)]
+    else:
+        grid = shape_grid(num_experts, width, fraction, routed, width_multiple(config, recipe))
+    blocks, tried = probe_blocks(recipe, config), []
+    for k, neurons in grid if len(grid) > 1 else []:
         probe = dataclasses.replace(recipe, size=None, experts=k, width=neurons if neurons < width else None,
                                     fast=True, refit=None, blocks=blocks).resolved()
-        result = compress_in_memory(model_or_path, probe, tokenizer=tokenizer, device=device, progress=False)
-        tried.append({"experts": k, "width": neurons, "held_out_error": round(held_out_error(result.plan), 6)})
-        if progress:
-            print(f"hcsmoe: --size {recipe.size}: {k} experts of {neurons} neurons, held-out error "
+        plan = probe_plan(model_or_path, probe, tokenizer, device, stream_to, world)
+        tried.append({"experts": k, "width": neurons, "held_out_error": round(held_out_error(plan), 6)})
+        if progress and world.leader:
+            print(f"hcsmoe: --size {fraction}: {k} experts of {neurons} neurons, held-out error "
                   f"{tried[-1]['held_out_error']:.4f}", file=sys.stderr)
-    best = min(tried, key=lambda t: (t["held_out_error"], -t["width"]))
+    tried = world.from_leader(tried)  # one choice for every rank
+    best = min(tried, key=lambda t: (t["held_out_error"], -t["width"])) if tried else {"experts": grid[0][0],
+                                                                                      "width": grid[0][1]}
     chosen = dataclasses.replace(recipe, size=None, experts=best["experts"], width=best["width"] if best["width"] < width else None)
-    record = {"fraction": recipe.size, "experts": num_experts, "neurons": width, "probe_blocks": blocks,
+    record = {"fraction": fraction, "experts": num_experts, "neurons": width, "probe_blocks": blocks,
               "probe_recipe": "fast", "grid": tried, "chosen": {"experts": best["experts"], "width": best["width"]},
               "seconds": round(time.perf_counter() - start, 3)}
     return chosen, record
+
+
+def probe_plan(model_or_path, probe: Recipe, tokenizer, device: str, stream_to: Path | None, world: World):
+    """The plan (with each layer's held-out errors) of one shape, compressed in memory or streamed."""
+    if stream_to is None:
+        from hcsmoe.runners.in_memory import compress_in_memory
+
+        return compress_in_memory(model_or_path, probe, tokenizer=tokenizer, device=device, progress=False).plan
+    from hcsmoe.runners.streaming import compress_streaming
+
+    out = Path(stream_to).resolve()
+    scratch = world.from_leader(out.parent / f".{out.name}.hcsmoe-size-probe-{os.getpid()}")
+    try:
+        plan = compress_streaming(model_or_path, scratch, probe, tokenizer=tokenizer, overwrite=True, device=device,
+                                  progress=False, world=world, journaled_run=False).plan
+    except BaseException:
+        if world.leader:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    world.barrier()  # every rank has read what it needs before the scratch goes
+    if world.leader:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return plan

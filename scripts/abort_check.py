@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--logs", type=Path, help="write each failed run's whole output there (run-N.txt)")
     args = parser.parse_args()
     from tests.conftest import make_tiny_model
 
@@ -44,6 +45,9 @@ def main() -> None:
         outcomes[outcome] += 1
         if outcome != "ok":
             print(f"run {run}: {outcome}, exit {done.returncode}\n{done.stderr[-4000:]}", flush=True)
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                (args.logs / f"run-{run}.txt").write_text(done.stdout + done.stderr)
     shutil.rmtree(work, ignore_errors=True)
     print(f"{args.runs} runs in {(time.perf_counter() - start) / 60:.1f} min: "
           + ", ".join(f"{name} {count}" for name, count in sorted(outcomes.items())))

@@ -14,6 +14,7 @@ from hcsmoe.pipeline import compress
 from hcsmoe.sizing import GRID_POINTS, shape_grid
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_compress import FAST
+from tests.test_streaming import SMALL, assert_same_checkpoint
 
 
 @pytest.mark.parametrize("experts, width, fraction, top_k", [(32, 64, 0.5, 4), (60, 48, 0.5, 4), (8, 14336, 0.5, 2),
@@ -56,8 +57,20 @@ def test_the_cli_saves_the_sized_model_and_its_grid(capsys, tiny_models, tmp_pat
     assert err.count("--size 0.5:") == len(plan["size"]["grid"])  # one line per shape tried
 
 
+def test_a_streamed_size_probes_by_streaming_and_writes_the_in_memory_bits(tiny_models, tmp_path):
+    """The probes stream too (for models larger than memory): the same errors, the same choice, the same
+    checkpoint, and no probe left beside the output."""
+    in_memory = compress(tiny_models["qwen3_moe"], size=0.5, **SMALL)
+    in_memory.save(tmp_path / "memory")
+    streamed = compress(tiny_models["qwen3_moe"], size=0.5, stream_to=tmp_path / "stream", **SMALL)
+    assert streamed.plan.size["grid"] == in_memory.plan.size["grid"]
+    assert_same_checkpoint(tmp_path / "stream", tmp_path / "memory")
+    saved = json.loads((tmp_path / "stream" / "hcsmoe_plan.json").read_text())
+    assert saved["size"]["chosen"] == in_memory.plan.size["chosen"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory", "stream"]
+
+
 @pytest.mark.parametrize("extra, message", [(["--size", "1.5"], "in (0, 1)"), (["--size", "0.5", "-k", "4"], "alone"),
-                                            (["--size", "0.5", "--stream"], "in memory"),
                                             (["--size", "0.5", "--method", "reap"], "drop --method")])
 def test_size_refusals(capsys, tiny_models, tmp_path, extra, message):
     code, _, err = run_cli(capsys, "compress", str(tiny_models["qwen3_moe"]), *extra, "--no-eval", "--out",
@@ -67,6 +80,20 @@ def test_size_refusals(capsys, tiny_models, tmp_path, extra, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_deepseek_is_refused_in_one_line(tiny_models):
-    with pytest.raises(Exception, match="shared experts"):
-        compress(tiny_models["deepseek_v3"], size=0.5, **FAST)
+def test_where_experts_cannot_narrow_the_size_is_a_count_of_experts(tiny_models):
+    """DeepSeek's shared experts read the routed experts' width key: --size keeps F*E whole experts, no probes."""
+    sized = compress(tiny_models["deepseek_v3"], size=0.5, **FAST)
+    assert sized.plan.size["grid"] == [] and sized.plan.size["chosen"]["experts"] == 4 and sized.plan.width is None
+    direct = compress(tiny_models["deepseek_v3"], num_experts=4, **FAST)
+    for name, tensor in direct.model.state_dict().items():
+        assert torch.equal(tensor, sized.model.state_dict()[name]), name
+
+
+def test_the_default_is_size_one_half_unless_the_shape_is_given(tiny_models):
+    from hcsmoe.recipe import Recipe
+
+    assert Recipe().size_to_choose() == 0.5 and Recipe(size=0.75).size_to_choose() == 0.75
+    for given in (dict(experts=4), dict(ratio=0.25), dict(width=0.5), dict(method="hc-smoe")):
+        assert Recipe(**given).size_to_choose() is None, given
+    default = compress(tiny_models["mixtral"], **FAST)
+    assert default.plan.size["fraction"] == 0.5 and len(default.plan.size["grid"]) > 1

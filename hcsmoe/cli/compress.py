@@ -64,14 +64,15 @@ def add_compress_parser(sub) -> None:
     p = sub.add_parser(
         "compress",
         help="merge the experts of an MoE checkpoint and save a smaller one",
-        description="Compress MODEL (default: the bundled reference MoE) to K experts per MoE layer.",
+        description="Compress MODEL (default: the bundled reference MoE) to half its routed experts' parameters "
+                    "(--size 0.5), or to K experts per MoE layer (--experts).",
     )
     p.add_argument("model", nargs="?", help="Hugging Face checkpoint directory (default: bundled reference model)")
     p.add_argument("--config", help="YAML recipe with any of the options below (command-line flags win)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--experts", "-k", type=int, help="experts to keep per MoE layer (K)")
-    size.add_argument("--ratio", type=float, help="fraction of experts to remove per layer, in (0, 1) [0.5]")
-    p.add_argument("--out", "-o", help="output directory [./<model>-hcsmoe-<K>e]")
+    size.add_argument("--ratio", type=float, help="fraction of experts to remove per layer, in (0, 1)")
+    p.add_argument("--out", "-o", help="output directory [./<model>-hcsmoe-size<F> or ./<model>-hcsmoe-<K>e]")
     p.add_argument("--method", help="planner, run as published: hc-smoe, ream, kmeans, m-smoe, f-prune, s-prune, o-prune, "
                                     "reap, ean, stun, random [default: the measured best recipe, see README]")
     p.add_argument("--linkage", help="hierarchical clustering linkage: average (default), single, complete, ward")
@@ -127,7 +128,7 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--size", type=float,
                    help="share of the routed experts' parameters to keep, in (0, 1): fewer experts, narrower experts "
                         "or both, the shape chosen by each one's held-out error after the closed-form recipe (a few "
-                        "quick compressions first; in memory) [off: --experts / --ratio]")
+                        "quick compressions first) [0.5 unless --experts, --ratio, --width or --method is given]")
     p.add_argument("--sparsity", type=float,
                    help="STUN's unstructured stage: zero this share of the routed experts' weights (OWL-weighted Wanda), "
                         "in memory; no engine stores MoE sparsity, so it saves nothing on disk or in memory [off]")
@@ -238,7 +239,8 @@ def compress_command(o: dict, world, quiet: bool) -> int:
     k = len(plan.layers[0].groups) if plan else recipe.kept(e)
     if k >= e and recipe.width is None:
         raise UserError(f"keeping {k} of {e} experts compresses nothing; choose --experts below {e} or give --width")
-    out = Path(o["out"]) if o["out"] else default_output(o["model"], k, recipe.size)
+    size = recipe.size_to_choose() if plan is None and not o["stats"] else None
+    out = Path(o["out"]) if o["out"] else default_output(o["model"], k, size)
     check_output_dir(out, source, bool(o["overwrite"]))
     stats = Statistics.load(o["stats"]) if o["stats"] else None
     if o["save_stats"] and Path(o["save_stats"]).exists() and not o["overwrite"]:

@@ -87,10 +87,12 @@ def available_memory() -> int:
 def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats: Statistics | None = None,
                        plan: Plan | None = None, keep_samples: bool = True, offload_dir=None, overwrite: bool = False,
                        device: str = "cpu", progress: bool = True, world: World = SINGLE,
-                       resume: bool = False) -> CompressionResult:
-    """compress() one decoder layer in memory at a time, each written as it is done (`recipe` resolved). One
-    process journals its progress after every layer: `resume` continues an interrupted run of the same command
-    (refused in one line for another recipe or checkpoint) and writes the same bits as an uninterrupted one."""
+                       resume: bool = False, journaled_run: bool = True, size: dict | None = None) -> CompressionResult:
+    """compress() one decoder layer in memory at a time, each written as it is done (`recipe` resolved). The run
+    journals its progress after every layer (unless not `journaled_run`: --size's throw-away probes): `resume`
+    continues an interrupted run of the same command (refused in one line for another recipe or checkpoint) and
+    writes the same bits as an uninterrupted one. `size`: --size's record of how the shape was chosen, for the
+    plan."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -110,9 +112,9 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
         if kept:
             Journal(kept[-1], signature).check()
         world.barrier()
-    keep = f"{JOURNAL_FOLDER}/{JOURNAL_STATE}"
+    keep = f"{JOURNAL_FOLDER}/{JOURNAL_STATE}" if journaled_run else None
     with resumable_interrupts(target, signature), atomic_directory(target, overwrite, world, resume, keep) as directory:
-        journal = Journal(directory, signature, world)
+        journal = Journal(directory, signature, world) if journaled_run else None
         compressor = StreamingCompressor(source, config, architecture_for(config), output_dtype, directory, device,
                                          progress, world)
         meta_layers = moe_layers(compressor.model, compressor.architecture)
@@ -135,7 +137,7 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
         finally:
             torch.set_num_threads(threads)
         compressor.writer.finish()
-        if world.leader:  # every rank is past the layers (the writer's finish gathered them)
+        if world.leader and journal is not None:  # every rank is past the layers (the writer's finish gathered them)
             shutil.rmtree(journal.folder, ignore_errors=True)
         if offload_dir is not None and Path(offload_dir).parent == directory and world.leader:
             shutil.rmtree(offload_dir, ignore_errors=True)
@@ -144,6 +146,8 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
                     "norm_topk_prob": normalizes_top_k(meta_layers), "sequential": recipe.sequential}
             stats = Statistics(layer_stats, job.top_k, info)
         plan.world_size = world.size
+        if size is not None:
+            plan.size, timings["choose size"] = size, size["seconds"]
         timings["total"] = time.perf_counter() - start
         info = job.info(source, plan, timings)
         info["streamed"] = True
