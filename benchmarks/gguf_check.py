@@ -1,7 +1,7 @@
 """Check that checkpoints convert with llama.cpp's own converter and run in llama.cpp with the same next-token
 log-probabilities as in transformers.
 
-    python -m benchmarks.gguf_check                  # the bundled models, original and compressed (4 checkpoints)
+    python -m benchmarks.gguf_check                  # the bundled models, original, fewer experts, half width (6)
     python -m benchmarks.gguf_check DIR [DIR ...]    # given checkpoint directories
     python -m benchmarks.gguf_check --tiny           # tiny random Mixtral (bf16), Qwen3-MoE in FP8 and GPT-OSS in
                                                      # MXFP4, and their compressions to 4 of 8 experts (same format)
@@ -202,19 +202,24 @@ def compare(reference: torch.Tensor, other: torch.Tensor, ids: torch.Tensor) -> 
 
 
 def describe(model_dir: Path) -> dict:
-    """Architecture and expert count from a checkpoint's config.json (expert-count keys from hcsmoe's adapters)."""
+    """Architecture, expert count and expert width from a checkpoint's config.json (keys from hcsmoe's adapters)."""
     config = load_config(model_dir)
-    return {"architecture": config.architectures[0], "experts": expert_count(config, architecture_for(config))}
+    architecture = architecture_for(config)
+    return {"architecture": config.architectures[0], "experts": expert_count(config, architecture),
+            "neurons": getattr(config, architecture.width_key) if architecture.width_key else None}
 
 
 def bundled_checkpoints(work: Path, experts: int, blocks: int) -> dict[str, Path]:
-    """The bundled models and their compressions to `experts` experts on `blocks` calibration blocks."""
+    """The bundled models, their compressions to `experts` experts and to every expert at half width (the shape
+    the default, --size 0.5, chose for both), on `blocks` calibration blocks."""
     checkpoints = {}
     for name, path in BUNDLED_MODELS.items():
         checkpoints[name] = path
-        compressed = work / f"{name}-{experts}e"
+        compressed, narrowed = work / f"{name}-{experts}e", work / f"{name}-half-width"
         compress(path, num_experts=experts, num_blocks=blocks, progress=False).save(compressed)
-        checkpoints[compressed.name] = compressed
+        every = describe(path)["experts"]
+        compress(path, num_experts=every, width=0.5, num_blocks=blocks, progress=False).save(narrowed)
+        checkpoints |= {compressed.name: compressed, narrowed.name: narrowed}
     return checkpoints
 
 
@@ -291,12 +296,12 @@ def check(model_dir: Path, work: Path, llama_cpp_dir: Path, sequences: int, leng
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the per-checkpoint results, with the rows' notes below it."""
-    lines = ["| checkpoint | architecture | experts | max abs Δ log p | mean abs Δ log p | top-1 agreement "
-             "| NLL transformers | NLL llama.cpp | tokenizer agreement |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | architecture | experts | neurons | max abs Δ log p | mean abs Δ log p | top-1 agreement "
+             "| NLL transformers | NLL llama.cpp | tokenizer agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
     marks: dict[str, str] = {}
     for r in rows:
         mark = marks.setdefault(r["note"], f"[{len(marks) + 1}]") if "note" in r else ""
-        head = f"| {r['checkpoint']}{mark} | {r['architecture']} | {r['experts']} |"
+        head = f"| {r['checkpoint']}{mark} | {r['architecture']} | {r['experts']} | {r.get('neurons') or '–'} |"
         if "error" in r:
             lines.append(f"{head} failed: {r['error'][-1]} |" + " |" * 5)
         else:
@@ -308,7 +313,8 @@ def table(rows: list[dict]) -> str:
 
 def report(rows: list[dict], setup: dict, out: Path) -> str:
     """Write out.json and out.md; return the markdown."""
-    compressed = (f" Compressed here: {setup['experts']} experts, calibrated on only {setup['blocks']} blocks "
+    compressed = (f" Compressed here: {setup['experts']} experts, and every expert at half its width, each calibrated "
+                  f"on only {setup['blocks']} blocks "
                   f"(this checks the format, not quality)." if "blocks" in setup else "")
     text = (f"llama.cpp (llama-cpp-python {setup['llama_cpp_python']}, its converter with gguf-py {setup['gguf_py']}) "
             f"against transformers {setup['transformers']}, both float32 (GGUF written with --outtype f32, float32 "

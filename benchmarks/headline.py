@@ -1,4 +1,5 @@
-"""The README's results tables, read from benchmarks/results/quality-<model>.json (run benchmarks.quality first).
+"""The README's results tables, read from benchmarks/results/quality-<model>.json (run benchmarks.quality first)
+and, for the default (--size F), size-<model>[-F].json (benchmarks.size).
 
 One table per model: for each size, the original, the default, and every method as published and with the
 fitting stages; the mean perplexity ratio over en/fr/es to the original, mean KL and top-1 agreement against
@@ -38,13 +39,17 @@ def cells_of(row: dict, original: dict) -> dict:
     return cells
 
 
-# The README's rows: the default, --fast and the best expert-fit setting measured, the best published method (REAP)
-# and HC-SMoE as published, each with and without the fits.
-README_ROWS = ("**default**", "default --fast (closed form, no expert fit)",
+# The README's rows: the default (--size F), the default recipe at the count F*E of whole experts, --fast and the
+# best expert-fit setting measured, the best published method (REAP) and HC-SMoE as published, each with and
+# without the fits.
+SIZE_LABEL = "**default** (--size {fraction:g})"
+README_ROWS = ("**default** (--size 0.5)", "**default** (--size 0.75)", "**default**",
+               "default --fast (closed form, no expert fit)",
                "default, expert fit with plain steps (--refit-steps 100 --no-refit-whiten)", "reap as published", "reap + fits",
                "reap + fits + expert fit", "hc-smoe as published", "hc-smoe + fits", "hc-smoe + fits + expert fit")
 # Shorter names for the README's narrow tables.
-README_LABELS = {"default --fast (closed form, no expert fit)": "default --fast (closed form)",
+README_LABELS = {"**default**": "default recipe, whole experts (-k)",
+                 "default --fast (closed form, no expert fit)": "default --fast (closed form)",
                  "default, expert fit with plain steps (--refit-steps 100 --no-refit-whiten)":
                      "default, 100 plain steps (--refit-steps 100 --no-refit-whiten)"}
 
@@ -58,7 +63,7 @@ def size_table(rows: list[dict], shown: tuple[str, ...] | None = None, every_col
     columns = [c for c in COLUMNS if every_column or not all(math.isnan(v[c[1]]) for v in values)]
     best = {key: pick((v[key] for v in values if not math.isnan(v[key])), default=math.nan) for _, key, pick in columns}
     digits = {"ratio": 3, "kl": 3, "top1": 3, "gen_prefix": 1}
-    lines = ["| experts | method | " + " | ".join(name for name, _, _ in columns) + " |",
+    lines = [f"| {'experts × neurons' if 'shape' in original else 'experts'} | method | " + " | ".join(name for name, _, _ in columns) + " |",
              "|" + "---|" * (len(columns) + 2)]
     shown_only = shown is not None
     if shown_only:
@@ -66,7 +71,7 @@ def size_table(rows: list[dict], shown: tuple[str, ...] | None = None, every_col
         kept = sorted((i for i, r in enumerate(compressed) if r["method"] in order),
                       key=lambda i: order[compressed[i]["method"]])
         compressed, values = [compressed[i] for i in kept], [values[i] for i in kept]
-    lines.append(f"| {original['experts']} | original | " + " | ".join(
+    lines.append(f"| {original.get('shape', original['experts'])} | original | " + " | ".join(
         f"{original[key]:.2f}" if key in original else ("1.000" if key == "ratio" else "–")
         for _, key, _ in columns) + " |")
     for row, cell in zip(compressed, values):
@@ -75,8 +80,33 @@ def size_table(rows: list[dict], shown: tuple[str, ...] | None = None, every_col
             text = "–" if math.isnan(cell[key]) else f"{cell[key]:.{digits.get(key, 2)}f}"
             shown.append(f"**{text}**" if cell[key] == best[key] else text)
         label = README_LABELS.get(row["method"], row["method"]) if shown_only else row["method"]
-        lines.append(f"| {row['experts']} | {label.strip('*')} | " + " | ".join(shown) + " |")
+        lines.append(f"| {row.get('shape', row['experts'])} | {label.replace('**', '')} | " + " | ".join(shown) + " |")
     return lines
+
+
+def with_sizes(model: str, rows: list[dict]) -> list[dict]:
+    """One size's rows with --size's chosen shape at that size (from benchmarks.size, when it was run), every row
+    labelled by its shape (experts x neurons)."""
+    original = next(r for r in rows if r["method"] == "original")
+    kept = next(r["experts"] for r in rows if r["method"] != "original")
+    width = None
+    sized = []
+    for path in sorted(RESULTS.glob(f"size-{model}*.json")):
+        if path.stem.endswith("-quick"):
+            continue
+        report = json.loads(path.read_text())
+        record = report["size"]
+        width = record["neurons"]
+        if round(record["fraction"] * record["experts"]) != kept:
+            continue
+        chosen = next(r for r in report["rows"] if (r["experts"], r["width"]) == (record["chosen"]["experts"],
+                                                                                  record["chosen"]["width"]))
+        sized.append({**chosen, "method": SIZE_LABEL.format(fraction=record["fraction"]),
+                      "shape": f"{chosen['experts']} × {chosen['width']}"})
+    if width is None:
+        return rows
+    shaped = [{**r, "shape": f"{r['experts']} × {width}"} for r in rows]
+    return [shaped[0], *sized, *shaped[1:]]
 
 
 def main() -> None:
@@ -93,7 +123,7 @@ def main() -> None:
             for k, rows in report["sizes"].items():
                 print("\n".join(size_table(rows, shown)) + "\n")
             continue
-        tables = [size_table(rows, shown, every_column=True) for rows in report["sizes"].values()]
+        tables = [size_table(with_sizes(name, rows), shown, every_column=True) for rows in report["sizes"].values()]
         print("\n".join(tables[0] + [line for table in tables[1:] for line in table[3:]]) + "\n")  # one header
 
 
