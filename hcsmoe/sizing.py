@@ -103,11 +103,13 @@ def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str =
     for k, neurons in grid if len(grid) > 1 else []:
         probe = dataclasses.replace(recipe, size=None, experts=k, width=neurons if neurons < width else None,
                                     fast=True, refit=None, blocks=blocks).resolved()
+        began = time.perf_counter()
         plan = probe_plan(model_or_path, probe, tokenizer, device, stream_to, world)
         tried.append({"experts": k, "width": neurons, "held_out_error": round(held_out_error(plan), 6)})
         if progress and world.leader:
             print(f"hcsmoe: --size {fraction}: {k} experts of {neurons} neurons, held-out error "
-                  f"{tried[-1]['held_out_error']:.4f}", file=sys.stderr)
+                  f"{tried[-1]['held_out_error']:.4f} ({time.perf_counter() - began:.0f} s; shape {len(tried)} of "
+                  f"{len(grid)})", file=sys.stderr)
     tried = world.from_leader(tried)  # one choice for every rank
     best = min(tried, key=lambda t: (t["held_out_error"], -t["width"])) if tried else {"experts": grid[0][0],
                                                                                       "width": grid[0][1]}
