@@ -21,10 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def cores_on() -> None:
+    """In the child before exec: no limit on core files."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--logs", type=Path, help="write each failed run's whole output there (run-N.txt)")
+    parser.add_argument("--cores", type=Path, help="run the ranks there with core dumps on (core_pattern 'core'): "
+                        "an aborted rank leaves its core for gdb")
     args = parser.parse_args()
     from tests.conftest import make_tiny_model
 
@@ -38,8 +47,8 @@ def main() -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "hcsmoe",
                    "compress", str(model), "-k", "4", "--stream", "--no-eval", "-q", "--threads", "1", "--blocks", "2",
                    "--block-size", "32", "--batch-size", "1", "--out", str(out)]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+        done = subprocess.run(command, cwd=args.cores or ROOT, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONFAULTHANDLER="1"), preexec_fn=cores_on if args.cores else None)
         aborted = "SIGABRT" in done.stderr or "Fatal Python error" in done.stderr
         outcome = "ok" if done.returncode == 0 and (out / "config.json").is_file() else "abort" if aborted else "failed"
         outcomes[outcome] += 1
