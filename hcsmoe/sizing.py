@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import sys
 import time
@@ -129,7 +128,7 @@ def probe_plan(model_or_path, probe: Recipe, tokenizer, device: str, stream_to: 
     from hcsmoe.runners.streaming import compress_streaming
 
     out = Path(stream_to).resolve()
-    scratch = world.from_leader(out.parent / f".{out.name}.hcsmoe-size-probe-{os.getpid()}")
+    scratch = out.parent / f".{out.name}.hcsmoe-size-probe"  # one name: a killed probe's leftovers go next time
     try:
         plan = compress_streaming(model_or_path, scratch, probe, tokenizer=tokenizer, overwrite=True, device=device,
                                   progress=False, world=world, journaled_run=False).plan
