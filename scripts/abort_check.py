@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--logs", type=Path, help="write each failed run's whole output there (run-N.txt)")
+    parser.add_argument("--until-abort", action="store_true", help="stop at the first abort")
     parser.add_argument("--cores", type=Path, help="run the ranks there with core dumps on (core_pattern 'core'): "
                         "an aborted rank leaves its core for gdb")
     args = parser.parse_args()
@@ -57,8 +58,10 @@ def main() -> None:
             if args.logs:
                 args.logs.mkdir(parents=True, exist_ok=True)
                 (args.logs / f"run-{run}.txt").write_text(done.stdout + done.stderr)
+            if args.until_abort and outcome == "abort":
+                break
     shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.runs} runs in {(time.perf_counter() - start) / 60:.1f} min: "
+    print(f"{sum(outcomes.values())} runs in {(time.perf_counter() - start) / 60:.1f} min: "
           + ", ".join(f"{name} {count}" for name, count in sorted(outcomes.items())))
 
 
