@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     parser = build_parser()
     args = parser.parse_args(argv)
+    code = run(args)
+    from hcsmoe.distributed import exit_now_if_left_a_job
+
+    return exit_now_if_left_a_job(code)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command's exit code; a bad input or an interruption is one line on stderr."""
     try:
         return int(args.run(args) or 0)
     except UserError as error:
