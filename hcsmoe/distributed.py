@@ -169,7 +169,7 @@ _left_a_job = False
 def exit_now_if_left_a_job(code: int) -> int:
     """A rank that has left its job ends here, skipping the interpreter's teardown: about one job in a hundred
     aborted there (SIGABRT, "terminate called without an active exception", no Python frame left to show)
-    after its work was written, as gloo's threads and sockets were torn down at exit. Nothing is left to do
+    after its work was written (docs/scale.md). Nothing is left to do
     by then: output renamed into place, files closed, process group destroyed. Otherwise returns `code`."""
     if _left_a_job:
         sys.stdout.flush()
