@@ -111,17 +111,21 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
 
 
 def in_memory(layers: int, blocks: int, block_size: int, fast: bool = False) -> dict:
-    """Peak memory of the in-memory path (--no-stream) over the checkpoint's size, for a weighted merge and for
-    the default recipe: what `hcsmoe compress` sizes its choice of streaming by (commands.IN_MEMORY_FACTOR)."""
+    """Peak memory of the in-memory path (--no-stream) over the checkpoint's size, for a weighted merge and the
+    default recipe at 64 experts, and for the default itself (--size 0.5, its probes included): what `hcsmoe
+    compress` sizes its choice of streaming by (commands.IN_MEMORY_FACTOR)."""
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
     source = root / "qwen3-synthetic"
     size = write_synthetic_checkpoint(source, layers)
     result = {"layers": layers, "checkpoint_bytes": size, "calibration_tokens": blocks * block_size}
-    for name, method in (("hc-smoe", ["--method", "hc-smoe"]), ("default --fast" if fast else "default",
-                                                                 ["--fast"] if fast else [])):
+    default = ["--fast"] if fast else []
+    runs = (("hc-smoe", ["--experts", "64", "--method", "hc-smoe"]),
+            ("default --fast" if fast else "default", ["--experts", "64", *default]),
+            ("default --fast, --size 0.5" if fast else "default, --size 0.5", default))  # the default's own shape
+    for name, method in runs:
         out = root / name
         start = time.perf_counter()
-        peak = peak_resident_bytes(["compress", str(source), "--experts", "64", "--out", str(out), "--no-stream",
+        peak = peak_resident_bytes(["compress", str(source), "--out", str(out), "--no-stream",
                                     "--no-eval", "--quiet", "--blocks", str(blocks), "--block-size", str(block_size),
                                     "--batch-size", "1", *method])
         result[name] = {"peak_rss_bytes": peak, "peak_over_checkpoint": round(peak / size, 2),

@@ -272,8 +272,10 @@ def compress_command(o: dict, world, quiet: bool) -> int:
 # Peak memory of the in-memory path over the checkpoint as it holds it (as stored; a quantized one decoded to
 # float32): measured 1.7x for a weighted merge and 3.1x for the default recipe on one real Qwen3-30B-A3B-shaped
 # layer, the worst case (a layer's working copies weigh less against more layers); before the model was held as
-# stored, 4.3x and 6.6x (`python -m benchmarks.streaming in-memory --layers 1`).
-IN_MEMORY_FACTOR = 4
+# stored, 4.3x and 6.6x (`python -m benchmarks.streaming in-memory --layers 1`). The default's own shape
+# (--size 0.5: 128 experts of 384 there, probes included) was still running at 4.9x after 16 minutes (the run
+# was stopped, not finished), so the margin is raised to 6x until it is measured whole.
+IN_MEMORY_FACTOR = 6
 
 
 def should_stream(source: Path, stream: bool | None) -> bool:
