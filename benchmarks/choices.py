@@ -74,24 +74,24 @@ def bundled_model(description: str, with_only: bool = False) -> tuple[str, objec
     return (*loaded, args.only) if with_only else loaded
 
 
-def kept_rows(name: str, only: str | None) -> dict:
+def kept_rows(name: str, only: str | None, report: str = "choices") -> dict:
     """With --only: the last run's rows by (experts, label), except those whose label holds the text."""
     if only is None:
         return {}
-    saved = json.loads((RESULTS / f"choices-{name}.json").read_text())["rows"]
+    saved = json.loads((RESULTS / f"{report}-{name}.json").read_text())["rows"]
     return {(r["experts"], r["setting"]): r for r in saved if only not in r["setting"]}
 
 
-def main() -> None:
-    start = time.perf_counter()
-    name, tokenizer, original, only = bundled_model(__doc__, with_only=True)
-    kept = kept_rows(name, only)
+def measure(original, tokenizer, candidates: list[tuple[str, dict]], kept: dict) -> tuple[list[dict], dict]:
+    """Every candidate at 25% and 50% of the experts removed, as perplexity ratios to the original on the
+    held-out train slices and the validation splits (rows in `kept` are taken as they are); and the
+    original's perplexities."""
     sources = texts()
     base = {name: m["ppl"] for name, m in evaluate(original, tokenizer, texts=sources, max_tokens=MAX_TOKENS)["languages"].items()}
     e = expert_count(original.config, architecture_for(original.config))
     rows = []
     for k in (e * 3 // 4, e // 2):
-        for label, options in CANDIDATES:
+        for label, options in candidates:
             if (k, label) in kept:
                 rows.append(kept[(k, label)])
                 continue
@@ -102,6 +102,13 @@ def main() -> None:
             rows.append({"experts": k, "setting": label, "seconds": round(seconds, 1),
                          **{name: round(m["ppl"] / base[name], 4) for name, m in scores.items()}})
             print(json.dumps(rows[-1]), flush=True)
+    return rows, base
+
+
+def main() -> None:
+    start = time.perf_counter()
+    name, tokenizer, original, only = bundled_model(__doc__, with_only=True)
+    rows, base = measure(original, tokenizer, CANDIDATES, kept_rows(name, only))
     write(name, rows, base, time.perf_counter() - start, only)
 
 
@@ -109,7 +116,8 @@ def mean(row: dict, split: str) -> float:
     return sum(row[f"{lang}-{split}"] for lang in LANGUAGES) / len(LANGUAGES)
 
 
-def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | None = None) -> None:
+def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | None = None,
+          report: str = "choices") -> None:
     columns = [f"{lang}-train" for lang in LANGUAGES]
     head = ("| experts | setting | " + " | ".join(columns) + " | **mean (train, chooses)** | mean (validation) | s |")
     lines = [head, "|" + "---|" * (len(columns) + 5)]
@@ -124,9 +132,9 @@ def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | N
                f"\n\nRows whose setting holds {only!r} rerun with the current code ({seconds / 60:.1f} min on "
                f"{torch.get_num_threads()} threads, `--only`); the others from earlier runs (the last full run or an earlier `--only`).\n"))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"choices-{name}.json").write_text(json.dumps({"rows": rows, "original_ppl": base,
-                                                              "seconds": round(seconds, 1)}, indent=1) + "\n")
-    (RESULTS / f"choices-{name}.md").write_text(text)
+    (RESULTS / f"{report}-{name}.json").write_text(json.dumps({"rows": rows, "original_ppl": base,
+                                                               "seconds": round(seconds, 1)}, indent=1) + "\n")
+    (RESULTS / f"{report}-{name}.md").write_text(text)
     print(text)
 
 

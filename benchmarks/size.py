@@ -53,7 +53,7 @@ def main() -> None:
     _, record = choose_shape(bench.original, Recipe(size=fraction), tokenizer=bench.tokenizer, progress=False)
     probe_seconds = time.perf_counter() - start
     errors = {(t["experts"], t["width"]): t["held_out_error"] for t in record["grid"]}
-    experts, width, top_k, _ = model_shape(bench.original.config)
+    experts, width, top_k = model_shape(bench.original.config)
     rows = []
     for k, neurons in shape_grid(experts, width, fraction, top_k):
         start = time.perf_counter()

@@ -70,7 +70,7 @@ def compress(
     if recipe.size is not None and stats is not None:
         raise UserError("--size compresses the model at each shape of its grid from its calibration text: give "
                         "--experts and --width instead of --size with --stats")
-    if recipe.size_to_choose() is not None and plan is None and stats is None:
+    if recipe.size_to_choose(with_plan=plan is not None, with_stats=stats is not None) is not None:
         from hcsmoe.sizing import choose_shape
 
         recipe, sizing = choose_shape(model_or_path, recipe, tokenizer=tokenizer, device=device, progress=progress,
@@ -91,12 +91,8 @@ def compress(
                                   device=device, progress=progress, world=world, resume=resume, size=sizing)
     from hcsmoe.runners.in_memory import compress_in_memory
 
-    result = compress_in_memory(model_or_path, recipe, tokenizer=tokenizer, stats=stats, plan=plan,
-                                offload_dir=offload_dir, device=device, progress=progress)
-    if sizing is not None:
-        result.plan.size = sizing
-        result.info["seconds"] = {"choose size": sizing["seconds"], **result.info["seconds"]}
-    return result
+    return compress_in_memory(model_or_path, recipe, tokenizer=tokenizer, stats=stats, plan=plan,
+                              offload_dir=offload_dir, device=device, progress=progress, size=sizing)
 
 
 def with_options(recipe: Recipe, options: dict) -> Recipe:

@@ -105,9 +105,12 @@ class Recipe:
         ratio = 0.5 if self.ratio is None else float(self.ratio)
         return num_experts - round(ratio * num_experts)
 
-    def size_to_choose(self) -> float | None:
+    def size_to_choose(self, with_plan: bool = False, with_stats: bool = False) -> float | None:
         """The share of the routed parameters whose shape --size chooses: --size, or DEFAULT_SIZE when nothing
-        else sets the shape (no --experts, --ratio, --width or named method)."""
+        else sets the shape (no --experts, --ratio, --width or named method). None when re-applying a plan (it
+        holds its shape) or re-planning from a statistics file (no text to compress the probes with)."""
+        if with_plan or with_stats:
+            return None
         if self.size is not None:
             return self.size
         if self.method is None and self.experts is None and self.ratio is None and self.width is None:
@@ -123,7 +126,7 @@ class Recipe:
         if plan is None:
             return self
         refit = (RefitOptions(**plan.refit) if plan.refit else False) if self.refit is None else self.refit
-        router_fit = ((RouterFitOptions(**plan.router_fit) if plan.router_fit else False)
+        router_fit = ((RouterFitOptions.from_dict(plan.router_fit) if plan.router_fit else False)
                       if self.router_fit is None else self.router_fit)
         return dataclasses.replace(self, method=self.method or plan.method, refit=refit, router_fit=router_fit,
                                    sequential=plan.sequential if self.sequential is None else self.sequential,

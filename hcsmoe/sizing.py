@@ -40,8 +40,7 @@ def shape_grid(num_experts: int, width: int, fraction: float, top_k: int = 1,
     neuron to all E experts (at least top_k), each with the most neurons the budget leaves in multiples of
     `multiple` (as --width rounds); of two shapes with one width the one with more experts stays, and a count
     no multiple fits is left out."""
-    budget = fraction * num_experts * width
-    fewest = max(math.ceil(fraction * num_experts - 1e-9), top_k, 1)
+    budget, fewest = fraction * num_experts * width, fewest_experts(num_experts, fraction, top_k)
     counts = sorted({round(fewest + j * (num_experts - fewest) / (GRID_POINTS - 1)) for j in range(GRID_POINTS)})
     by_width: dict[int, int] = {}
     for k in counts:
@@ -50,6 +49,11 @@ def shape_grid(num_experts: int, width: int, fraction: float, top_k: int = 1,
         if neurons >= 1:
             by_width[neurons] = k  # counts ascend: the last one for a width has the most experts
     return sorted((k, neurons) for neurons, k in by_width.items())
+
+
+def fewest_experts(num_experts: int, fraction: float, top_k: int) -> int:
+    """The fewest whole experts holding `fraction` of the layer (at least the routing's top-k)."""
+    return max(math.ceil(fraction * num_experts - 1e-9), top_k, 1)
 
 
 def config_of(model_or_path: PreTrainedModel | str | Path | None):
@@ -62,12 +66,12 @@ def probe_blocks(recipe: Recipe, config) -> int:
     return min(recipe.blocks or CALIBRATION_TOKENS // length, -(-PROBE_TOKENS // length))
 
 
-def model_shape(config) -> tuple[int, int, int, bool]:
-    """E (routed experts per layer), I (their neurons), the routing's top-k, and whether the experts can be
-    narrowed (an architecture whose shared experts take their width from the routed experts' key cannot)."""
+def model_shape(config) -> tuple[int, int | None, int]:
+    """E (routed experts per layer), I (their neurons; None where the experts cannot be narrowed: an
+    architecture whose shared experts take their width from the routed experts' key) and the routing's top-k."""
     architecture = architecture_for(config)
-    return (expert_count(config, architecture), int(getattr(config, architecture.width_key or "hidden_size")),
-            top_k(config, architecture), architecture.width_key is not None)
+    width = int(getattr(config, architecture.width_key)) if architecture.width_key else None
+    return expert_count(config, architecture), width, top_k(config, architecture)
 
 
 def width_multiple(config, recipe: Recipe) -> int:
@@ -90,12 +94,12 @@ def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str =
         raise UserError("--size compares shapes by the default recipe's per-layer choice; drop --method (or give "
                         "--experts and --width)")
     start, config, fraction = time.perf_counter(), config_of(model_or_path), recipe.size_to_choose()
-    num_experts, width, routed, narrows = model_shape(config)
-    if not narrows:  # e.g. DeepSeek: only the count can change
+    num_experts, width, routed = model_shape(config)
+    if width is None:  # e.g. DeepSeek: only the count can change
         if recipe.size is not None and progress and world.leader:
             print(f"hcsmoe: --size {fraction}: {architecture_for(config).name}'s shared experts take their width "
                   "from the routed experts' config key, so only the number of experts changes", file=sys.stderr)
-        grid = [(max(math.ceil(fraction * num_experts - 1e-9), routed), width)]
+        grid = [(fewest_experts(num_experts, fraction, routed), None)]
     else:
         grid = shape_grid(num_experts, width, fraction, routed, width_multiple(config, recipe))
     blocks, tried = probe_blocks(recipe, config), []
@@ -112,7 +116,8 @@ def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str =
     tried = world.from_leader(tried)  # one choice for every rank
     best = min(tried, key=lambda t: (t["held_out_error"], -t["width"])) if tried else {"experts": grid[0][0],
                                                                                       "width": grid[0][1]}
-    chosen = dataclasses.replace(recipe, size=None, experts=best["experts"], width=best["width"] if best["width"] < width else None)
+    narrower = best["width"] is not None and best["width"] < width
+    chosen = dataclasses.replace(recipe, size=None, experts=best["experts"], width=best["width"] if narrower else None)
     record = {"fraction": fraction, "experts": num_experts, "neurons": width, "probe_blocks": blocks,
               "probe_recipe": "fast", "grid": tried, "chosen": {"experts": best["experts"], "width": best["width"]},
               "seconds": round(time.perf_counter() - start, 3)}

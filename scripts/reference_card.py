@@ -4,7 +4,7 @@ Validation perplexity and bits per byte per language, and per-layer expert usage
 validation text of all three languages together (the "no dead expert" check: every expert must get
 at least 20% of the uniform share 1/E).
 
-    python scripts/reference_card.py [--model hcsmoe/reference | hcsmoe/reference-qwen2-moe]
+    python scripts/reference_card.py [--model hcsmoe/reference | hcsmoe/reference-qwen2-moe | hcsmoe/reference-deepseek-v3]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from transformers.utils import logging
 
 from hcsmoe.calibration.text import LANGUAGES, token_stream, wiki_texts
+from hcsmoe.checkpoints.architectures import architecture_for, expert_count
 from hcsmoe.evaluation.evaluate import evaluate
 from hcsmoe.checkpoints.loading import REFERENCE_MODEL, load_model, load_tokenizer
 from hcsmoe.evaluation.usage import routing_counts, share_of_uniform
@@ -75,6 +76,15 @@ def main() -> None:
                  f"top-k weights not renormalised) **plus an always-on shared expert** (width "
                  f"{c.shared_expert_intermediate_size}) behind a sigmoid gate, as Qwen1.5-MoE-A2.7B")
         tokenizer_line = "Tokenizer: the reference model's (`hcsmoe/reference`), reused as is."
+    elif c.model_type == "deepseek_v3":
+        title = "hcsmoe reference DeepSeek-V3 (the routing of DeepSeek-V3)"
+        shape = (f"**{c.n_routed_experts} routed experts, top-{c.num_experts_per_tok}**, chosen on sigmoid scores plus a "
+                 f"correction bias within the best {c.topk_group} of {c.n_group} expert groups (expert width "
+                 f"{c.moe_intermediate_size}, normalised top-k weights scaled by {c.routed_scaling_factor}) **plus an "
+                 f"always-on shared expert** (width {c.moe_intermediate_size * c.n_shared_experts}), as DeepSeek-V3; "
+                 f"multi-head latent attention (key/value rank {c.kv_lora_rank}); the first "
+                 f"{c.first_k_dense_replace} layer dense (width {c.intermediate_size})")
+        tokenizer_line = "Tokenizer: the reference model's (`hcsmoe/reference`), reused as is."
     else:
         title = "hcsmoe reference MoE"
         shape = (f"**{c.num_experts} routed experts, top-{c.num_experts_per_tok}** (expert width {c.moe_intermediate_size}, "
@@ -84,6 +94,10 @@ def main() -> None:
     timing = f"Wall time of the whole script on 2 CPU cores: {recipe['train_seconds'] / 60:.1f} minutes"
     if cpu:
         timing += f" ({cpu / 60:.1f} CPU-minutes: {cpu / 120:.1f} minutes of both cores)"
+    balancing = (f"DeepSeek-V3's auxiliary-loss-free balancing (after every step each router's correction bias moves "
+                 f"by {recipe.get('bias_rate')} toward the mean load; no balancing loss)" if c.model_type == "deepseek_v3" else
+                 f"per-layer Switch load-balancing loss (coefficient {recipe['aux_coef']}; transformers' built-in loss "
+                 "pools all layers and left dead experts in each)")
     ppl_lines = ["| language | validation tokens | perplexity | bits per byte |", "|---|---|---|---|"] + [
         f"| {lang} | {m['tokens']} | {m['ppl']:.2f} | {m['bpb']:.3f} |" for lang, m in evaluation["languages"].items()
     ]
@@ -102,7 +116,7 @@ ordinary Hugging Face checkpoint: `AutoModelForCausalLM.from_pretrained(this_dir
 
 ## Architecture
 {c.num_hidden_layers} decoder layers, hidden size {c.hidden_size}, {c.num_attention_heads} attention heads
-({c.num_key_value_heads} key/value), every layer an MoE block of {shape}, context {context} tokens, tied embeddings,
+({c.num_key_value_heads} key/value), {"every MoE layer" if c.model_type == "deepseek_v3" else "every layer an MoE"} block of {shape}, context {context} tokens, tied embeddings,
 byte-level BPE vocabulary of {c.vocab_size}. {params / 1e6:.2f} M parameters, stored in bfloat16.
 
 ## Data
@@ -115,15 +129,14 @@ The `validation` split was never trained on.
 {tokenizer_line} Model: AdamW (β 0.9/0.95,
 weight decay 0.1), peak learning rate {recipe['lr']}, {recipe['warmup']} warm-up steps then cosine decay to 10%,
 {recipe['steps']} steps of {recipe['batch']} × {recipe['context']} tokens ({recipe['training_tokens_seen']:,} tokens seen),
-per-layer Switch load-balancing loss (coefficient {recipe['aux_coef']}; transformers' built-in loss pools all
-layers and left dead experts in each), gradient clipping 1.0, seed {recipe['seed']},
+{balancing}, gradient clipping 1.0, seed {recipe['seed']},
 {recipe['threads']} CPU threads. {timing}.
 
 ## Validation perplexity (non-overlapping windows of {context} tokens, float32)
 {chr(10).join(ppl_lines)}
 
 ## Expert usage
-Share of top-{c.num_experts_per_tok} routing per expert, divided by the uniform share 1/{c.num_experts}, counted over the
+Share of top-{c.num_experts_per_tok} routing per expert, divided by the uniform share 1/{expert_count(c, architecture_for(c))}, counted over the
 validation text of all three languages together. An expert is "dead" below {DEAD_THRESHOLD}. The last column lists
 each language's three most-used experts: experts specialise by language.
 

@@ -6,6 +6,8 @@ its byte-level BPE tokenizer and a training log (the model card comes from scrip
     python scripts/train_reference.py --out hcsmoe/reference            # Qwen3-MoE, 32 experts of 64, top-4
     python scripts/train_reference.py --family qwen2_moe --experts 60 --expert-dim 40 --shared-dim 160 \
         --tokenizer hcsmoe/reference --out hcsmoe/reference-qwen2moe    # Qwen1.5-MoE shape: 60 + shared expert
+    python scripts/train_reference.py --family deepseek_v3 --steps 1200 --tokenizer hcsmoe/reference \
+        --out hcsmoe/reference-deepseek-v3   # DeepSeek-V3 shape: sigmoid routing, 4 groups, shared expert
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    AutoTokenizer,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from hcsmoe.calibration.text import LANGUAGES, token_stream, wiki_texts
 
@@ -42,12 +53,16 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-FAMILIES = {"qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM), "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM)}
+FAMILIES = {"qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM), "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+            "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM)}
 
 
 def model_config(args, vocab_size: int, eos_id: int):
-    """Qwen3-MoE (normalised top-k, no shared expert) or Qwen2-MoE (Qwen1.5-MoE's shape: un-normalised
-    top-k plus an always-on shared expert behind a sigmoid gate)."""
+    """Qwen3-MoE (normalised top-k, no shared expert), Qwen2-MoE (Qwen1.5-MoE's shape: un-normalised
+    top-k plus an always-on shared expert behind a sigmoid gate) or DeepSeek-V3 (sigmoid scores chosen with a
+    correction bias within the best groups, a shared expert, multi-head latent attention, a dense first layer)."""
+    if args.family == "deepseek_v3":
+        return deepseek_v3_config(args, vocab_size, eos_id)
     config_class = FAMILIES[args.family][0]
     family_keys = ({"shared_expert_intermediate_size": args.shared_dim, "norm_topk_prob": False, "qkv_bias": True}
                    if args.family == "qwen2_moe" else {"norm_topk_prob": True})
@@ -74,6 +89,45 @@ def model_config(args, vocab_size: int, eos_id: int):
         pad_token_id=eos_id,
         initializer_range=0.02,
     )
+
+
+def deepseek_v3_config(args, vocab_size: int, eos_id: int) -> DeepseekV3Config:
+    """DeepSeek-V3's layout at the reference's scale: 4 expert groups of which 2 are kept per token, one
+    shared expert of the routed experts' width, latent attention, the first layer dense."""
+    head = args.hidden // args.heads
+    return DeepseekV3Config(
+        vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+        moe_intermediate_size=args.expert_dim, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads, n_shared_experts=1, n_routed_experts=args.experts,
+        routed_scaling_factor=2.5, kv_lora_rank=head * 2, q_lora_rank=None, qk_rope_head_dim=head // 4,
+        v_head_dim=head // 2, qk_nope_head_dim=head // 2, n_group=4, topk_group=2, num_experts_per_tok=args.top_k,
+        first_k_dense_replace=1, norm_topk_prob=True, max_position_embeddings=args.context,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, initializer_range=0.02, num_mtp_layers=0,
+    )
+
+
+def bias_balancer(model, rate: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing: after each step every router's correction bias moves by
+    `rate` toward balance (up for an expert below the mean load, down above it). Returns the update, which
+    also reports the busiest expert's load over the mean, averaged over layers (1.0 when balanced)."""
+    routers, loads = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")], {}
+
+    def record(router, inputs, output):
+        loads[router] = torch.bincount(output[2].reshape(-1), minlength=router.num_experts).float()
+
+    for router in routers:
+        router.register_forward_hook(record)
+
+    @torch.no_grad()
+    def update() -> float:
+        peaks = []
+        for router, load in loads.items():
+            router.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+            peaks.append(float(load.max() / load.mean()))
+        return sum(peaks) / max(1, len(peaks))
+
+    return update
 
 
 def batches(stream: torch.Tensor, context: int, batch_size: int, steps: int, seed: int):
@@ -117,16 +171,20 @@ def train(model, stream, args) -> list[dict]:
     log = []
     start = time.time()
     model.router_aux_loss_coef = 0.0  # replaced by the per-layer balance_loss below
+    by_bias = args.family == "deepseek_v3"
+    balance_by_bias = bias_balancer(model, args.bias_rate) if by_bias else None
     model.train()
     for step, batch in enumerate(batches(stream, args.context, args.batch, args.steps, args.seed)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        out = model(input_ids=batch, labels=batch, output_router_logits=True)
-        balance = balance_loss(out.router_logits, args.top_k)
+        out = model(input_ids=batch, labels=batch, output_router_logits=not by_bias)
+        balance = torch.tensor(0.0) if by_bias else balance_loss(out.router_logits, args.top_k)
         optimizer.zero_grad(set_to_none=True)
         (out.loss + args.aux_coef * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if by_bias:
+            balance = torch.tensor(balance_by_bias())
         if step % 25 == 0 or step == args.steps - 1:
             entry = {"step": step, "loss": round(out.loss.item(), 4), "balance": round(balance.item(), 4),
                      "seconds": round(time.time() - start, 1)}
@@ -157,6 +215,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--aux-coef", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bias-rate", type=float, default=0.01,
+                        help="deepseek_v3: the correction bias's update speed (its paper: 0.001 over far more steps)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)

@@ -19,7 +19,8 @@ from hcsmoe.checkpoints.loading import load_model
 from hcsmoe.planners.ream import REAM, greedy_groups, nearest_groups
 from hcsmoe.planners.plan import Group, LayerPlan
 from hcsmoe.fitting.refit import RefitOptions, down_matrices, refit_layer
-from hcsmoe.fitting.router_fit import RouterFitOptions, fit_rows, mass_owners, routing_targets
+from hcsmoe.fitting.router_fit import (RouterFitOptions, fit_rows, mass_owners, routing_targets, score_targets,
+                                      sigmoid_divergence)
 
 from tests.test_planners import hand_made
 
@@ -264,6 +265,53 @@ def test_router_fit_recovers_a_known_router():
     q = torch.softmax(x.double() @ truth.double().T, dim=1)
     fitted, _ = fit_rows(x, q, torch.zeros(5, 8), None, RouterFitOptions(beta=0.0, iterations=200))
     assert torch.allclose(torch.softmax(x @ fitted.T, 1), torch.softmax(x @ truth.T, 1), atol=1e-3)
+
+
+def test_sigmoid_router_fit_recovers_a_known_router():
+    """Soft labels made by a known sigmoid router: each row is its own logistic regression, so the fitted
+    rows are the true ones (no common shift to hide behind)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 8, generator=g)
+    truth = torch.randn(5, 8, generator=g)
+    t = torch.sigmoid(x.double() @ truth.double().T)
+    fitted, _ = fit_rows(x, t, torch.zeros(5, 8), None, RouterFitOptions(beta=0.0, iterations=200), sigmoid_divergence)
+    assert torch.allclose(fitted, truth, atol=1e-3)
+
+
+def test_score_targets_score_a_group_as_if_any_of_its_experts_had():
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    owner = torch.tensor([1, 0, 1, -1])  # expert 3 dropped, not absorbed
+    t = score_targets(scores, owner, 2)
+    assert torch.allclose(t, torch.tensor([[0.2, 1 - 0.9 * 0.7]], dtype=torch.float64))
+
+
+def test_sigmoid_router_fit_on_deepseek_v3_moves_rows_and_bias_toward_the_merged_routing(tiny_models):
+    """A merge plan on a DeepSeek-V3 layer: the fit lowers the rows' divergence from the groups' target scores,
+    and the correction bias brings each merged expert's choice rate closer to its members' summed rate, with
+    the router's own group-limited choice."""
+    from hcsmoe.apply.layer import apply_layer
+    from hcsmoe.fitting.router_fit import fit_router
+    from hcsmoe.planners.plan import Plan
+
+    _, architecture, moe = first_moe(tiny_models, "deepseek_v3")
+    block = tokens_of(moe, architecture, n=2000)
+    counts = torch.bincount(route_tokens(moe, architecture, block.inputs)[2].reshape(-1), minlength=8).float()
+    stats = hand_made(e=8, h=moe.router.weight.shape[1], n=64, router_weight=moe.router.weight.detach().clone())
+    stats.counts = counts
+    plan = LayerPlan(0, 8, [Group([0, 1], [0.5, 0.5], [0.5, 0.5]), Group([2, 3], [0.5, 0.5], [0.5, 0.5]),
+                            Group([4, 5], [0.5, 0.5], [0.5, 0.5]), Group([6, 7], [0.5, 0.5], [0.5, 0.5])])
+    apply_layer(moe, architecture, plan, Plan("manual", {}, "average", [plan]), stats, top_k=2)
+    bias = moe.router.e_score_correction_bias.detach().clone()
+    report = fit_router(moe, architecture, plan, stats, block, RouterFitOptions())
+    assert report["kl_after"] < report["kl_before"]
+    assert report["choice_error_after"] < report["choice_error_before"]
+    assert not torch.equal(moe.router.e_score_correction_bias, bias)
+
+
+def test_plans_written_before_the_sigmoid_fit_re_apply_without_it():
+    old = {"beta": 0.001, "iterations": 50, "absorb": False, "only_if_softmax": True, "max_tokens": 16384}
+    assert RouterFitOptions.from_dict(old).sigmoid is False
+    assert RouterFitOptions.from_dict(RouterFitOptions().to_dict()) == RouterFitOptions()
 
 
 def test_routing_targets_sum_each_groups_mass():

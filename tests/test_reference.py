@@ -1,4 +1,4 @@
-"""The bundled models (the reference Qwen3-MoE and the Qwen2-MoE): load with plain transformers, match their
+"""The bundled models (the reference Qwen3-MoE, the Qwen2-MoE and the DeepSeek-V3): load with plain transformers, match their
 cards, have no dead experts; on the reference, HC-SMoE at half the experts beats dropping experts at random
 and the default beats REAP, with and without the refit."""
 
@@ -12,10 +12,18 @@ import pytest
 import torch
 
 from hcsmoe.calibration.text import LANGUAGES, token_stream, wiki_texts
+from hcsmoe.checkpoints.architectures import architecture_for, moe_layers
+from hcsmoe.checkpoints.loading import (
+    BUNDLED_MODELS,
+    DEEPSEEK_REFERENCE_MODEL,
+    QWEN2_REFERENCE_MODEL,
+    REFERENCE_MODEL,
+    load_model,
+    load_tokenizer,
+)
 from hcsmoe.evaluation.evaluate import evaluate
-from hcsmoe.checkpoints.loading import BUNDLED_MODELS, QWEN2_REFERENCE_MODEL, REFERENCE_MODEL, load_model, load_tokenizer
-from hcsmoe.pipeline import compress
 from hcsmoe.evaluation.usage import routing_counts, share_of_uniform
+from hcsmoe.pipeline import compress
 
 CARD = json.loads((REFERENCE_MODEL / "card.json").read_text())
 
@@ -65,6 +73,19 @@ def test_second_model_has_the_shape_of_qwen1_5_moe():
     assert sum(f.stat().st_size for f in QWEN2_REFERENCE_MODEL.glob("*.safetensors")) <= 25 * 10**6
 
 
+def test_third_model_routes_as_deepseek_v3():
+    """32 routed experts, top-4 on sigmoid scores plus a correction bias within the best 2 of 4 groups, a shared
+    expert, the first layer dense; the biases were moved by the balancing rule (not all zero as initialised)."""
+    model = load_model(DEEPSEEK_REFERENCE_MODEL)
+    c = model.config
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    assert (c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group, c.n_shared_experts) == (32, 4, 4, 2, 1)
+    layers = moe_layers(model, architecture_for(c))
+    assert [m.index for m in layers] == list(range(c.first_k_dense_replace, c.num_hidden_layers)) and layers[0].index == 1
+    assert all(m.router.e_score_correction_bias.abs().max() > 0 for m in layers)
+    assert sum(f.stat().st_size for f in DEEPSEEK_REFERENCE_MODEL.glob("*.safetensors")) <= 25 * 10**6
+
+
 @pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_fresh_process_reproduces_card_perplexity(name, lang):
@@ -91,7 +112,7 @@ def test_no_dead_experts_on_validation_text_of_all_languages(name):
         blocks = stream[: stream.numel() // context * context].view(-1, context)
         for layer, counts in routing_counts(model, blocks).items():
             totals[layer] = totals.get(layer, 0) + counts
-    assert len(totals) == model.config.num_hidden_layers
+    assert len(totals) == len(moe_layers(model, architecture_for(model.config)))
     for layer, counts in totals.items():
         assert share_of_uniform(counts).min() >= 0.2, (layer, counts.tolist())
 

@@ -83,7 +83,8 @@ def test_size_refusals(capsys, tiny_models, tmp_path, extra, message):
 def test_where_experts_cannot_narrow_the_size_is_a_count_of_experts(tiny_models):
     """DeepSeek's shared experts read the routed experts' width key: --size keeps F*E whole experts, no probes."""
     sized = compress(tiny_models["deepseek_v3"], size=0.5, **FAST)
-    assert sized.plan.size["grid"] == [] and sized.plan.size["chosen"]["experts"] == 4 and sized.plan.width is None
+    assert sized.plan.size["grid"] == [] and sized.plan.size["chosen"] == {"experts": 4, "width": None}
+    assert sized.plan.size["neurons"] is None and sized.plan.width is None
     direct = compress(tiny_models["deepseek_v3"], num_experts=4, **FAST)
     for name, tensor in direct.model.state_dict().items():
         assert torch.equal(tensor, sized.model.state_dict()[name]), name
@@ -93,6 +94,7 @@ def test_the_default_is_size_one_half_unless_the_shape_is_given(tiny_models):
     from hcsmoe.recipe import Recipe
 
     assert Recipe().size_to_choose() == 0.5 and Recipe(size=0.75).size_to_choose() == 0.75
+    assert Recipe().size_to_choose(with_plan=True) is None and Recipe().size_to_choose(with_stats=True) is None
     for given in (dict(experts=4), dict(ratio=0.25), dict(width=0.5), dict(method="hc-smoe")):
         assert Recipe(**given).size_to_choose() is None, given
     default = compress(tiny_models["mixtral"], **FAST)

@@ -18,7 +18,8 @@ from hcsmoe.errors import UserError
 
 REFERENCE_MODEL = Path(__file__).parents[1] / "reference"
 QWEN2_REFERENCE_MODEL = Path(__file__).parents[1] / "reference-qwen2-moe"
-BUNDLED_MODELS = {"reference": REFERENCE_MODEL, "qwen2-moe": QWEN2_REFERENCE_MODEL}
+DEEPSEEK_REFERENCE_MODEL = Path(__file__).parents[1] / "reference-deepseek-v3"
+BUNDLED_MODELS = {"reference": REFERENCE_MODEL, "qwen2-moe": QWEN2_REFERENCE_MODEL, "deepseek-v3": DEEPSEEK_REFERENCE_MODEL}
 CAUSAL_LM_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORED = "stored"  # load_model: each tensor in the checkpoint's own dtype

@@ -239,7 +239,7 @@ def compress_command(o: dict, world, quiet: bool) -> int:
     k = len(plan.layers[0].groups) if plan else recipe.kept(e)
     if k >= e and recipe.width is None:
         raise UserError(f"keeping {k} of {e} experts compresses nothing; choose --experts below {e} or give --width")
-    size = recipe.size_to_choose() if plan is None and not o["stats"] else None
+    size = recipe.size_to_choose(with_plan=plan is not None, with_stats=bool(o["stats"]))
     out = Path(o["out"]) if o["out"] else default_output(o["model"], k, size)
     check_output_dir(out, source, bool(o["overwrite"]))
     stats = Statistics.load(o["stats"]) if o["stats"] else None

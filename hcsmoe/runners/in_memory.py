@@ -36,14 +36,14 @@ from hcsmoe.recipe import Recipe
 from hcsmoe.result import CompressionResult
 from hcsmoe.runners.layerwise import calibrate_model
 from hcsmoe.runners.progress import LayerEstimate
-from hcsmoe.runners.setup import Job, held_dtype, normalizes_top_k, output_dtype_for, prepare
+from hcsmoe.runners.setup import Job, held_dtype, normalizes_top_k, output_dtype_for, prepare, record_size
 from hcsmoe.timing import timed
 
 
 def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recipe: Recipe, *, tokenizer=None,
                        stats: Statistics | None = None, plan: Plan | None = None, offload_dir: str | Path | None = None,
-                       device: str = "cpu", progress: bool = True) -> CompressionResult:
-    """compress() with the whole model in memory (`recipe` resolved)."""
+                       device: str = "cpu", progress: bool = True, size: dict | None = None) -> CompressionResult:
+    """compress() with the whole model in memory (`recipe` resolved; `size`: --size's record of the shape's choice)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -97,6 +97,7 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
     if output_dtype is not None:
         model.to(output_dtype)
         drop_quantization(model.config)
+    record_size(plan, timings, size)
     info = job.info(source, plan, timings)
     return CompressionResult(model, tokenizer, plan, stats, job.architecture, source, info,
                              keep_format=output_dtype is None)

@@ -178,9 +178,9 @@ def check_plan_layers(plan: Plan, layers: list[MoELayer]) -> None:
 
 def fits_that_apply(architecture: Architecture, stats: Statistics | None, recipe: Recipe):
     """Refuse fitting what cannot be fitted, before any work; returns the router fit that applies (the
-    default recipe's is skipped for a family whose router is not a softmax)."""
+    default recipe's is skipped for a family whose routing it does not cover)."""
     router_fit = recipe.router_fit
-    if router_fit is not None and router_fit.only_if_softmax and architecture.routing != "softmax":
+    if router_fit is not None and router_fit.only_if_softmax and not router_fit.covers(architecture):
         router_fit = None
     if stats is not None and recipe.sparsity is not None:
         raise UserError("--sparsity weighs weights by the inputs the compressed layers see, which a statistics file "
@@ -189,5 +189,12 @@ def fits_that_apply(architecture: Architecture, stats: Statistics | None, recipe
         raise UserError("fitting the compressed layers needs the model's per-token outputs, which a statistics file "
                         "does not hold; drop --stats, or add --no-refit --no-fit-router to re-plan from it")
     if router_fit is not None:
-        check_router_fit(architecture)
+        check_router_fit(architecture, router_fit)
     return router_fit
+
+
+def record_size(plan: Plan, timings: dict[str, float], size: dict | None) -> None:
+    """Put --size's record of how the shape was chosen (sizing.choose_shape) in the plan, and its time with the
+    run's stage times."""
+    if size is not None:
+        plan.size, timings["choose size"] = size, size["seconds"]

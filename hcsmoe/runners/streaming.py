@@ -60,7 +60,7 @@ from hcsmoe.runners.layerwise import (
     run_moe_layer,
 )
 from hcsmoe.runners.progress import LayerEstimate
-from hcsmoe.runners.setup import Job, normalizes_top_k, output_dtype_for, prepare
+from hcsmoe.runners.setup import Job, normalizes_top_k, output_dtype_for, prepare, record_size
 from hcsmoe.runners.streamed_model import StreamingCompressor, release, trim_heap
 from hcsmoe.timing import timed
 
@@ -146,8 +146,7 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
                     "norm_topk_prob": normalizes_top_k(meta_layers), "sequential": recipe.sequential}
             stats = Statistics(layer_stats, job.top_k, info)
         plan.world_size = world.size
-        if size is not None:
-            plan.size, timings["choose size"] = size, size["seconds"]
+        record_size(plan, timings, size)
         timings["total"] = time.perf_counter() - start
         info = job.info(source, plan, timings)
         info["streamed"] = True
