@@ -18,8 +18,11 @@ import math
 
 from benchmarks.quality import RESULTS
 from hcsmoe.calibration.text import LANGUAGES
+from hcsmoe.checkpoints.loading import BUNDLED_MODELS, load_config
+from hcsmoe.sizing import model_shape
 
-MODELS = {"reference": "reference Qwen3-MoE (32 experts)", "qwen2-moe": "Qwen2-MoE (60 experts + shared expert)"}
+MODELS = {"reference": "reference Qwen3-MoE (32 experts)", "qwen2-moe": "Qwen2-MoE (60 experts + shared expert)",
+          "deepseek-v3": "DeepSeek-V3 routing (32 experts in 4 groups, sigmoid + bias, shared expert)"}
 COLUMNS = [(f"{lang} ppl", f"{lang}/ppl", min) for lang in LANGUAGES] + [
     ("mean ratio", "ratio", min), ("KL (mean)", "kl", min), ("top-1 (mean)", "top1", max),
     ("gen prefix (mean)", "gen_prefix", max)]
@@ -104,9 +107,20 @@ def with_sizes(model: str, rows: list[dict]) -> list[dict]:
         sized.append({**chosen, "method": SIZE_LABEL.format(fraction=record["fraction"]),
                       "shape": f"{chosen['experts']} × {chosen['width']}"})
     if width is None:
-        return rows
+        return whole_expert_default(model, rows, kept)
     shaped = [{**r, "shape": f"{r['experts']} × {width}"} for r in rows]
     return [shaped[0], *sized, *shaped[1:]]
+
+
+def whole_expert_default(model: str, rows: list[dict], kept: int) -> list[dict]:
+    """Where a model's experts cannot be narrowed (DeepSeek), --size F keeps F*E whole experts: the default recipe's
+    row at that count is the default itself (the same bits, tests/test_size.py), labelled as such."""
+    config = load_config(BUNDLED_MODELS[model])
+    experts, width, _ = model_shape(config)
+    if width is not None:
+        return rows
+    return [{**r, "method": SIZE_LABEL.format(fraction=kept / experts)} if r["method"] == "**default**" else r
+            for r in rows]
 
 
 def main() -> None:

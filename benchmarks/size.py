@@ -2,7 +2,7 @@
 (half by default), each compressed with the default recipe and evaluated on the full validation splits, and the
 shape --size picks.
 
-For each bundled model: the grid hcsmoe.sizing.shape_grid(E, I, F) (K = F*E experts of all I neurons, i.e.
+For each bundled model: the grid hcsmoe.sizing.config_shapes (shape_grid(E, I, F): K = F*E experts of all I neurons, i.e.
 `-k F*E`, up to all E experts of F*I neurons), each shape compressed by the default recipe (`-k K --width I2`)
 and scored as benchmarks.quality scores its rows (perplexity, KL to the original, top-1 agreement, 64 greedy
 continuations); then the probe --size runs (the closed-form recipe on 16,384 calibration tokens per shape) and
@@ -23,7 +23,7 @@ from benchmarks.quality import PROMPTS, RESULTS, model_bench, ratio
 from hcsmoe.calibration.text import LANGUAGES
 from hcsmoe.pipeline import compress
 from hcsmoe.recipe import Recipe
-from hcsmoe.sizing import choose_shape, model_shape, shape_grid
+from hcsmoe.sizing import choose_shape, config_shapes, model_shape
 
 def mean(row: dict, key: str) -> float:
     return sum(row[f"{lang}/{key}"] for lang in LANGUAGES) / len(LANGUAGES)
@@ -53,9 +53,9 @@ def main() -> None:
     _, record = choose_shape(bench.original, Recipe(size=fraction), tokenizer=bench.tokenizer, progress=False)
     probe_seconds = time.perf_counter() - start
     errors = {(t["experts"], t["width"]): t["held_out_error"] for t in record["grid"]}
-    experts, width, top_k = model_shape(bench.original.config)
+    experts, width, _ = model_shape(bench.original.config)
     rows = []
-    for k, neurons in shape_grid(experts, width, fraction, top_k):
+    for k, neurons in config_shapes(bench.original.config, Recipe(), fraction):
         start = time.perf_counter()
         model = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k,
                          width=neurons if neurons < width else None, progress=False).model

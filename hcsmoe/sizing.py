@@ -6,8 +6,10 @@ on a share of the calibration text; the shape whose fitted layers reproduce the 
 per-layer choice's held-out tokens (mean over MoE layers) is then compressed with the whole recipe. The plan
 records the grid, each shape's error and the choice. Router rows (K x H) are not counted: under 1% of an
 expert's parameters at every supported shape. The default recipe is --size 0.5 (recipe.DEFAULT_SIZE) unless
---experts, --ratio, --width or a method set the shape. Where the experts cannot be narrowed (DeepSeek's
-shared experts read the routed experts' width key) only the count changes: F*E experts, no probes.
+--experts, --ratio, --width or a method set the shape. DeepSeek's shared experts are n_shared_experts times the
+routed width wide, so its grid keeps the widths that divide theirs (the count is raised to match). Where the
+experts cannot be narrowed at all (Llama 4's shared expert reads the routed experts' width key) only the count
+changes: F*E experts, no probes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from transformers import PreTrainedModel
 
 from hcsmoe.apply.narrow import MXFP4_WIDTH_MULTIPLE, WIDTH_MULTIPLE
 from hcsmoe.calibration.text import CALIBRATION_TOKENS
-from hcsmoe.checkpoints.architectures import architecture_for, expert_count, top_k
+from hcsmoe.checkpoints.architectures import architecture_for, expert_count, top_k, width_fits
 from hcsmoe.checkpoints.formats import Mxfp4, format_of
 from hcsmoe.checkpoints.loading import load_config, model_dir
 from hcsmoe.distributed import SINGLE, World
@@ -68,10 +70,18 @@ def probe_blocks(recipe: Recipe, config) -> int:
 
 def model_shape(config) -> tuple[int, int | None, int]:
     """E (routed experts per layer), I (their neurons; None where the experts cannot be narrowed: an
-    architecture whose shared experts take their width from the routed experts' key) and the routing's top-k."""
+    architecture whose shared experts take their width from the routed experts' key alone) and the routing's top-k."""
     architecture = architecture_for(config)
     width = int(getattr(config, architecture.width_key)) if architecture.width_key else None
     return expert_count(config, architecture), width, top_k(config, architecture)
+
+
+def config_shapes(config, recipe: Recipe, fraction: float) -> list[tuple[int, int]]:
+    """shape_grid's shapes whose width the config can hold (DeepSeek: widths that divide its shared experts')."""
+    num_experts, width, routed = model_shape(config)
+    architecture = architecture_for(config)
+    return [(k, neurons) for k, neurons in shape_grid(num_experts, width, fraction, routed, width_multiple(config, recipe))
+            if neurons == width or width_fits(config, architecture, neurons)]
 
 
 def width_multiple(config, recipe: Recipe) -> int:
@@ -95,13 +105,13 @@ def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str =
                         "--experts and --width)")
     start, config, fraction = time.perf_counter(), config_of(model_or_path), recipe.size_to_choose()
     num_experts, width, routed = model_shape(config)
-    if width is None:  # e.g. DeepSeek: only the count can change
+    if width is None:  # e.g. Llama 4: only the count can change
         if recipe.size is not None and progress and world.leader:
             print(f"hcsmoe: --size {fraction}: {architecture_for(config).name}'s shared experts take their width "
                   "from the routed experts' config key, so only the number of experts changes", file=sys.stderr)
         grid = [(fewest_experts(num_experts, fraction, routed), None)]
     else:
-        grid = shape_grid(num_experts, width, fraction, routed, width_multiple(config, recipe))
+        grid = config_shapes(config, recipe, fraction)
     blocks, tried = probe_blocks(recipe, config), []
     for k, neurons in grid if len(grid) > 1 else []:
         probe = dataclasses.replace(recipe, size=None, experts=k, width=neurons if neurons < width else None,

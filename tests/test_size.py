@@ -81,11 +81,11 @@ def test_size_refusals(capsys, tiny_models, tmp_path, extra, message):
 
 
 def test_where_experts_cannot_narrow_the_size_is_a_count_of_experts(tiny_models):
-    """DeepSeek's shared experts read the routed experts' width key: --size keeps F*E whole experts, no probes."""
-    sized = compress(tiny_models["deepseek_v3"], size=0.5, **FAST)
+    """Llama 4's shared expert reads the routed experts' width key: --size keeps F*E whole experts, no probes."""
+    sized = compress(tiny_models["llama4_text"], size=0.5, **FAST)
     assert sized.plan.size["grid"] == [] and sized.plan.size["chosen"] == {"experts": 4, "width": None}
     assert sized.plan.size["neurons"] is None and sized.plan.width is None
-    direct = compress(tiny_models["deepseek_v3"], num_experts=4, **FAST)
+    direct = compress(tiny_models["llama4_text"], num_experts=4, **FAST)
     for name, tensor in direct.model.state_dict().items():
         assert torch.equal(tensor, sized.model.state_dict()[name]), name
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hcsmoe.apply.narrow import narrowed_expert, resolve_width
-from hcsmoe.checkpoints.architectures import architecture_for, expert_width, moe_layers
+from hcsmoe.checkpoints.architectures import architecture_for, expert_width, moe_layers, width_fits
 from hcsmoe.checkpoints.loading import load_model
 from hcsmoe.errors import UserError
 from hcsmoe.pipeline import compress
@@ -85,13 +85,35 @@ def test_width_as_fraction_or_count_and_refusals():
             resolve_width(bad, 64)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "llama4_text"])
-def test_families_whose_shared_experts_share_the_width_key_are_refused(capsys, tiny_models, tmp_path, family):
-    k = "4" if family.startswith("deepseek") else "8"
-    code, _, err = run_cli(capsys, "compress", str(tiny_models[family]), "-k", k, "--width", "0.5", "--no-eval", "-q",
-                           "--blocks", "2", "--block-size", "32", "--out", str(tmp_path / "o"))
+def test_llama4_whose_shared_expert_shares_the_width_key_is_refused(capsys, tiny_models, tmp_path):
+    code, _, err = run_cli(capsys, "compress", str(tiny_models["llama4_text"]), "-k", "8", "--width", "0.5", "--no-eval",
+                           "-q", "--blocks", "2", "--block-size", "32", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err)
     assert "--width" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_narrows_by_raising_the_shared_count_so_its_shared_experts_stay(capsys, tiny_models, tmp_path, family):
+    """DeepSeek's shared experts are moe_intermediate_size x n_shared_experts wide: half-width routed experts come
+    with twice the shared count, and the checkpoint reloads in plain transformers with its shared experts unchanged."""
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "compress", str(tiny_models[family]), "-k", "8", "--width", "0.5", "--fast",
+                           "--no-eval", "-q", "--blocks", "2", "--block-size", "32", "--out", str(out))
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["moe_intermediate_size"], config["n_shared_experts"]) == (8, 2)
+    original, narrowed = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_models[family], out))
+    for before, after in zip(original.model.layers[1:], narrowed.model.layers[1:]):
+        assert after.mlp.experts.down_proj.shape[-1] == 8
+        for name, tensor in before.mlp.shared_experts.state_dict().items():
+            assert torch.equal(tensor, after.mlp.shared_experts.state_dict()[name]), name
+
+
+def test_a_deepseek_width_must_divide_the_shared_experts_width():
+    config = SimpleNamespace(model_type="deepseek_v3", moe_intermediate_size=64, n_shared_experts=1)
+    architecture = architecture_for(config)
+    assert width_fits(config, architecture, 32) and width_fits(config, architecture, 16)
+    assert not width_fits(config, architecture, 48) and not width_fits(config, architecture, 40)
 
 
 def test_width_only_keeps_every_expert(capsys, tiny_models, tmp_path):

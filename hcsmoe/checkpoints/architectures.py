@@ -41,8 +41,12 @@ class Architecture:
     group_method: str | None = None  # config.topk_method that turns group-limited routing on; None: always on
     min_group_size: int = 1  # experts every group needs (DeepSeek-V3 scores a group by its best two)
     # config.json key of the routed experts' intermediate width (--width); None where the shared experts take
-    # their width from the same key (DeepSeek: moe_intermediate_size x n_shared_experts; Llama 4: intermediate_size)
+    # their width from the same key alone (Llama 4: intermediate_size)
     width_key: str | None = "intermediate_size"
+    # config key that multiplies width_key into the shared experts' width (DeepSeek: moe_intermediate_size x
+    # n_shared_experts): narrowing the routed experts to I2 multiplies it by I / I2, so the shared experts keep their
+    # width, and I2 must divide I times it
+    shared_count_key: str | None = None
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -64,7 +68,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         shared=("mlp.shared_experts",),
         group_keys=("n_group", "topk_group"),
         group_method="group_limited_greedy",
-        width_key=None,
+        width_key="moe_intermediate_size",
+        shared_count_key="n_shared_experts",
     ),
     Architecture(
         "DeepSeek-V3",
@@ -74,7 +79,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         routing="sigmoid",
         group_keys=("n_group", "topk_group"),
         min_group_size=2,
-        width_key=None,
+        width_key="moe_intermediate_size",
+        shared_count_key="n_shared_experts",
     ),
     Architecture(
         "GPT-OSS",
@@ -216,8 +222,25 @@ def expert_width(experts: nn.Module, architecture: Architecture) -> int:
     return int(experts.down_proj.shape[1 if architecture.transposed else 2])
 
 
+def shared_width(config, architecture: Architecture) -> int | None:
+    """The shared experts' width where the config derives it from the routed experts' (DeepSeek), else None."""
+    if architecture.shared_count_key is None:
+        return None
+    return int(getattr(config, architecture.width_key)) * int(getattr(config, architecture.shared_count_key))
+
+
+def width_fits(config, architecture: Architecture, width: int) -> bool:
+    """Whether the config can say that the routed experts are `width` wide without changing the shared experts."""
+    shared = shared_width(config, architecture)
+    return architecture.width_key is not None and (shared is None or shared % width == 0)
+
+
 def set_expert_width(config, architecture: Architecture, width: int) -> None:
-    """Write the routed experts' new intermediate width into the config (--width)."""
+    """Write the routed experts' new intermediate width into the config (--width), and where the shared experts'
+    width is a multiple of it (DeepSeek), the multiple that keeps them as they are."""
+    shared = shared_width(config, architecture)
+    if shared is not None:
+        setattr(config, architecture.shared_count_key, shared // int(width))
     setattr(config, architecture.width_key, int(width))
 
 

@@ -21,7 +21,9 @@ from hcsmoe.checkpoints.architectures import (
     check_k_for,
     expert_width,
     group_limits,
+    shared_width,
     top_k,
+    width_fits,
 )
 from hcsmoe.checkpoints.formats import Format, Mxfp4, Plain
 from hcsmoe.checkpoints.loading import STORED, parse_dtype
@@ -104,9 +106,8 @@ def prepare(config, layers: list[MoELayer], recipe: Recipe, plan: Plan | None, s
     recipe = dataclasses.replace(recipe, router_fit=fits_that_apply(architecture, stats, recipe))
     multiple = MXFP4_WIDTH_MULTIPLE if isinstance(fmt, Mxfp4) and output_dtype is None else WIDTH_MULTIPLE
     width = resolve_width(recipe.width, expert_width(layers[0].experts, architecture), multiple)
-    if width is not None and architecture.width_key is None:
-        raise UserError(f"--width: {architecture.name}'s shared experts take their width from the config key of its "
-                        "routed experts, so a checkpoint with narrower routed experts would not load; drop --width")
+    if width is not None and not width_fits(config, architecture, width):
+        raise UserError(width_refusal(config, architecture, width, multiple))
     planner = None
     if plan is None:
         context = {"seed": recipe.seed, "max_subsets": recipe.max_subsets, "top_k": k_route,
@@ -198,3 +199,15 @@ def record_size(plan: Plan, timings: dict[str, float], size: dict | None) -> Non
     run's stage times."""
     if size is not None:
         plan.size, timings["choose size"] = size, size["seconds"]
+
+
+def width_refusal(config, architecture: Architecture, width: int, multiple: int) -> str:
+    """Why the config cannot hold routed experts `width` wide, and what to do."""
+    if architecture.width_key is None:
+        return (f"--width: {architecture.name}'s shared experts take their width from the config key of its routed "
+                "experts, so a checkpoint with narrower routed experts would not load; drop --width")
+    shared = shared_width(config, architecture)
+    fitting = [w for w in range(multiple, shared, multiple) if shared % w == 0]
+    return (f"--width {width}: {architecture.name}'s shared experts are {architecture.width_key} x "
+            f"{architecture.shared_count_key} = {shared} wide, so the routed width must divide {shared}; choose one of "
+            f"{', '.join(map(str, fitting[-4:])) or 'none'}")
