@@ -36,7 +36,7 @@ def table(rows: list[dict], original: dict, chosen: dict, fraction: float) -> st
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         mark = f" **(--size {fraction:g})**" if (r["experts"], r["width"]) == (chosen["experts"], chosen["width"]) else ""
-        cells = [f"{r['experts']}{mark}", str(r["width"]), f"{r['share']:.3f}", f"{r['probe_error']:.4f}"]
+        cells = [f"{r['experts']}{mark}", str(r["width"]), f"{r['share']:.3f}", "–" if r["probe_error"] is None else f"{r['probe_error']:.4f}"]
         cells += [f"{r[f'{lang}/ppl']:.2f}" for lang in LANGUAGES]
         cells += [f"{ratio(r, original):.4f}", f"{mean(r, 'kl'):.4f}", f"{mean(r, 'top1'):.3f}",
                   f"{mean(r, 'gen_prefix'):.2f}", f"{r['seconds']:.0f}"]
@@ -60,7 +60,7 @@ def main() -> None:
         model = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k,
                          width=neurons if neurons < width else None, progress=False).model
         row = {"experts": k, "width": neurons, "share": k * neurons / (experts * width),
-               "probe_error": errors[(k, neurons)], "seconds": round(time.perf_counter() - start, 1),
+               "probe_error": errors.get((k, neurons)),  # None: a grid of one shape needs no probe "seconds": round(time.perf_counter() - start, 1),
                **bench.score(model, PROMPTS)}
         print(json.dumps(row), flush=True)
         rows.append(row)
