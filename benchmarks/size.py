@@ -60,7 +60,7 @@ def main() -> None:
         model = compress(bench.original, tokenizer=bench.tokenizer, num_experts=k,
                          width=neurons if neurons < width else None, progress=False).model
         row = {"experts": k, "width": neurons, "share": k * neurons / (experts * width),
-               "probe_error": errors.get((k, neurons)),  # None: a grid of one shape needs no probe "seconds": round(time.perf_counter() - start, 1),
+               "probe_error": errors.get((k, neurons)), "seconds": round(time.perf_counter() - start, 1),
                **bench.score(model, PROMPTS)}
         print(json.dumps(row), flush=True)
         rows.append(row)
