@@ -1,5 +1,5 @@
-"""The README's results tables, read from benchmarks/results/quality-<model>.json (run benchmarks.quality first)
-and, for the default (--size F), size-<model>[-F].json (benchmarks.size).
+"""The README's results tables, read from benchmarks/results/quality-<model>.json (run benchmarks.quality first;
+quality-<model>-quick.json, the --quick rows, where the whole table has not been run) and, for the default (--size F), size-<model>[-F].json (benchmarks.size).
 
 One table per model: for each size, the original, the default, and every method as published and with the
 fitting stages; the mean perplexity ratio over en/fr/es to the original, mean KL and top-1 agreement against
@@ -128,11 +128,12 @@ def main() -> None:
 
     shown = README_ROWS if "--readme" in sys.argv[1:] else None
     for name, title in MODELS.items():
-        path = RESULTS / f"quality-{name}.json"
-        if not path.exists():
+        path = next((p for p in (RESULTS / f"quality-{name}.json", RESULTS / f"quality-{name}-quick.json") if p.exists()),
+                    None)
+        if path is None:
             continue
         report = json.loads(path.read_text())
-        print(f"**{title}**, full validation splits (`benchmarks/results/quality-{name}.md`):\n")
+        print(f"**{title}**, full validation splits (`benchmarks/results/{path.stem}.md`):\n")
         if shown is None:
             for k, rows in report["sizes"].items():
                 print("\n".join(size_table(rows, shown)) + "\n")
