@@ -19,7 +19,8 @@ import math
 from benchmarks.quality import RESULTS
 from hcsmoe.calibration.text import LANGUAGES
 from hcsmoe.checkpoints.loading import BUNDLED_MODELS, load_config
-from hcsmoe.sizing import model_shape
+from hcsmoe.recipe import Recipe
+from hcsmoe.sizing import config_shapes, model_shape
 
 MODELS = {"reference": "reference Qwen3-MoE (32 experts)", "qwen2-moe": "Qwen2-MoE (60 experts + shared expert)",
           "deepseek-v3": "DeepSeek-V3 routing (32 experts in 4 groups, sigmoid + bias, shared expert)"}
@@ -106,21 +107,24 @@ def with_sizes(model: str, rows: list[dict]) -> list[dict]:
                                                                                   record["chosen"]["width"]))
         sized.append({**chosen, "method": SIZE_LABEL.format(fraction=record["fraction"]),
                       "shape": f"{chosen['experts']} × {chosen['width']}"})
+    if not sized:
+        rows = default_by_size(model, rows, kept)
     if width is None:
-        return whole_expert_default(model, rows, kept)
+        return rows
     shaped = [{**r, "shape": f"{r['experts']} × {width}"} for r in rows]
     return [shaped[0], *sized, *shaped[1:]]
 
 
-def whole_expert_default(model: str, rows: list[dict], kept: int) -> list[dict]:
-    """Where a model's experts cannot be narrowed (DeepSeek), --size F keeps F*E whole experts: the default recipe's
-    row at that count is the default itself (the same bits, tests/test_size.py), labelled as such."""
+def default_by_size(model: str, rows: list[dict], kept: int) -> list[dict]:
+    """Where --size F's grid has one shape, K = F*E whole experts (experts that cannot narrow, or DeepSeek at 0.75,
+    whose widths must divide its shared expert's), the default recipe's row at K is the default itself (the same
+    bits, tests/test_size.py), labelled as such."""
     config = load_config(BUNDLED_MODELS[model])
     experts, width, _ = model_shape(config)
-    if width is not None:
+    fraction = kept / experts
+    if width is not None and config_shapes(config, Recipe(), fraction) != [(kept, width)]:
         return rows
-    return [{**r, "method": SIZE_LABEL.format(fraction=kept / experts)} if r["method"] == "**default**" else r
-            for r in rows]
+    return [{**r, "method": SIZE_LABEL.format(fraction=fraction)} if r["method"] == "**default**" else r for r in rows]
 
 
 def main() -> None:
