@@ -211,18 +211,15 @@ def describe(model_dir: Path) -> dict:
 
 def bundled_checkpoints(work: Path, experts: int, blocks: int) -> dict[str, Path]:
     """The bundled models, their compressions to `experts` experts and to every expert at half width (the shape
-    the default, --size 0.5, chose for both that can be narrowed), on `blocks` calibration blocks."""
+    the default, --size 0.5, chose for all three), on `blocks` calibration blocks."""
     checkpoints = {}
     for name, path in BUNDLED_MODELS.items():
         checkpoints[name] = path
-        compressed = work / f"{name}-{experts}e"
+        compressed, narrowed = work / f"{name}-{experts}e", work / f"{name}-half-width"
         compress(path, num_experts=experts, num_blocks=blocks, progress=False).save(compressed)
-        checkpoints[compressed.name] = compressed
-        shape = describe(path)
-        if shape["neurons"] is not None:  # DeepSeek's experts cannot be narrowed (their width key is shared)
-            narrowed = work / f"{name}-half-width"
-            compress(path, num_experts=shape["experts"], width=0.5, num_blocks=blocks, progress=False).save(narrowed)
-            checkpoints[narrowed.name] = narrowed
+        every = describe(path)["experts"]
+        compress(path, num_experts=every, width=0.5, num_blocks=blocks, progress=False).save(narrowed)
+        checkpoints |= {compressed.name: compressed, narrowed.name: narrowed}
     return checkpoints
 
 

@@ -81,7 +81,7 @@ def config_shapes(config, recipe: Recipe, fraction: float) -> list[tuple[int, in
     num_experts, width, routed = model_shape(config)
     architecture = architecture_for(config)
     return [(k, neurons) for k, neurons in shape_grid(num_experts, width, fraction, routed, width_multiple(config, recipe))
-            if neurons == width or width_fits(config, architecture, neurons)]
+            if width_fits(config, architecture, neurons)]
 
 
 def width_multiple(config, recipe: Recipe) -> int:
