@@ -25,7 +25,12 @@ from transformers import PreTrainedModel
 
 from hcsmoe.apply.narrow import MXFP4_WIDTH_MULTIPLE, WIDTH_MULTIPLE
 from hcsmoe.calibration.text import CALIBRATION_TOKENS
-from hcsmoe.checkpoints.architectures import architecture_for, expert_count, top_k, width_fits
+from hcsmoe.checkpoints.architectures import (
+    architecture_for,
+    expert_count,
+    top_k,
+    width_fits,
+)
 from hcsmoe.checkpoints.formats import Mxfp4, format_of
 from hcsmoe.checkpoints.loading import load_config, model_dir
 from hcsmoe.distributed import SINGLE, World
