@@ -25,6 +25,7 @@ from hcsmoe.errors import UserError
 from hcsmoe.planners.plan import Plan
 from hcsmoe.recipe import Recipe
 from hcsmoe.result import CompressionResult
+from hcsmoe.workers import one_thread_kernels
 
 __all__ = ["CompressionResult", "Recipe", "compress"]
 
@@ -66,7 +67,18 @@ def compress(
     `resume` (streaming, one process or torchrun): continue the interrupted streaming run of the same command into
     `stream_to`.
     """
-    recipe, sizing = with_options(recipe or Recipe(), recipe_options), None
+    recipe = with_options(recipe or Recipe(), recipe_options)
+    with one_thread_kernels(device):  # the same bits at any thread count (hcsmoe/workers.py)
+        return run_recipe(model_or_path, recipe, tokenizer=tokenizer, stats=stats, plan=plan, stream_to=stream_to,
+                          keep_samples=keep_samples, offload_dir=offload_dir, overwrite=overwrite, device=device,
+                          progress=progress, world=world, resume=resume)
+
+
+def run_recipe(model_or_path: PreTrainedModel | str | Path | None, recipe: Recipe, *, tokenizer, stats: Statistics | None,
+               plan: Plan | None, stream_to: str | Path | None, keep_samples: bool, offload_dir: str | Path | None,
+               overwrite: bool, device: str, progress: bool, world: World, resume: bool) -> CompressionResult:
+    """compress() once its recipe is whole: choose the shape where the recipe gives a size, then run the runner."""
+    sizing = None
     if recipe.size is not None and stats is not None:
         raise UserError("--size compresses the model at each shape of its grid from its calibration text: give "
                         "--experts and --width instead of --size with --stats")

@@ -51,9 +51,11 @@ def test_a_killed_streaming_run_resumes_to_the_same_bits(capsys, tiny_models, tm
     assert killed.returncode == -9 and not out.exists()
     assert len(leftovers(out)) == 1
     threads = torch.get_num_threads()
-    code, _, err = run_cli(capsys, *common, "--out", str(out), "--resume")  # this process's threads
+    try:  # another thread count than the killed run's: the bits do not depend on it
+        code, _, err = run_cli(capsys, *common, "--out", str(out), "--resume", "--threads", "3")
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0 and "resuming at decoder layer 2 of 3" in err, err
-    assert ("resuming with 1 threads" in err) == (threads != 1) and torch.get_num_threads() == threads, err
     assert digests(out) == digests(tmp_path / "whole") and "model.safetensors" in "".join(digests(out))
     assert not leftovers(out) and sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "whole"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from hcsmoe.checkpoints.architectures import (
 )
 from hcsmoe.distributed import World
 from hcsmoe.errors import UserError
+from hcsmoe.workers import parallel_map
 
 STATS_FORMAT = "hcsmoe-stats/1"
 
@@ -346,24 +348,17 @@ def expert_pass(
         for first_token in range(0, x.shape[0], token_chunk):
             xt = x[first_token : first_token + token_chunk]
             h = None
-            if accumulator is not None:  # statistics need every expert on every token
-                h = expert_intermediate(view, architecture, xt)  # [n, t, I]
+            if accumulator is not None:  # statistics need every expert on every token: one expert per worker
+                h = torch.cat(parallel_map(partial(local_intermediate, view, architecture, xt), range(count)))  # [n, t, I]
                 accumulator.add_intermediate(first, view, h, first_token)
             chosen = indices[first_token : first_token + token_chunk]
-            for local in range(count):
-                token, slot = (chosen == first + local).nonzero(as_tuple=True)
-                if token.numel() == 0:
+            gates_of = weights[first_token : first_token + token_chunk]
+            parts = parallel_map(partial(routed_part, view, architecture, first, xt, chosen, gates_of, h, gate_on_input),
+                                 range(count))
+            for local, part in enumerate(parts):  # added in ascending expert order, whatever the workers
+                if part is None:
                     continue
-                routed_h = (h[local : local + 1, token] if h is not None else
-                            expert_intermediate(one_expert_view(view, local), architecture, xt[token]))
-                y = expert_output_from_intermediate(view, architecture, routed_h, [local])[0]
-                gates = weights[first_token : first_token + token_chunk][token, slot].float()
-                if gate_on_input:
-                    one = one_expert_view(view, local)
-                    scaled = expert_intermediate(one, architecture, xt[token] * gates.unsqueeze(-1))
-                    contribution = expert_output_from_intermediate(one, architecture, scaled)[0]
-                else:
-                    contribution = y * gates.unsqueeze(-1)
+                token, slot, y, gates, contribution = part
                 if slots is not None:
                     slots[token + first_token, slot] = contribution
                 else:
@@ -374,6 +369,30 @@ def expert_pass(
             accumulator.finish_chunk(first, view)
         view = h = None  # let the chunk go before the next one is read
     return out
+
+
+def local_intermediate(view: nn.Module, architecture: Architecture, xt: torch.Tensor, local: int) -> torch.Tensor:
+    """Expert `local` of a chunk of experts on every token xt: its activations [1, t, I]."""
+    return expert_intermediate(one_expert_view(view, local), architecture, xt)
+
+
+def routed_part(view: nn.Module, architecture: Architecture, first: int, xt: torch.Tensor, chosen: torch.Tensor,
+                gates_of: torch.Tensor, h: torch.Tensor | None, gate_on_input: bool, local: int):
+    """Expert `local` of a chunk of experts (first..)'s part of the routed output on a token chunk: (tokens,
+    their top-k slots, its output y before the gates, the gates, its contribution), or None when no token chose
+    it. `h`: every expert's activations on the chunk's tokens, when the statistics computed them already."""
+    token, slot = (chosen == first + local).nonzero(as_tuple=True)
+    if token.numel() == 0:
+        return None
+    routed_h = (h[local : local + 1, token] if h is not None else
+                expert_intermediate(one_expert_view(view, local), architecture, xt[token]))
+    y = expert_output_from_intermediate(view, architecture, routed_h, [local])[0]
+    gates = gates_of[token, slot].float()
+    if gate_on_input:
+        one = one_expert_view(view, local)
+        scaled = expert_intermediate(one, architecture, xt[token] * gates.unsqueeze(-1))
+        return token, slot, y, gates, expert_output_from_intermediate(one, architecture, scaled)[0]
+    return token, slot, y, gates, y * gates.unsqueeze(-1)
 
 
 def add_slots(slots: torch.Tensor, indices: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

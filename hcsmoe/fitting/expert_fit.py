@@ -38,6 +38,7 @@ from hcsmoe.checkpoints.architectures import (
     expert_output_from_intermediate,
 )
 from hcsmoe.timing import timed
+from hcsmoe.workers import parallel_map
 
 FITTED = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 WHITENING_RIDGE = 0.1  # bounds the amplification of rare input directions at 1/sqrt(0.1) ~ 3.2 times the mean one's
@@ -57,7 +58,7 @@ OVERHEAD_COPIES = 13
 # on the reference at 24 experts (5 pairs: 96% on the Qwen2-MoE at 30); 4 groups with 5 pairs 72% (Qwen2-MoE: 94%).
 FIT_MEMORY = 8 * 2**30
 SHORT_HISTORY = 5
-CHUNK_TOKENS = 8192  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
+CHUNK_TOKENS = 2048  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
 
 
 def evenly_spaced(total: int, count: int) -> torch.Tensor:
@@ -88,24 +89,50 @@ def per_expert_tokens(moe: MoELayer, architecture: Architecture, inputs: torch.T
     return [routing.tokens_of(expert) for expert in range(moe.experts.down_proj.shape[0])]
 
 
+def expert_output(experts: nn.Module, architecture: Architecture, own: dict[str, torch.Tensor], x: torch.Tensor,
+                  gates: torch.Tensor) -> torch.Tensor:
+    """One expert's routed output [t, H] on its tokens x [t, H], with its tensors `own` (each [1, ...]), scaled
+    by their gates (differentiable)."""
+    view, x = expert_view(experts, own), x.unsqueeze(0)
+    if architecture.gate_on_input:
+        h = expert_intermediate(view, architecture, x * gates.view(1, -1, 1))
+        return expert_output_from_intermediate(view, architecture, h)[0]
+    h = expert_intermediate(view, architecture, x)
+    return expert_output_from_intermediate(view, architecture, h)[0] * gates.unsqueeze(-1)
+
+
+def expert_outputs(experts: nn.Module, architecture: Architecture, tensors: list[dict[str, torch.Tensor]],
+                   reads: list[torch.Tensor], tokens: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each expert's routed output on exactly its own tokens (`reads[e]`, their hidden states), the experts
+    spread over the workers. Running each expert on its tokens, rather than all experts in one batched product
+    padded to the busiest one, does 2-3 times less arithmetic on routers as uneven as the bundled models' (the
+    busiest expert takes 2-2.7 times the mean)."""
+    return parallel_map(lambda e: expert_output(experts, architecture, tensors[e], reads[e], tokens[e][1]),
+                        range(len(tensors)))
+
+
+def gathered(inputs: torch.Tensor, tokens: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each expert's tokens' hidden states, gathered once (a fit reads them at every evaluation)."""
+    return parallel_map(lambda own: inputs[own[0]], tokens)
+
+
+def summed(outputs: list[torch.Tensor], tokens: list[tuple[torch.Tensor, torch.Tensor]], count: int) -> torch.Tensor:
+    """The experts' outputs summed back per token [count, H], in ascending expert order."""
+    positions = torch.cat([p for p, _ in tokens])
+    return torch.zeros(count, outputs[0].shape[-1], device=outputs[0].device).index_add(0, positions, torch.cat(outputs))
+
+
+def backward_each(outputs: list[torch.Tensor], upstream: torch.Tensor, tokens: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Take the gradient `upstream` [T, H] of the summed output back through each expert's own graph, on the
+    workers (each expert's leaves are its own, so no two workers add into one gradient)."""
+    parallel_map(lambda e: outputs[e].backward(upstream[tokens[e][0]]), range(len(outputs)))
+
+
 def block_output(experts: nn.Module, architecture: Architecture, tensors: list[dict[str, torch.Tensor]],
                  inputs: torch.Tensor, tokens: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The compressed block's routed output [T, H] (differentiable): expert e, with its tensors `tensors[e]`
-    (each [1, ...]), runs on its own tokens only, scaled by their gates; the outputs are summed back per
-    token in ascending expert order. Running each expert on exactly its tokens, rather than all experts in
-    one batched product padded to the busiest one, does 2-3 times less arithmetic on routers as uneven as
-    the bundled models' (the busiest expert takes 2-2.7 times the mean)."""
-    outputs = []
-    for own, (positions, gates) in zip(tensors, tokens):
-        view, x = expert_view(experts, own), inputs[positions].unsqueeze(0)
-        if architecture.gate_on_input:
-            h = expert_intermediate(view, architecture, x * gates.view(1, -1, 1))
-            outputs.append(expert_output_from_intermediate(view, architecture, h)[0])
-        else:
-            h = expert_intermediate(view, architecture, x)
-            outputs.append(expert_output_from_intermediate(view, architecture, h)[0] * gates.unsqueeze(-1))
-    positions = torch.cat([p for p, _ in tokens])
-    return torch.zeros(inputs.shape[0], outputs[0].shape[-1], device=inputs.device).index_add(0, positions, torch.cat(outputs))
+    """The compressed block's routed output [T, H] (differentiable): expert e, with its tensors `tensors[e]`,
+    runs on its own tokens only, scaled by their gates."""
+    return summed(expert_outputs(experts, architecture, tensors, gathered(inputs, tokens), tokens), tokens, inputs.shape[0])
 
 
 def one_expert(experts: nn.Module, expert: int, fitted: list[str], whitened: dict[str, torch.Tensor] | None = None,
@@ -140,8 +167,9 @@ def expert_whitenings(experts: nn.Module, architecture: Architecture, inputs: to
     """Per expert (of `members`, default all), the whitening of what gate/up reads (its tokens' hidden states,
     gated first where the gate scales the input) and of what down reads (the gated intermediate activations
     at the start)."""
-    whitenings, width = [], experts.down_proj.shape[1 if architecture.transposed else 2]  # I: no bias column
-    for expert in members or range(experts.down_proj.shape[0]):
+    width = experts.down_proj.shape[1 if architecture.transposed else 2]  # I: no bias column
+
+    def of(expert: int) -> dict[str, torch.Tensor]:
         reads, activations = [], []
         for begin, stop, routing in chunks:
             positions, gates = routing[expert]
@@ -149,8 +177,9 @@ def expert_whitenings(experts: nn.Module, architecture: Architecture, inputs: to
             reads.append(x * gates.unsqueeze(-1) if architecture.gate_on_input else x)
             activations.append(expert_features(experts, architecture, expert, x, gates)[:, :width])
         x, h = torch.cat(reads), torch.cat(activations)
-        whitenings.append({"gate_up_proj": whitening(x.T @ x, len(x)), "down_proj": whitening(h.T @ h, len(h))})
-    return whitenings
+        return {"gate_up_proj": whitening(x.T @ x, len(x)), "down_proj": whitening(h.T @ h, len(h))}
+
+    return parallel_map(of, members or range(experts.down_proj.shape[0]))
 
 
 def balance_whitenings(whitenings: list[dict[str, torch.Tensor]], tensors: list[dict[str, torch.Tensor]],
@@ -234,31 +263,38 @@ def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tens
                 inputs[begin:stop], [routing[e] for e in others]) for begin, stop, routing in chunks])
     whitenings = expert_whitenings(experts, architecture, inputs, chunks, group) if whiten else [None] * len(group)
     chunks = [(begin, stop, [routing[e] for e in group]) for begin, stop, routing in chunks]
+    reads = [gathered(inputs[begin:stop], routing) for begin, stop, routing in chunks]
     tensors = [one_expert(experts, e, fitted, whitened) for e, whitened in zip(group, whitenings)]
 
     def weights() -> list[dict[str, torch.Tensor]]:
-        return [expert_weights(experts, e, own, whitened, architecture.transposed)
-                for e, own, whitened in zip(group, tensors, whitenings)]
+        return parallel_map(lambda i: expert_weights(experts, group[i], tensors[i], whitenings[i], architecture.transposed),
+                            range(len(group)))
 
     def over_chunks(loss, backward: bool) -> float:
         """Sum `loss(predicted, begin, stop)` over the token chunks, with the weights the leaves stand for
         built once (not once per chunk: at real shapes W + D P costs as much as a chunk's experts); their
-        gradients, accumulated over the chunks, are taken back to the leaves at the end."""
+        gradients, accumulated over the chunks, are taken back to the leaves at the end. In each chunk the
+        experts run on the workers, then the loss's gradient with respect to the summed output is taken
+        back through each expert on the workers: each expert's graph is its own, so the gradients do not
+        depend on which worker ran it."""
         with torch.no_grad():
             built = weights()
         if whiten:  # a whitened weight's stand-in collects its gradient; other leaves (biases) are used as they are
             built = [own | {name: own[name].detach().requires_grad_(backward) for name in whitened}
                      for own, whitened in zip(built, whitenings)]
         total = 0.0
-        for begin, stop, routing in chunks:
-            value = loss(block_output(experts, architecture, built, inputs[begin:stop], routing), begin, stop)
+        for (begin, stop, routing), chunk_reads in zip(chunks, reads):
+            outputs = expert_outputs(experts, architecture, built, chunk_reads, routing)
+            predicted = summed([output.detach() for output in outputs], routing, stop - begin).requires_grad_(backward)
+            value = loss(predicted, begin, stop)
             if backward:
-                value.backward()
+                backward_each(outputs, torch.autograd.grad(value, predicted)[0], routing)
             total += float(value.detach())
         if whiten and backward:
-            for own, stood, whitened in zip(tensors, built, whitenings):
-                for name, p in whitened.items():
-                    own[name].grad = leaf_gradient(stood[name].grad, p, architecture.transposed)
+            def take_back(i: int) -> None:
+                for name, p in whitenings[i].items():
+                    tensors[i][name].grad = leaf_gradient(built[i][name].grad, p, architecture.transposed)
+            parallel_map(take_back, range(len(group)))
         return total
 
     def random_projection(generator: torch.Generator) -> None:

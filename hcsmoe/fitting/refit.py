@@ -23,6 +23,7 @@ Families with a down-projection bias (GPT-OSS) fit it as one more input column.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from hcsmoe.calibration.statistics import BlockTokens, Routed, expert_features, 
 from hcsmoe.checkpoints.architectures import Architecture, MoELayer
 from hcsmoe.errors import UserError
 from hcsmoe.timing import timed
+from hcsmoe.workers import parallel_map
 
 SOLVERS = ("auto", "joint", "blockwise")
 JOINT_LIMIT = 6144  # joint system up to this many unknowns per output column (float64 Gram of 300 MB)
@@ -155,17 +157,14 @@ def _joint(experts, architecture, tokens: BlockTokens, routing: Routed, start: t
         target_energy += float(yt.double().pow(2).sum())
         phi = torch.zeros(stop - begin, k, width)
         rows_of = {}
-        for expert in range(k):
-            token, gates = routing.tokens_of(expert, begin, stop)
-            if token.numel():
-                phi[token, expert] = expert_features(experts, architecture, expert, xt[token], gates)
+        owned = [routing.tokens_of(expert, begin, stop) for expert in range(k)]
+        features = parallel_map(partial(routed_features, experts, architecture, xt), enumerate(owned))
+        for expert, ((token, _), own) in enumerate(zip(owned, features)):
+            if own is not None:
+                phi[token, expert] = own
                 rows_of[expert] = token
         phi = phi.view(stop - begin, n)
-        for expert, token in rows_of.items():  # block row `expert`, from its diagonal block on (G is symmetric)
-            first = expert * width
-            own = phi[token, first : first + width]
-            gram[first : first + width, first:] += (own.T @ phi[token, first:]).double()
-            cross[first : first + width] += (own.T @ yt[token]).double()
+        parallel_map(partial(add_block_row, gram, cross, phi, yt, width), rows_of.items())
     diagonal = torch.block_diag(*(gram[a * width : (a + 1) * width, a * width : (a + 1) * width] for a in range(k)))
     gram = gram + gram.T - diagonal
     w0 = start.reshape(n, hidden)
@@ -181,6 +180,24 @@ def _joint(experts, architecture, tokens: BlockTokens, routing: Routed, start: t
         return (target_energy - 2 * float((w * cross).sum()) + float((w * (gram @ w)).sum())) / max(target_energy, 1e-30)
 
     return solution.view(k, width, hidden), {"error_before": round(error(w0), 6), "error_after": round(error(solution), 6)}
+
+
+def routed_features(experts, architecture: Architecture, xt: torch.Tensor,
+                    owned: tuple[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """Expert e's features on its tokens of a chunk, `owned` = (e, (tokens, gates)); None if it has none."""
+    expert, (token, gates) = owned
+    return expert_features(experts, architecture, expert, xt[token], gates) if token.numel() else None
+
+
+def add_block_row(gram: torch.Tensor, cross: torch.Tensor, phi: torch.Tensor, yt: torch.Tensor, width: int,
+                  row: tuple[int, torch.Tensor]) -> None:
+    """Add a chunk's part of block row `expert` of G (from its diagonal block on: G is symmetric) and of C,
+    row = (expert, its tokens): rows no other expert writes, so the experts' rows can be added at once."""
+    expert, token = row
+    first = expert * width
+    own = phi[token, first : first + width]
+    gram[first : first + width, first:] += (own.T @ phi[token, first:]).double()
+    cross[first : first + width] += (own.T @ yt[token]).double()
 
 
 def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, options: RefitOptions,

@@ -4,8 +4,8 @@ memory, a preempted node, Ctrl-C, a lost rank) continues from layer 41 with `--r
 After every decoder layer each process records, each file replaced atomically: the shards it wrote so far and
 the tensors still pending for its next shard, the finished layers' plans and statistics, the hidden states the
 next layer reads (both streams in corrective mode) and the RNG state. Then the state file (the commit point,
-written by rank 0 once every rank kept its part) names the layer and the thread count: the rounding of CPU
-kernels depends on it, so a resumed run takes the interrupted run's. The per-layer arguments (positions,
+written by rank 0 once every rank kept its part) names the next layer. A resumed run may have another thread
+count: the bits do not depend on it (hcsmoe/workers.py). The per-layer arguments (positions,
 masks) are recomputed from the calibration blocks, which are deterministic. A run started with other arguments,
 on another checkpoint or with another number of ranks is refused in one line.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -86,8 +85,7 @@ class Journal:
         replace_text(self.own / names["part"], json.dumps(part))
         self.world.barrier()
         if self.world.leader:
-            replace_text(self.folder / STATE, json.dumps({"fingerprint": self.print, "next_layer": next_layer,
-                                                          "threads": torch.get_num_threads()}))
+            replace_text(self.folder / STATE, json.dumps({"fingerprint": self.print, "next_layer": next_layer}))
         self.world.barrier()
         for old in self.own.iterdir():  # this rank's parts of earlier commits
             if old.name.startswith(PART_PREFIXES) and not old.name.startswith(tuple(names.values())):  # + sidecars
@@ -132,11 +130,3 @@ def replace_text(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def take_threads_of(state: dict) -> None:
-    """Run on with the interrupted run's thread count: CPU reductions and MKL's kernels round differently with
-    another count, and the resumed layers must be the bits the uninterrupted run would have written."""
-    threads = state.get("threads", torch.get_num_threads())
-    if threads != torch.get_num_threads():
-        print(f"hcsmoe: resuming with {threads} threads as the interrupted run had (another count would round "
-              "differently)", file=sys.stderr)
-        torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from hcsmoe.checkpoints.loading import in_float32
 from hcsmoe.checkpoints.shards import MemorySource, TensorSource
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.timing import timed
+from hcsmoe.workers import parallel_map, workers
 
 CHUNK_BYTES = 128 * 2**20  # float32 expert weights held at once
 
@@ -157,9 +159,28 @@ def _layer_output(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
+_batch = threading.local()  # which calibration batch this thread runs (hooks and the replay read it)
+
+
+def each_batch(layer: nn.Module, inputs: LayerInputs, index: int, keep: Callable[[int, torch.Tensor], None]) -> None:
+    """Run decoder layer `index` on every calibration batch, as many batches at once as there are workers;
+    `keep(batch, output)` gets the outputs in batch order, a wave at a time (so a memory-mapped store still
+    holds at most a wave in memory)."""
+    def one(batch: int) -> torch.Tensor:
+        _batch.index = batch
+        return _layer_output(layer(inputs.hidden[batch], **inputs.arguments[index][batch]))
+
+    for first in range(0, len(inputs.hidden), workers()):
+        wave = range(first, min(first + workers(), len(inputs.hidden)))
+        for batch, output in zip(wave, parallel_map(one, wave)):
+            keep(batch, output)
+
+
 @torch.no_grad()
 def run_dense_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.Tensor]:
-    return [inputs.store.keep(_layer_output(layer(h, **a))) for h, a in zip(inputs.hidden, inputs.arguments[index])]
+    outputs: list[torch.Tensor] = []
+    each_batch(layer, inputs, index, lambda batch, output: outputs.append(inputs.store.keep(output)))
+    return outputs
 
 
 @torch.no_grad()
@@ -182,19 +203,26 @@ def run_moe_layer(
     `world`: `chunks` holds this rank's share of the experts; the ranks' contributions are added up per token
     in ascending expert order, as one process adds them.
     """
-    captured: list[torch.Tensor] = []
+    captured: dict[int, torch.Tensor] = {}  # per batch (its thread's), kept in batch order after each wave
     hook = moe.block.register_forward_pre_hook(
-        lambda module, args: captured.append(inputs.store.keep(args[0].reshape(-1, args[0].shape[-1])))
+        lambda module, args: captured.__setitem__(_batch.index, args[0].reshape(-1, args[0].shape[-1]))
     )
     replay: list[torch.Tensor] = []
     moe.experts.forward = lambda hidden_states, *args, **kwargs: _routed_output(hidden_states, replay)
     try:
-        rest = [_layer_output(layer(h, **a)) for h, a in zip(inputs.hidden, inputs.arguments[moe.index])]
+        rest, kept = [], []
+
+        def keep_pass_one(batch: int, output: torch.Tensor) -> None:
+            kept.append(inputs.store.keep(captured.pop(batch)))
+            if keep_rest:
+                rest.append(output)
+
+        each_batch(layer, inputs, moe.index, keep_pass_one)
         rest = torch.cat([r.reshape(-1, r.shape[-1]).float() for r in rest]) if keep_rest else None
-        sizes = [c.shape[0] for c in captured]
-        x = inputs.store.zeros((sum(sizes), captured[0].shape[-1]), captured[0])
-        torch.cat(captured, out=x)
-        captured.clear()
+        sizes = [c.shape[0] for c in kept]
+        x = inputs.store.zeros((sum(sizes), kept[0].shape[-1]), kept[0])
+        torch.cat(kept, out=x)
+        kept.clear()
         probs, weights, indices = route_tokens(moe, architecture, x)
         if accumulator is not None:
             accumulator.add_routing(probs, indices, x)
@@ -208,8 +236,8 @@ def run_moe_layer(
             del slots
         hook.remove()
         replay.extend(routed.split(sizes))
-        outputs = [inputs.store.keep(_layer_output(layer(h, **a)))
-                   for h, a in zip(inputs.hidden, inputs.arguments[moe.index])]
+        outputs: list[torch.Tensor] = []
+        each_batch(layer, inputs, moe.index, lambda batch, output: outputs.append(inputs.store.keep(output)))
         return outputs, BlockTokens(x, routed, probs, rest)
     finally:
         hook.remove()
@@ -217,12 +245,13 @@ def run_moe_layer(
 
 
 def _routed_output(hidden_states: torch.Tensor, replay: list[torch.Tensor]) -> torch.Tensor:
-    """What the experts module returns: zeros while capturing, then the precomputed routed output.
+    """What the experts module returns: zeros while capturing, then the precomputed routed output of the
+    batch this thread runs.
 
     Families that sum per-expert rows afterwards (Llama 4 passes [E*T, H]) get it in the first T rows."""
     out = torch.zeros_like(hidden_states)
     if replay:
-        routed = replay.pop(0)
+        routed = replay[_batch.index]
         out[: routed.shape[0]] = routed.to(out.dtype)
     return out
 

@@ -51,7 +51,7 @@ from hcsmoe.recipe import Recipe
 from hcsmoe.result import CompressionResult
 from hcsmoe.runners.journal import FOLDER as JOURNAL_FOLDER
 from hcsmoe.runners.journal import STATE as JOURNAL_STATE
-from hcsmoe.runners.journal import Journal, fingerprint, journaled, take_threads_of
+from hcsmoe.runners.journal import Journal, fingerprint, journaled
 from hcsmoe.runners.layerwise import (
     calibrate_layer,
     expert_chunks,
@@ -129,13 +129,8 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
             blocks = calibration_blocks(tokenizer, recipe.calibration, recipe.blocks, recipe.block_size, context)
         if offload_dir is None and blocks is not None and token_buffer_bytes(blocks, config) > available_memory() / 4:
             offload_dir = directory / ".token-buffers"
-        threads = torch.get_num_threads()
-        try:  # a resumed run takes the interrupted run's thread count, this process's is restored after it
-            plan, layer_stats = run_streaming(compressor, job, blocks, stats.layers if stats else None, journal,
-                                              keep_samples=keep_samples,
-                                              offload_dir=Path(offload_dir) if offload_dir else None)
-        finally:
-            torch.set_num_threads(threads)
+        plan, layer_stats = run_streaming(compressor, job, blocks, stats.layers if stats else None, journal,
+                                          keep_samples=keep_samples, offload_dir=Path(offload_dir) if offload_dir else None)
         compressor.writer.finish()
         if world.leader and journal is not None:  # every rank is past the layers (the writer's finish gathered them)
             shutil.rmtree(journal.folder, ignore_errors=True)
@@ -195,7 +190,6 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
     layer_plans, all_stats, first = [], [], 0
     if journal is not None and journal.exists():  # an interrupted run of this command: its finished layers stand
         state = journal.check()
-        take_threads_of(state)
         layer_plans, all_stats, streams = journal.restore(state, compressor.writer)
         if inputs is not None:
             inputs.hidden = streams["hidden"]
