@@ -82,8 +82,9 @@ def main() -> None:
                  f"correction bias within the best {c.topk_group} of {c.n_group} expert groups (expert width "
                  f"{c.moe_intermediate_size}, normalised top-k weights scaled by {c.routed_scaling_factor}) **plus an "
                  f"always-on shared expert** (width {c.moe_intermediate_size * c.n_shared_experts}), as DeepSeek-V3; "
-                 f"multi-head latent attention (key/value rank {c.kv_lora_rank}); the first "
-                 f"{c.first_k_dense_replace} layer dense (width {c.intermediate_size})")
+                 f"multi-head latent attention (key/value rank {c.kv_lora_rank}); "
+                 + ("the first layer" if c.first_k_dense_replace == 1 else f"the first {c.first_k_dense_replace} layers")
+                 + f" dense (width {c.intermediate_size})")
         tokenizer_line = "Tokenizer: the reference model's (`hcsmoe/reference`), reused as is."
     else:
         title = "hcsmoe reference MoE"
@@ -116,7 +117,7 @@ ordinary Hugging Face checkpoint: `AutoModelForCausalLM.from_pretrained(this_dir
 
 ## Architecture
 {c.num_hidden_layers} decoder layers, hidden size {c.hidden_size}, {c.num_attention_heads} attention heads
-({c.num_key_value_heads} key/value), {"every MoE layer" if c.model_type == "deepseek_v3" else "every layer an MoE"} block of {shape}, context {context} tokens, tied embeddings,
+({c.num_key_value_heads} key/value), {"each MoE layer a" if c.model_type == "deepseek_v3" else "every layer an MoE"} block of {shape}, context {context} tokens, tied embeddings,
 byte-level BPE vocabulary of {c.vocab_size}. {params / 1e6:.2f} M parameters, stored in bfloat16.
 
 ## Data
