@@ -46,3 +46,19 @@ def test_the_pool_keeps_the_order_the_grad_mode_and_the_thread_count(restore_thr
         nested = parallel_map(lambda i: parallel_map(lambda j: (i, j, threading.current_thread().name), range(2)), range(2))
         assert all(name == outer[0][2] for outer in nested for _, _, name in outer)  # inner calls run inline
     assert torch.get_num_threads() == 3 and workers() == 1
+
+
+def test_fewer_batches_run_at_once_where_memory_is_short(monkeypatch, restore_threads):
+    from hcsmoe.runners import layerwise
+
+    inputs = layerwise.LayerInputs([torch.zeros(4, 2048, 1024)] * 8, [])
+    per_batch = 4 * 2048 * 1024 * 4 * layerwise.BATCH_WORKING_COPIES
+    torch.set_num_threads(4)
+    with one_thread_kernels():
+        monkeypatch.setattr(layerwise, "available_memory", lambda: 4 * 10 * per_batch)
+        assert layerwise.batches_at_once(inputs) == 4  # as many as the workers
+        monkeypatch.setattr(layerwise, "available_memory", lambda: 4 * 2 * per_batch)
+        assert layerwise.batches_at_once(inputs) == 2
+        monkeypatch.setattr(layerwise, "available_memory", lambda: 1000)
+        assert layerwise.batches_at_once(inputs) == 1
+    assert layerwise.batches_at_once(inputs) == 1  # outside a compression: one worker

@@ -160,18 +160,41 @@ def _layer_output(result) -> torch.Tensor:
 
 
 _batch = threading.local()  # which calibration batch this thread runs (hooks and the replay read it)
+# A decoder layer's working memory per calibration batch, in float32 copies of the batch's hidden states: a
+# generous bound for attention's projections and a dense MLP several times the hidden size wide.
+BATCH_WORKING_COPIES = 32
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); unlimited where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62
+
+
+def batches_at_once(inputs: LayerInputs) -> int:
+    """As many calibration batches at once as there are workers, fewer where their working memory would pass a
+    quarter of free memory (on a machine of many cores, a dense layer of every batch at once could outweigh the
+    rest of the run). Which batches run together never changes the bits."""
+    per_batch = inputs.hidden[0].numel() * 4 * BATCH_WORKING_COPIES
+    return max(1, min(workers(), available_memory() // 4 // max(per_batch, 1)))
 
 
 def each_batch(layer: nn.Module, inputs: LayerInputs, index: int, keep: Callable[[int, torch.Tensor], None]) -> None:
-    """Run decoder layer `index` on every calibration batch, as many batches at once as there are workers;
+    """Run decoder layer `index` on every calibration batch, several at once (batches_at_once);
     `keep(batch, output)` gets the outputs in batch order, a wave at a time (so a memory-mapped store still
     holds at most a wave in memory)."""
     def one(batch: int) -> torch.Tensor:
         _batch.index = batch
         return _layer_output(layer(inputs.hidden[batch], **inputs.arguments[index][batch]))
 
-    for first in range(0, len(inputs.hidden), workers()):
-        wave = range(first, min(first + workers(), len(inputs.hidden)))
+    at_once = batches_at_once(inputs)
+    for first in range(0, len(inputs.hidden), at_once):
+        wave = range(first, min(first + at_once, len(inputs.hidden)))
         for batch, output in zip(wave, parallel_map(one, wave)):
             keep(batch, output)
 

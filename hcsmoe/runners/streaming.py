@@ -53,6 +53,7 @@ from hcsmoe.runners.journal import FOLDER as JOURNAL_FOLDER
 from hcsmoe.runners.journal import STATE as JOURNAL_STATE
 from hcsmoe.runners.journal import Journal, fingerprint, journaled
 from hcsmoe.runners.layerwise import (
+    available_memory,
     calibrate_layer,
     expert_chunks,
     original_stream,
@@ -71,17 +72,6 @@ def token_buffer_bytes(blocks: torch.Tensor, config) -> int:
     """Memory the calibration's per-token buffers take during a layer: hidden states, the MoE block's
     inputs, its routed output and the layer's outputs, float32."""
     return 4 * blocks.numel() * int(config.hidden_size) * 4
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); unlimited where there is no such file."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**62
 
 
 def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats: Statistics | None = None,
