@@ -384,8 +384,7 @@ def routed_part(view: nn.Module, architecture: Architecture, first: int, xt: tor
     token, slot = (chosen == first + local).nonzero(as_tuple=True)
     if token.numel() == 0:
         return None
-    routed_h = (h[local : local + 1, token] if h is not None else
-                expert_intermediate(one_expert_view(view, local), architecture, xt[token]))
+    routed_h = h[local : local + 1, token] if h is not None else local_intermediate(view, architecture, xt[token], local)
     y = expert_output_from_intermediate(view, architecture, routed_h, [local])[0]
     gates = gates_of[token, slot].float()
     if gate_on_input:

@@ -200,7 +200,8 @@ def each_batch(layer: nn.Module, inputs: LayerInputs, index: int, keep: Callable
 
 
 @torch.no_grad()
-def run_dense_layer(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.Tensor]:
+def layer_outputs(layer: nn.Module, inputs: LayerInputs, index: int) -> list[torch.Tensor]:
+    """Decoder layer `index`'s outputs on every calibration batch, kept in the inputs' store."""
     outputs: list[torch.Tensor] = []
     each_batch(layer, inputs, index, lambda batch, output: outputs.append(inputs.store.keep(output)))
     return outputs
@@ -259,8 +260,7 @@ def run_moe_layer(
             del slots
         hook.remove()
         replay.extend(routed.split(sizes))
-        outputs: list[torch.Tensor] = []
-        each_batch(layer, inputs, moe.index, lambda batch, output: outputs.append(inputs.store.keep(output)))
+        outputs = layer_outputs(layer, inputs, moe.index)
         return outputs, BlockTokens(x, routed, probs, rest)
     finally:
         hook.remove()
@@ -321,9 +321,9 @@ def calibrate_layer(
 
 def run_dense_streams(layer: nn.Module, inputs: LayerInputs, original: LayerInputs | None, index: int) -> None:
     """Advance the calibration stream (and the original model's, in corrective mode) through a dense layer."""
-    inputs.hidden = run_dense_layer(layer, inputs, index)
+    inputs.hidden = layer_outputs(layer, inputs, index)
     if original is not None:
-        original.hidden = run_dense_layer(layer, original, index)
+        original.hidden = layer_outputs(layer, original, index)
 
 
 def original_stream(inputs: LayerInputs, corrective: bool) -> LayerInputs | None:
