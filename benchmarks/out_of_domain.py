@@ -1,0 +1,92 @@
+"""Does the expert fit overfit its calibration text? The default recipe against `--fast` (the same plan with the
+closed-form fits only) on English prose unlike the calibration's Wikipedia leads: two of Jane Austen's novels
+(hcsmoe/corpora/novels/, public domain). The models are calibrated on the bundled Wikipedia train text as always.
+
+Texts, each as perplexity over the original model's on the same tokens:
+- novel-dev: Pride and Prejudice, first 32,768 tokens: what a setting against overfitting may be chosen on;
+- novel-test: Persuasion, all of it: reported only;
+- wiki held-out train (the last 300 train articles per language, first 8,192 tokens; mean of en/fr/es) and
+  wiki validation (full splits; mean of en/fr/es), for comparison with the in-domain tables.
+
+    python -m benchmarks.out_of_domain [--model reference|qwen2-moe]   # writes benchmarks/results/out-of-domain-<model>.{md,json}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, bundled_model
+from hcsmoe.calibration.text import LANGUAGES, load_texts, wiki_texts
+from hcsmoe.checkpoints.architectures import architecture_for, expert_count
+from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.pipeline import compress
+
+RESULTS = Path(__file__).parent / "results"
+NOVELS = Path(__file__).resolve().parent.parent / "hcsmoe" / "corpora" / "novels"
+DEV_TOKENS = 32768
+
+
+def texts() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(texts cut to their token budget, texts scored whole), by name."""
+    capped = {"novel-dev": load_texts(str(NOVELS / "austen-prideprejudice.jsonl.gz"))}
+    capped |= {f"{lang}-train": wiki_texts(lang, "train")[-HELD_OUT_ARTICLES:] for lang in LANGUAGES}
+    whole = {"novel-test": load_texts(str(NOVELS / "austen-persuasion.jsonl.gz"))}
+    whole |= {f"{lang}-validation": wiki_texts(lang, "validation") for lang in LANGUAGES}
+    return capped, whole
+
+
+def perplexities(model, tokenizer) -> dict[str, float]:
+    capped, whole = texts()
+    dev = evaluate(model, tokenizer, texts={"novel-dev": capped.pop("novel-dev")}, max_tokens=DEV_TOKENS)
+    scores = (dev["languages"] | evaluate(model, tokenizer, texts=capped, max_tokens=MAX_TOKENS)["languages"]
+              | evaluate(model, tokenizer, texts=whole)["languages"])
+    return {name: m["ppl"] for name, m in scores.items()}
+
+
+def settings(num_experts: int) -> list[tuple[str, dict]]:
+    """(label, compress() options): the default and --fast at 25% and 50% of the routed parameters removed,
+    as a size (the default's shape) and as a count of whole experts."""
+    shapes = [("size 0.75", {"size": 0.75}), (f"{num_experts * 3 // 4} experts", {"num_experts": num_experts * 3 // 4}),
+              ("size 0.5", {"size": 0.5}), (f"{num_experts // 2} experts", {"num_experts": num_experts // 2})]
+    return [(f"{shape}, {recipe}", options | extra) for shape, options in shapes
+            for recipe, extra in (("default", {}), ("--fast", {"fast": True}))]
+
+
+def mean(row: dict, split: str) -> float:
+    return sum(row[f"{lang}-{split}"] for lang in LANGUAGES) / len(LANGUAGES)
+
+
+def write(name: str, rows: list[dict], base: dict, seconds: float) -> None:
+    (RESULTS / f"out-of-domain-{name}.json").write_text(json.dumps({"rows": rows, "original": base}, indent=1) + "\n")
+    lines = [f"# Out-of-domain text: {name} model", "",
+             f"`python -m benchmarks.out_of_domain --model {name}` ({seconds / 60:.1f} min). Perplexity over the "
+             "original's: novel-dev = Pride and Prejudice (first 32,768 tokens), novel-test = Persuasion (whole); "
+             "wiki train = held-out train articles (mean en/fr/es, 8,192 tokens each), wiki validation = full "
+             "splits (mean en/fr/es). Calibration: the bundled Wikipedia train text.", "",
+             "| setting | novel-dev | novel-test | wiki train | wiki validation | seconds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['novel-dev']:.4f} | {r['novel-test']:.4f} | {mean(r, 'train'):.4f} | "
+                     f"{mean(r, 'validation'):.4f} | {r['seconds']} |")
+    lines += ["", "Original perplexities: " + ", ".join(f"{k} {v:.2f}" for k, v in base.items()), ""]
+    (RESULTS / f"out-of-domain-{name}.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    start = time.perf_counter()
+    name, tokenizer, original = bundled_model(__doc__)
+    base = perplexities(original, tokenizer)
+    rows = []
+    for label, options in settings(expert_count(original.config, architecture_for(original.config))):
+        mark = time.perf_counter()
+        result = compress(original, tokenizer=tokenizer, progress=False, **options)
+        seconds = round(time.perf_counter() - mark, 1)
+        ppl = perplexities(result.model.float(), tokenizer)
+        rows.append({"setting": label, "seconds": seconds, **{k: round(v / base[k], 4) for k, v in ppl.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+        write(name, rows, base, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
