@@ -7,6 +7,7 @@ original model's on the same text (first 8,192 tokens of each); "mean" is the me
 
     python -m benchmarks.choices [--model reference|qwen2-moe]   # writes benchmarks/results/choices-<model>.{md,json}
     python -m benchmarks.choices --only "expert fit"   # reruns the rows whose label holds the text, keeps the others
+                                                      # ("a|b": rows holding either)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("default + expert fit (30 plain steps on 8,192 tokens)", {"refit": PLAIN(steps=30, step_tokens=8192)}),
     ("default + expert fit (gate/up and down, 100 plain L-BFGS steps, all tokens)", {"refit": PLAIN(steps=100)}),
     ("**default**: + expert fit (gate/up and down, 30 whitened L-BFGS steps, all tokens)", {}),
+    ("default, merge or prune chosen after the expert fit (--choose-fitted)", {"refit": RefitOptions(steps=30, choose_fitted=True)}),
 ]
 
 
@@ -75,11 +77,13 @@ def bundled_model(description: str, with_only: bool = False) -> tuple[str, objec
 
 
 def kept_rows(name: str, only: str | None, report: str = "choices") -> dict:
-    """With --only: the last run's rows by (experts, label), except those whose label holds the text."""
+    """With --only: the last run's rows by (experts, label), except those whose label holds the text (or one of
+    the texts separated by '|')."""
     if only is None:
         return {}
     saved = json.loads((RESULTS / f"{report}-{name}.json").read_text())["rows"]
-    return {(r["experts"], r["setting"]): r for r in saved if only not in r["setting"]}
+    return {(r["experts"], r["setting"]): r for r in saved
+            if not any(text in r["setting"] for text in only.split("|"))}
 
 
 def measure(original, tokenizer, candidates: list[tuple[str, dict]], kept: dict) -> tuple[list[dict], dict]:

@@ -29,6 +29,7 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("REAP + fits", {"method": "reap"} | CLOSED_FORM_FITS),
     ("REAP + fits + expert fit", {"method": "reap"} | CLOSED_FORM_FITS | {"refit": RefitOptions(steps=30)}),
     ("HC-SMoE as published", {"method": "hc-smoe"}),
+    ("default, merge or prune chosen after the expert fit (--choose-fitted)", {"refit": RefitOptions(steps=30, choose_fitted=True)}),
 ]
 assert DEFAULT_ROUTER_FIT.sigmoid and DEFAULT_ROUTER_FIT.choice_bias  # the first row is the default
 

@@ -446,3 +446,29 @@ def test_per_layer_choice_keeps_the_plan_with_the_smaller_held_out_error(tiny_mo
         assert set(errors) == {"ream", "reap"} and choice["chosen"] == min(errors, key=errors.get)
         merged = any(len(g.members) > 1 for g in layer.groups)
         assert merged == (choice["chosen"] == "ream")  # reap prunes; the anchored pairs merge
+
+
+def test_choosing_after_the_expert_fit_scores_fitted_candidates_and_streams_to_the_same_bits(capsys, tiny_models, tmp_path):
+    """--choose-fitted: every candidate gets the expert fit before it is scored; the winner is kept as fitted
+    (in memory) or rebuilt and refitted on the same tokens (streaming), which gives the same weights."""
+    import json
+
+    from tests.test_cli import run_cli
+    from tests.test_resume import digests
+
+    model = str(tiny_models["deepseek_v3"])
+    common = ("compress", model, "-k", "4", "--no-eval", "-q", "--blocks", "4", "--block-size", "32", "--refit-steps", "5")
+    written, plans = {}, {}
+    for name, extra in (("closed", ("--no-stream",)), ("fitted", ("--no-stream", "--choose-fitted")),
+                        ("streamed", ("--stream", "--choose-fitted"))):
+        code, _, err = run_cli(capsys, *common, *extra, "--out", str(tmp_path / name))
+        assert code == 0, err
+        written[name] = {k: v for k, v in digests(tmp_path / name).items() if k.endswith(".safetensors")}
+        plans[name] = json.loads((tmp_path / name / "hcsmoe_plan.json").read_text())
+    assert written["fitted"] == written["streamed"]
+    assert plans["fitted"]["refit"]["choose_fitted"] and not plans["closed"]["refit"]["choose_fitted"]
+    for before, after in zip(plans["closed"]["layers"], plans["fitted"]["layers"]):
+        errors = after["details"]["choice"]["held_out_error"]
+        assert after["details"]["choice"]["chosen"] == min(errors, key=errors.get)
+        assert errors != before["details"]["choice"]["held_out_error"]  # scored after the expert fit
+        assert "experts" in after["details"]["refit"]

@@ -47,6 +47,7 @@ COMPRESS_DEFAULTS = {
     "refit_steps": None,
     "refit_tokens": None,
     "refit_whiten": None,
+    "choose_fitted": None,
     "fit_router": None,
     "fast": None,
     "width": None,
@@ -143,6 +144,9 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--refit-whiten", action=argparse.BooleanOptionalAction, default=None,
                    help="take those iterations in whitened coordinates, about as good in 30 steps as 100 plain ones "
                         "(--no-refit-whiten: plain steps) [on]")
+    p.add_argument("--choose-fitted", action=argparse.BooleanOptionalAction, default=None,
+                   help="the per-layer choice between merging and pruning scores both after the expert fit (each "
+                        "candidate fitted: the expert fit's cost twice) instead of after the closed-form fits [off]")
     p.add_argument("--fit-router", action=argparse.BooleanOptionalAction, default=None,
                    help="fit the K router rows to the original routing mass of each group "
                         "[on by default; off for a named --method unless given]")

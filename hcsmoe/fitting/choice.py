@@ -26,13 +26,15 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
     candidate's error and its fits) and its fitted copy of the layer, which is the result. The candidates are
     scored after the closed-form fits; only the winner then gets the expert fit (refit.steps), the costly
-    part. The winner is not refitted on all tokens: that would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
+    part; with refit.choose_fitted every candidate gets it before it is scored (a plan that only the expert fit
+    makes better wins then), at the expert fit's cost once per candidate. The winner is not refitted on all tokens: that would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
     holds one compressed copy at a time (streaming, where a layer's memory counts): the candidates are fitted
     last to first, and the first one's copy (the recipe's merge, which wins most layers) is returned if it
     wins, else None: rebuilding and refitting the winner on fitting_tokens() gives the same bits.
     `world` (torchrun): every rank builds every candidate, rank r fits and scores candidates r, r + N, ...; the
     scores are exchanged and the winner's fitted weights copied from the rank that fitted it."""
     fitting, held = split_tokens(block)
+    fitted_first = refit is not None and refit.choose_fitted
     energy = float(held.routed.double().pow(2).sum())
     fitter = lambda position: position % world.size  # the rank that fits and scores a candidate
     trials = {}
@@ -43,7 +45,7 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
         error = None
         if fitter(position) == world.rank:
             fit_compressed_layer(moe, architecture, trial, stats, fitting, output_dtype, refit, router_fit,
-                                 with_experts=False)
+                                 with_experts=fitted_first)
             with timed("choice"):
                 residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
                 error = float(residual.pow(2).sum()) / max(energy, 1e-30)
@@ -56,7 +58,7 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
     _, chosen, moe = trials[best]
     if moe is not None:
-        if fitter(best) == world.rank:
+        if fitter(best) == world.rank and not fitted_first:
             fit_layer_experts(moe, architecture, chosen, fitting, output_dtype, refit)
         if world.size > 1:
             world.copy_from(fitter(best), fitted_tensors(moe))
