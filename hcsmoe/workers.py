@@ -23,6 +23,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 1
 _inside = threading.local()
 
 
@@ -31,24 +32,24 @@ def one_thread_kernels(device: str = "cpu"):
     """Within the block, torch's CPU kernels run on one thread each and `parallel_map` spreads work over as
     many workers as torch had threads; both are restored after. On a GPU the kernels' order does not depend
     on CPU threads: nothing changes there. Nested blocks keep the outer one's pool."""
-    global _pool
+    global _pool, _pool_size
     threads = torch.get_num_threads()
     if not str(device).startswith("cpu") or _pool is not None or threads == 1:
         yield
         return
     torch.set_num_threads(1)
-    _pool = ThreadPoolExecutor(threads, thread_name_prefix="hcsmoe")
+    _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="hcsmoe"), threads
     try:
         yield
     finally:
-        pool, _pool = _pool, None
+        pool, _pool, _pool_size = _pool, None, 1
         pool.shutdown()
         torch.set_num_threads(threads)
 
 
 def workers() -> int:
     """How many pieces of work run at once (1 outside one_thread_kernels)."""
-    return _pool._max_workers if _pool is not None else 1
+    return _pool_size
 
 
 def parallel_map(work: Callable[[T], R], items: Iterable[T]) -> list[R]:
