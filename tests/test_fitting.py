@@ -126,6 +126,24 @@ def test_refit_options_are_checked():
         RefitOptions(alpha=-1)
     with pytest.raises(UserError, match="steps"):
         RefitOptions(steps=-1)
+    with pytest.raises(UserError, match="anchor"):
+        RefitOptions(steps=30, anchor=1.0, whiten=False)
+
+
+def test_the_anchor_keeps_the_expert_fit_nearer_the_plans_weights(tiny_models):
+    """--refit-anchor: a stronger ridge toward the start moves the weights less and leaves more of the error,
+    monotonically; anchor 0 is the plain whitened fit."""
+    _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
+    block = tokens_of(moe, architecture, n=2000)
+    perturb_gate_up(moe)
+    refit_layer(moe, architecture, block, RefitOptions(alpha=0.0))
+    moved, errors = [], []
+    for anchor in (0.0, 1.0, 100.0):
+        fitted = copy.deepcopy(moe)
+        errors.append(fit_experts(fitted, architecture, block, steps=20, sample=0, anchor=anchor)["error_after"])
+        moved.append(float((fitted.experts.gate_up_proj - moe.experts.gate_up_proj).norm()))
+    assert moved[0] > moved[1] > moved[2] > 0
+    assert errors[0] < errors[1] < errors[2]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -223,13 +223,33 @@ def leaf_gradient(gradient: torch.Tensor, p: torch.Tensor, transposed: bool) -> 
     return torch.matmul(p, gradient) if transposed else torch.matmul(gradient, p.T)
 
 
+def anchor_penalty(tensors: list[dict[str, torch.Tensor]], whitenings: list[dict[str, torch.Tensor] | None],
+                   strength: float) -> torch.Tensor:
+    """The fit's ridge toward the plan's weights, strength x sum of c ||D||^2 over the whitened changes D, c the
+    balanced curvature of their kind (1 for gate/up, DOWN_CURVATURE for down): relative to the error's own
+    Gauss-Newton diagonal, so --refit-anchor 1 damps a direction whose curvature is the layer's mean by half
+    and rarer ones (what only the calibration text exercises) more. Adds its gradient to the leaves'; 0 when
+    strength is 0 or nothing is whitened."""
+    total = torch.zeros((), dtype=torch.float64)
+    if strength <= 0:
+        return total
+    for own, whitened in zip(tensors, whitenings):
+        for name in whitened or {}:
+            weight = strength * (DOWN_CURVATURE if name == "down_proj" else 1.0)
+            leaf = own[name]
+            total += weight * float(leaf.detach().double().pow(2).sum())
+            leaf.grad = leaf.grad + 2 * weight * leaf.detach() if leaf.grad is not None else 2 * weight * leaf.detach()
+    return total
+
+
 @timed("expert fit")
 def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, steps: int,
-                sample: int, whiten: bool = True) -> dict:
+                sample: int, whiten: bool = True, anchor: float = 0.0) -> dict:
     """Fit the layer's expert tensors in place (float32) by `steps` L-BFGS iterations on `sample` evenly
-    spaced calibration tokens (in whitened coordinates if `whiten`); returns the relative squared error of
-    the routed output before and after. Gradients are accumulated over chunks of CHUNK_TOKENS tokens, and
-    a large layer's experts are fitted a group at a time (fit_schedule), so memory stays bounded."""
+    spaced calibration tokens (in whitened coordinates if `whiten`, with an `anchor` ridge toward the start:
+    anchor_penalty); returns the relative squared error of the routed output before and after. Gradients are
+    accumulated over chunks of CHUNK_TOKENS tokens, and a large layer's experts are fitted a group at a time
+    (fit_schedule), so memory stays bounded."""
     experts = moe.experts
     chosen = evenly_spaced(tokens.inputs.shape[0], sample)
     device = experts.down_proj.device
@@ -239,9 +259,9 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     fitted = [name for name in FITTED if getattr(experts, name, None) is not None]
     groups, history = fit_schedule(experts.down_proj.shape[0], sum(getattr(experts, name)[0].numel() for name in fitted))
     energy = max(float(target.double().pow(2).sum()), 1e-30)
-    fits = [fit_group(experts, architecture, inputs, target, chunks, energy, fitted, group, steps, history, whiten)
-            for group in groups]
-    report = {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "history": history,
+    fits = [fit_group(experts, architecture, inputs, target, chunks, energy, fitted, group, steps, history, whiten,
+                      anchor) for group in groups]
+    report = {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "anchor": anchor, "history": history,
               "groups": len(groups), "error_before": round(fits[0][0], 6), "error_after": round(fits[-1][1], 6),
               "evaluations": sum(fit[2] for fit in fits)}
     if not all(math.isfinite(error) for fit in fits for error in fit[:2]):
@@ -251,7 +271,7 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
 
 def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor, chunks: list,
               energy: float, fitted: list[str], group: range, steps: int, history: int,
-              whiten: bool) -> tuple[float, float, int]:
+              whiten: bool, anchor: float = 0.0) -> tuple[float, float, int]:
     """Fit the experts of `group` in place, the layer's others held as they are (their output is taken off the
     target first); returns the layer's relative squared error before and after (never worse: a fit that does
     not improve it is not kept) and how many times L-BFGS evaluated the error with its gradient."""
@@ -311,7 +331,7 @@ def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tens
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        return error(backward=True)
+        return error(backward=True) + anchor_penalty(tensors, whitenings, anchor / energy)
 
     with torch.no_grad():
         before = float(error(backward=False))

@@ -53,6 +53,7 @@ class RefitOptions:
     steps: int = 0  # then L-BFGS iterations fitting gate/up and down together (expert_fit); 0: down only
     step_tokens: int = 0  # calibration tokens those iterations use, evenly spaced (0: all)
     whiten: bool = True  # those iterations in whitened coordinates (expert_fit.py): same fit in about 3x fewer steps
+    anchor: float = 0.0  # the expert fit's ridge toward the plan's weights, relative to its curvature (whitened only)
     choose_fitted: bool = False  # the per-layer choice scores candidates after the expert fit too (each one fitted)
 
     def __post_init__(self):
@@ -62,6 +63,8 @@ class RefitOptions:
             raise UserError("the refit needs alpha >= 0 and at least one sweep")
         if self.steps < 0 or self.step_tokens < 0:
             raise UserError("the refit's steps and step tokens must be >= 0")
+        if self.anchor < 0 or (self.anchor and not self.whiten):
+            raise UserError("--refit-anchor must be >= 0 and needs whitened steps (drop --no-refit-whiten)")
 
     def to_dict(self) -> dict:
         return asdict(self)
