@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, bundled_model
-from hcsmoe.fitting.refit import RefitOptions
-from hcsmoe.recipe import EXPERT_FIT_STEPS
 from hcsmoe.calibration.text import LANGUAGES, load_texts, wiki_texts
 from hcsmoe.checkpoints.architectures import architecture_for, expert_count
 from hcsmoe.evaluation.evaluate import evaluate
+from hcsmoe.fitting.refit import RefitOptions
 from hcsmoe.pipeline import compress
+from hcsmoe.recipe import EXPERT_FIT_STEPS
 
 RESULTS = Path(__file__).parent / "results"
 NOVELS = Path(__file__).resolve().parent.parent / "hcsmoe" / "corpora" / "novels"
@@ -69,10 +69,10 @@ def mean(row: dict, split: str) -> float:
 def write(name: str, rows: list[dict], base: dict, seconds: float) -> None:
     (RESULTS / f"out-of-domain-{name}.json").write_text(json.dumps({"rows": rows, "original": base}, indent=1) + "\n")
     lines = [f"# Out-of-domain text: {name} model", "",
-             f"`python -m benchmarks.out_of_domain --model {name}` ({seconds / 60:.1f} min). Perplexity over the "
-             "original's: novel-dev = Pride and Prejudice (first 32,768 tokens), novel-test = Persuasion (whole); "
-             "wiki train = held-out train articles (mean en/fr/es, 8,192 tokens each), wiki validation = full "
-             "splits (mean en/fr/es). Calibration: the bundled Wikipedia train text.", "",
+             (f"`python -m benchmarks.out_of_domain --model {name}` ({seconds / 60:.1f} min). Perplexity over the "
+              "original's: novel-dev = Pride and Prejudice (first 32,768 tokens), novel-test = Persuasion (whole); "
+              "wiki train = held-out train articles (mean en/fr/es, 8,192 tokens each), wiki validation = full "
+              "splits (mean en/fr/es). Calibration: the bundled Wikipedia train text."), "",
              "| setting | novel-dev | novel-test | wiki train | wiki validation | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['novel-dev']:.4f} | {r['novel-test']:.4f} | {mean(r, 'train'):.4f} | "
