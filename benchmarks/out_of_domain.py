@@ -85,12 +85,12 @@ def main() -> None:
     start = time.perf_counter()
     name, tokenizer, original, only = bundled_model(__doc__, with_only=True)
     base = perplexities(original, tokenizer)
-    kept = {r["setting"]: r for r in json.loads((RESULTS / f"out-of-domain-{name}.json").read_text())["rows"]
-            if not any(text in r["setting"] for text in only.split("|"))} if only else {}
+    saved = RESULTS / f"out-of-domain-{name}.json"
+    kept = {r["setting"]: r for r in json.loads(saved.read_text())["rows"]} if only and saved.is_file() else {}
     rows = []
     for label, options in settings(expert_count(original.config, architecture_for(original.config))):
-        if label in kept:
-            rows.append(kept[label])
+        if only and not any(text in label for text in only.split("|")):
+            rows.extend([kept[label]] if label in kept else [])  # a first run with --only leaves the others out
             continue
         mark = time.perf_counter()
         result = compress(original, tokenizer=tokenizer, progress=False, **options)
