@@ -7,13 +7,14 @@ original model's on the same text (first 8,192 tokens of each); "mean" is the me
 
     python -m benchmarks.choices [--model reference|qwen2-moe]   # writes benchmarks/results/choices-<model>.{md,json}
     python -m benchmarks.choices --only "expert fit"   # reruns the rows whose label holds the text, keeps the others
-                                                      # ("a|b": rows holding either)
+                                                      # (a regular expression: "a|b", "a$")
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -77,13 +78,12 @@ def bundled_model(description: str, with_only: bool = False) -> tuple[str, objec
 
 
 def kept_rows(name: str, only: str | None, report: str = "choices") -> dict:
-    """With --only: the last run's rows by (experts, label), except those whose label holds the text (or one of
-    the texts separated by '|')."""
+    """With --only: the last run's rows by (experts, label), except those whose label the text matches (a regular
+    expression: "a|b" either, "a$" a label that ends so)."""
     if only is None:
         return {}
     saved = json.loads((RESULTS / f"{report}-{name}.json").read_text())["rows"]
-    return {(r["experts"], r["setting"]): r for r in saved
-            if not any(text in r["setting"] for text in only.split("|"))}
+    return {(r["experts"], r["setting"]): r for r in saved if not re.search(only, r["setting"])}
 
 
 def measure(original, tokenizer, candidates: list[tuple[str, dict]], kept: dict) -> tuple[list[dict], dict]:
