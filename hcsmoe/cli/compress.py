@@ -146,8 +146,8 @@ def add_compress_parser(sub) -> None:
                    help="take those iterations in whitened coordinates, about as good in 30 steps as 100 plain ones "
                         "(--no-refit-whiten: plain steps) [on]")
     p.add_argument("--refit-anchor", type=float,
-                   help="the expert fit's ridge toward the plan's weights, relative to the fit's curvature (1 halves "
-                        "a direction of the layer's mean curvature; more keeps the fit nearer the closed form) [0]")
+                   help="the expert fit's ridge toward the closed-form fits' weights, relative to the fit's curvature "
+                        "(1 halves the step along a direction of the layer's mean curvature; more stays nearer --fast) [0]")
     p.add_argument("--choose-fitted", action=argparse.BooleanOptionalAction, default=None,
                    help="the per-layer choice between merging and pruning scores both after the expert fit (each "
                         "candidate fitted: the expert fit's cost twice) instead of after the closed-form fits [off]")

@@ -27,7 +27,8 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     candidate's error and its fits) and its fitted copy of the layer, which is the result. The candidates are
     scored after the closed-form fits; only the winner then gets the expert fit (refit.steps), the costly
     part; with refit.choose_fitted every candidate gets it before it is scored (a plan that only the expert fit
-    makes better wins then), at the expert fit's cost once per candidate. The winner is not refitted on all tokens: that would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
+    makes better wins then), at the expert fit's cost once per candidate. The winner is not refitted on all
+    tokens: that would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
     holds one compressed copy at a time (streaming, where a layer's memory counts): the candidates are fitted
     last to first, and the first one's copy (the recipe's merge, which wins most layers) is returned if it
     wins, else None: rebuilding and refitting the winner on fitting_tokens() gives the same bits.

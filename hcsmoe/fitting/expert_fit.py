@@ -225,7 +225,7 @@ def leaf_gradient(gradient: torch.Tensor, p: torch.Tensor, transposed: bool) -> 
 
 def anchor_penalty(tensors: list[dict[str, torch.Tensor]], whitenings: list[dict[str, torch.Tensor] | None],
                    strength: float) -> torch.Tensor:
-    """The fit's ridge toward the plan's weights, strength x sum of c ||D||^2 over the whitened changes D, c the
+    """The fit's ridge toward where it starts (the closed-form fits' weights), strength x sum of c ||D||^2 over the whitened changes D, c the
     balanced curvature of their kind (1 for gate/up, DOWN_CURVATURE for down): relative to the error's own
     Gauss-Newton diagonal, so --refit-anchor 1 damps a direction whose curvature is the layer's mean by half
     and rarer ones (what only the calibration text exercises) more. Adds its gradient to the leaves'; 0 when

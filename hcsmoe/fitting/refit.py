@@ -53,7 +53,7 @@ class RefitOptions:
     steps: int = 0  # then L-BFGS iterations fitting gate/up and down together (expert_fit); 0: down only
     step_tokens: int = 0  # calibration tokens those iterations use, evenly spaced (0: all)
     whiten: bool = True  # those iterations in whitened coordinates (expert_fit.py): same fit in about 3x fewer steps
-    anchor: float = 0.0  # the expert fit's ridge toward the plan's weights, relative to its curvature (whitened only)
+    anchor: float = 0.0  # the expert fit's ridge toward the closed-form weights, relative to its curvature (whitened)
     choose_fitted: bool = False  # the per-layer choice scores candidates after the expert fit too (each one fitted)
 
     def __post_init__(self):
