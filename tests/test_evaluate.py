@@ -120,6 +120,20 @@ def test_bundled_language_is_cut_to_max_tokens():
     assert result["tasks"] == {} and result["seconds"] >= 0
 
 
+def test_the_bundled_novels_load_as_whole_chapters_of_prose():
+    """The out-of-domain text (benchmarks/out_of_domain.py) is what the attribution note says: every chapter of
+    both novels, one document each, wrapped lines joined, no title page or licence boilerplate."""
+    from hcsmoe.calibration.text import load_texts
+
+    novels = MC_FILE.parent.parent / "novels"
+    chapters = {name: load_texts(str(novels / f"austen-{name}.jsonl.gz")) for name in ("prideprejudice", "persuasion")}
+    assert {name: len(texts) for name, texts in chapters.items()} == {"prideprejudice": 61, "persuasion": 24}
+    assert chapters["prideprejudice"][0].startswith("It is a truth universally acknowledged")
+    for texts in chapters.values():
+        assert all(len(text) > 2000 and "\n\n" in text for text in texts)
+        assert not any("Gutenberg" in text or "\n" in text.replace("\n\n", "") for text in texts)
+
+
 def test_kl_of_a_model_with_itself_is_zero_and_top1_is_one():
     model = random_model(2)
     result = compare(model, model, stream(50), CONTEXT, 2)
