@@ -133,7 +133,7 @@ def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | N
             + f") on the first {MAX_TOKENS} tokens of each text; train = last {HELD_OUT_ARTICLES} train articles per "
             f"language (used to choose), validation reported only.\n\n" + "\n".join(lines)
             + (f"\n\nWhole benchmark: {seconds / 60:.1f} min on {torch.get_num_threads()} threads.\n" if only is None else
-               f"\n\nRows whose setting holds {only!r} rerun with the current code ({seconds / 60:.1f} min on "
+               f"\n\nRows whose setting matches {only!r} rerun with the current code ({seconds / 60:.1f} min on "
                f"{torch.get_num_threads()} threads, `--only`); the others from earlier runs (the last full run or an earlier `--only`).\n"))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{report}-{name}.json").write_text(json.dumps({"rows": rows, "original_ppl": base,

@@ -67,10 +67,11 @@ def mean(row: dict, split: str) -> float:
     return sum(row[f"{lang}-{split}"] for lang in LANGUAGES) / len(LANGUAGES)
 
 
-def write(name: str, rows: list[dict], base: dict, seconds: float) -> None:
+def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | None = None) -> None:
     (RESULTS / f"out-of-domain-{name}.json").write_text(json.dumps({"rows": rows, "original": base}, indent=1) + "\n")
     lines = [f"# Out-of-domain text: {name} model", "",
-             (f"`python -m benchmarks.out_of_domain --model {name}` ({seconds / 60:.1f} min). Perplexity over the "
+             (f"`python -m benchmarks.out_of_domain --model {name}{f' --only {only!r}' if only else ''}` "
+              f"({seconds / 60:.1f} min{', the other rows kept from the run before' if only else ''}). Perplexity over the "
               "original's: novel-dev = Pride and Prejudice (first 32,768 tokens), novel-test = Persuasion (whole); "
               "wiki train = held-out train articles (mean en/fr/es, 8,192 tokens each), wiki validation = full "
               "splits (mean en/fr/es). Calibration: the bundled Wikipedia train text."), "",
@@ -99,7 +100,8 @@ def main() -> None:
         ppl = perplexities(result.model.float(), tokenizer)
         rows.append({"setting": label, "seconds": seconds, **{k: round(v / base[k], 4) for k, v in ppl.items()}})
         print(json.dumps(rows[-1]), flush=True)
-        write(name, rows, base, time.perf_counter() - start)
+        write(name, rows, base, time.perf_counter() - start, only)  # each row as it comes: a stopped run keeps them
+    write(name, rows, base, time.perf_counter() - start, only)
 
 
 if __name__ == "__main__":
