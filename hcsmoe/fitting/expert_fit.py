@@ -20,7 +20,10 @@ leaf, P (C + r I) P^T = I for the covariance C of what the weight reads (gate/up
 states; down: its gated intermediate activations at the start), r a fraction WHITENING_RIDGE of C's mean
 eigenvalue (P = L^-1, L the Cholesky factor of C + r I); the whitenings are then balanced so that gate/up and down move at rates that do not depend on
 the model's scale (balance_whitenings). The function fitted is the same; only the steps change: 30 whitened
-steps fit about as well as 100 plain ones on the bundled models (measured in the README).
+steps fit about as well as 100 plain ones on the bundled models (measured in the README). `anchor`
+(--refit-anchor, off by default) adds a ridge on the whitened changes D, which keeps the fit nearer the
+closed-form weights along the directions the calibration text exercises least (docs/choosing-the-default.md,
+"Text unlike the calibration").
 """
 
 from __future__ import annotations
