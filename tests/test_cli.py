@@ -135,21 +135,24 @@ def test_a_long_job_estimates_its_time_after_the_first_layer(capsys, tiny_models
 
 
 def test_refit_flags_reach_the_plan(capsys, tiny_models, tmp_path):
-    """--refit-steps, --refit-tokens and --no-refit-whiten tune the default recipe's refit (its other options
-    kept) and are recorded; the expert fit is whitened unless told otherwise."""
-    for extra, whitened in (([], True), (["--no-refit-whiten"], False)):
-        out = tmp_path / f"o{whitened}"
+    """--refit-steps, --refit-tokens, --no-refit-whiten, --refit-anchor and --choose-fitted tune the default
+    recipe's refit (its other options kept) and are recorded; the expert fit is whitened and not anchored unless
+    told otherwise."""
+    for extra, whitened, anchor in (([], True, 0.0), (["--no-refit-whiten"], False, 0.0),
+                                    (["--refit-anchor", "0.5", "--choose-fitted"], True, 0.5)):
+        out = tmp_path / f"o{whitened}{anchor}"
         code, _, err = run_cli(capsys, "compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--blocks", "2",
                                "--block-size", "32", "--no-eval", "-q", "--refit-steps", "3", "--refit-tokens", "40",
                                *extra, "--out", str(out))
         assert code == 0, err
         plan = json.loads((out / "hcsmoe_plan.json").read_text())
         assert plan["refit"]["steps"] == 3 and plan["refit"]["step_tokens"] == 40 and plan["refit"]["alpha"] == 0.01
-        assert plan["refit"]["whiten"] is whitened
+        assert plan["refit"]["whiten"] is whitened and plan["refit"]["anchor"] == anchor
+        assert plan["refit"]["choose_fitted"] is bool(anchor)
         reports = [layer["details"]["refit"]["experts"] for layer in plan["layers"]]
         assert all(report | {"error_before": 0, "error_after": 0, "evaluations": 0} ==
-                   {"steps": 3, "tokens": 40, "whitened": whitened, "history": 20, "groups": 1, "error_before": 0,
-                    "error_after": 0, "evaluations": 0} for report in reports)
+                   {"steps": 3, "tokens": 40, "whitened": whitened, "anchor": anchor, "history": 20, "groups": 1,
+                    "error_before": 0, "error_after": 0, "evaluations": 0} for report in reports)
         assert all(report["evaluations"] >= 1 for report in reports)
 
 
