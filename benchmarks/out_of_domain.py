@@ -19,8 +19,9 @@ import re
 import time
 from pathlib import Path
 
-from benchmarks.choices import HELD_OUT_ARTICLES, MAX_TOKENS, bundled_model
-from hcsmoe.calibration.text import LANGUAGES, load_texts, wiki_texts
+from benchmarks.choices import MAX_TOKENS, bundled_model, mean
+from benchmarks.choices import texts as choices_texts
+from hcsmoe.calibration.text import load_texts
 from hcsmoe.checkpoints.architectures import architecture_for, expert_count
 from hcsmoe.evaluation.evaluate import evaluate
 from hcsmoe.fitting.refit import RefitOptions
@@ -33,21 +34,20 @@ DEV_TOKENS = 32768
 ANCHORS = (0.1, 1.0, 10.0)
 
 
-def texts() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(texts cut to their token budget, texts scored whole), by name."""
-    capped = {"novel-dev": load_texts(str(NOVELS / "austen-prideprejudice.jsonl.gz"))}
-    capped |= {f"{lang}-train": wiki_texts(lang, "train")[-HELD_OUT_ARTICLES:] for lang in LANGUAGES}
-    whole = {"novel-test": load_texts(str(NOVELS / "austen-persuasion.jsonl.gz"))}
-    whole |= {f"{lang}-validation": wiki_texts(lang, "validation") for lang in LANGUAGES}
-    return capped, whole
+def texts() -> list[tuple[int | None, dict[str, list[str]]]]:
+    """The texts by name, grouped by the tokens each is cut to: novel-dev to DEV_TOKENS, the held-out train
+    articles to MAX_TOKENS (benchmarks.choices' texts), Persuasion and the validation splits whole."""
+    wiki = choices_texts()
+    novel = lambda name: load_texts(str(NOVELS / f"austen-{name}.jsonl.gz"))
+    return [(DEV_TOKENS, {"novel-dev": novel("prideprejudice")}),
+            (MAX_TOKENS, {name: text for name, text in wiki.items() if name.endswith("-train")}),
+            (None, {"novel-test": novel("persuasion")} | {name: text for name, text in wiki.items()
+                                                          if name.endswith("-validation")})]
 
 
-def perplexities(model, tokenizer) -> dict[str, float]:
-    capped, whole = texts()
-    dev = evaluate(model, tokenizer, texts={"novel-dev": capped.pop("novel-dev")}, max_tokens=DEV_TOKENS)
-    scores = (dev["languages"] | evaluate(model, tokenizer, texts=capped, max_tokens=MAX_TOKENS)["languages"]
-              | evaluate(model, tokenizer, texts=whole)["languages"])
-    return {name: m["ppl"] for name, m in scores.items()}
+def perplexities(model, tokenizer, sources: list[tuple[int | None, dict[str, list[str]]]]) -> dict[str, float]:
+    return {name: m["ppl"] for budget, named in sources
+            for name, m in evaluate(model, tokenizer, texts=named, max_tokens=budget)["languages"].items()}
 
 
 def settings(num_experts: int) -> list[tuple[str, dict]]:
@@ -61,10 +61,6 @@ def settings(num_experts: int) -> list[tuple[str, dict]]:
                 for a in ANCHORS]
     return ([(f"{shape}, {recipe}", options | extra) for shape, options in quarter for recipe, extra in recipes + anchored]
             + [(f"{shape}, {recipe}", options | extra) for shape, options in half for recipe, extra in recipes])
-
-
-def mean(row: dict, split: str) -> float:
-    return sum(row[f"{lang}-{split}"] for lang in LANGUAGES) / len(LANGUAGES)
 
 
 def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | None = None) -> None:
@@ -86,7 +82,8 @@ def write(name: str, rows: list[dict], base: dict, seconds: float, only: str | N
 def main() -> None:
     start = time.perf_counter()
     name, tokenizer, original, only = bundled_model(__doc__, with_only=True)
-    base = perplexities(original, tokenizer)
+    sources = texts()
+    base = perplexities(original, tokenizer, sources)
     saved = RESULTS / f"out-of-domain-{name}.json"
     kept = {r["setting"]: r for r in json.loads(saved.read_text())["rows"]} if only and saved.is_file() else {}
     rows = []
@@ -97,7 +94,7 @@ def main() -> None:
         mark = time.perf_counter()
         result = compress(original, tokenizer=tokenizer, progress=False, **options)
         seconds = round(time.perf_counter() - mark, 1)
-        ppl = perplexities(result.model.float(), tokenizer)
+        ppl = perplexities(result.model.float(), tokenizer, sources)
         rows.append({"setting": label, "seconds": seconds, **{k: round(v / base[k], 4) for k, v in ppl.items()}})
         print(json.dumps(rows[-1]), flush=True)
         write(name, rows, base, time.perf_counter() - start, only)  # each row as it comes: a stopped run keeps them

@@ -185,6 +185,11 @@ def expert_whitenings(experts: nn.Module, architecture: Architecture, inputs: to
     return parallel_map(of, members or range(experts.down_proj.shape[0]))
 
 
+def balanced_curvature(name: str) -> float:
+    """The mean Gauss-Newton diagonal balance_whitenings gives a weight of this kind, in whitened coordinates."""
+    return DOWN_CURVATURE if name == "down_proj" else 1.0
+
+
 def balance_whitenings(whitenings: list[dict[str, torch.Tensor]], tensors: list[dict[str, torch.Tensor]],
                        gradients) -> None:
     """Rescale the whitenings so that, in whitened coordinates, the layer's gate/up weights have a mean
@@ -203,7 +208,7 @@ def balance_whitenings(whitenings: list[dict[str, torch.Tensor]], tensors: list[
                 leaf.grad = None
     for name, total in totals.items():
         scale = total / PROBES / sum(own[name].numel() for own in tensors)
-        target = DOWN_CURVATURE if name == "down_proj" else 1.0
+        target = balanced_curvature(name)
         if scale > 0:
             for whitened in whitenings:
                 whitened[name] = whitened[name] * (target / scale) ** 0.5
@@ -228,9 +233,9 @@ def leaf_gradient(gradient: torch.Tensor, p: torch.Tensor, transposed: bool) -> 
 
 def anchor_penalty(tensors: list[dict[str, torch.Tensor]], whitenings: list[dict[str, torch.Tensor] | None],
                    strength: float) -> torch.Tensor:
-    """The fit's ridge toward where it starts (the closed-form fits' weights), strength x sum of c ||D||^2 over the whitened changes D, c the
-    balanced curvature of their kind (1 for gate/up, DOWN_CURVATURE for down): relative to the error's own
-    Gauss-Newton diagonal, so --refit-anchor 1 damps a direction whose curvature is the layer's mean by half
+    """The fit's ridge toward where it starts (the closed-form fits' weights): strength x sum of c ||D||^2 over
+    the whitened changes D, c the balanced curvature of their kind (balanced_curvature): relative to the error's
+    own Gauss-Newton diagonal, so --refit-anchor 1 damps a direction whose curvature is the layer's mean by half
     and rarer ones (what only the calibration text exercises) more. Adds its gradient to the leaves'; 0 when
     strength is 0 or nothing is whitened."""
     total = torch.zeros((), dtype=torch.float64)
@@ -238,7 +243,7 @@ def anchor_penalty(tensors: list[dict[str, torch.Tensor]], whitenings: list[dict
         return total
     for own, whitened in zip(tensors, whitenings):
         for name in whitened or {}:
-            weight = strength * (DOWN_CURVATURE if name == "down_proj" else 1.0)
+            weight = strength * balanced_curvature(name)
             leaf = own[name]
             total += weight * float(leaf.detach().double().pow(2).sum())
             leaf.grad = leaf.grad + 2 * weight * leaf.detach() if leaf.grad is not None else 2 * weight * leaf.detach()
