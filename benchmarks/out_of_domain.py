@@ -53,7 +53,7 @@ def perplexities(model, tokenizer, sources: list[tuple[int | None, dict[str, lis
 def settings(num_experts: int) -> list[tuple[str, dict]]:
     """(label, compress() options): the default and --fast at 25% and 50% of the routed parameters removed,
     as a size (the default's shape) and as a count of whole experts; and the expert fit anchored toward the
-    plan's weights (--refit-anchor) at 25% removed, where the fit loses on novel-dev."""
+    closed-form fits' weights (--refit-anchor) at 25% removed, where the fit loses on novel-dev."""
     quarter = [("size 0.75", {"size": 0.75}), (f"{num_experts * 3 // 4} experts", {"num_experts": num_experts * 3 // 4})]
     half = [("size 0.5", {"size": 0.5}), (f"{num_experts // 2} experts", {"num_experts": num_experts // 2})]
     recipes = [("default", {}), ("--fast", {"fast": True})]
