@@ -159,11 +159,11 @@ class Bench:
             row |= {f"{lang}/{key}": m[key] for key in ("ppl", "kl", "top1", "gen_prefix", "gen_agree") if key in m}
         return row
 
-    def size_table(self, k: int, generate: int, quick: bool = False) -> list[dict]:
-        """The compressed rows of one size (size_rows), each evaluated by score(); a row that re-applies another's
-        plan recomputes it when that row came from an earlier run."""
+    def size_table(self, k: int, generate: int, quick: bool = False, which=size_rows) -> list[dict]:
+        """The compressed rows of one size (`which`: size_rows, or a selection of them), each evaluated by score();
+        a row that re-applies another's plan recomputes it when that row came from an earlier run."""
         plans, rows = {}, []
-        for label, options, reuse in size_rows(quick):
+        for label, options, reuse in which(quick):
             reused = {"plan": plans[reuse]} if plans.get(reuse) is not None else {}
             rows.append(self.row(label, k, options | reused, generate))
             plans[label] = self.last_plan
@@ -179,7 +179,7 @@ class Bench:
                   or options.get("sparsity"))
         shared = {} if fitted or "calibration" in options or "num_blocks" in options else {"stats": self.stats}
         result = compress(self.original, tokenizer=self.tokenizer, progress=False, **shared, **options,
-                          **({} if "plan" in options else {"num_experts": k}))
+                          **({} if "plan" in options or "size" in options else {"num_experts": k}))
         self.last_plan = result.plan
         seconds = time.perf_counter() - start
         row = {"experts": k, "method": label, "seconds": round(seconds, 1), **self.score(result.model, generate)}
