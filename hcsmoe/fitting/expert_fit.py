@@ -56,11 +56,14 @@ HISTORY = 20  # L-BFGS correction pairs kept: each pair is 2 float32 copies of t
 # 1.21 GB of weights, with 3 pairs).
 OVERHEAD_COPIES = 13
 # Where fitting a whole layer at once would take more than FIT_MEMORY (Qwen3-30B's at 64 experts: 64 GB), the
-# experts are fitted in groups, the others held fixed, with SHORT_HISTORY pairs. Forced on the bundled models
-# (30 whitened steps, share of the whole-layer fit's held-out train gain): 10, 5 and 2 pairs keep 98%, 94% and 89%
-# on the reference at 24 experts (5 pairs: 96% on the Qwen2-MoE at 30); 4 groups with 5 pairs 72% (Qwen2-MoE: 94%).
+# experts are fitted in groups of consecutive experts whose working set, with SHORT_HISTORY pairs, stays under
+# GROUP_MEMORY, each group fitted with the others held as they are; SWEEPS passes over the groups share the steps,
+# so every group is fitted again once the others have moved (block coordinate descent). A group's fit costs only
+# its own tokens, so a sweep over the groups costs about one whole-layer step per step; memory is a group's.
 FIT_MEMORY = 8 * 2**30
+GROUP_MEMORY = 2**29
 SHORT_HISTORY = 5
+SWEEPS = 3
 CHUNK_TOKENS = 2048  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
 
 
@@ -71,19 +74,26 @@ def evenly_spaced(total: int, count: int) -> torch.Tensor:
     return torch.linspace(0, total - 1, count).round().long()
 
 
-def fit_schedule(count: int, per_expert: int) -> tuple[list[range], int]:
-    """Which experts are fitted together, and with how many L-BFGS pairs: all `count` with HISTORY pairs where
-    that working set fits FIT_MEMORY; else SHORT_HISTORY pairs, in as few groups of consecutive experts as
-    keep each group's under it (`per_expert`: an expert's fitted weights). It depends on the layer's shape
-    only, never on the machine, so the same model gives the same weights anywhere."""
+def fit_schedule(count: int, per_expert: int) -> tuple[list[range], int, int]:
+    """Which experts are fitted together, with how many L-BFGS pairs, in how many sweeps: all `count` with HISTORY
+    pairs in one pass where that working set fits FIT_MEMORY; else SHORT_HISTORY pairs in SWEEPS passes over as
+    few groups of consecutive experts as keep each group's working set under GROUP_MEMORY (`per_expert`: an
+    expert's fitted weights). It depends on the layer's shape only, never on the machine, so the same model
+    gives the same weights anywhere."""
     def working_set(experts: int, history: int) -> int:
         return 4 * per_expert * experts * (2 * history + OVERHEAD_COPIES)
 
     if working_set(count, HISTORY) <= FIT_MEMORY:
-        return [range(count)], HISTORY
-    groups = math.ceil(count / max(1, FIT_MEMORY // working_set(1, SHORT_HISTORY)))
+        return [range(count)], HISTORY, 1
+    groups = math.ceil(count / max(1, GROUP_MEMORY // working_set(1, SHORT_HISTORY)))
     bounds = [round(i * count / groups) for i in range(groups + 1)]
-    return [range(first, stop) for first, stop in zip(bounds, bounds[1:])], SHORT_HISTORY
+    return [range(first, stop) for first, stop in zip(bounds, bounds[1:])], SHORT_HISTORY, SWEEPS
+
+
+def sweep_steps(steps: int, sweeps: int) -> list[int]:
+    """The L-BFGS iterations each group gets in each sweep: `steps` shared out, the earlier sweeps taking the rest
+    (no sweep of none)."""
+    return [n for n in (steps // sweeps + (sweep < steps % sweeps) for sweep in range(sweeps)) if n]
 
 
 def per_expert_tokens(moe: MoELayer, architecture: Architecture, inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -256,8 +266,8 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     """Fit the layer's expert tensors in place (float32) by `steps` L-BFGS iterations on `sample` evenly
     spaced calibration tokens (in whitened coordinates if `whiten`, with an `anchor` ridge toward the start:
     anchor_penalty); returns the relative squared error of the routed output before and after. Gradients are
-    accumulated over chunks of CHUNK_TOKENS tokens, and a large layer's experts are fitted a group at a time
-    (fit_schedule), so memory stays bounded."""
+    accumulated over chunks of CHUNK_TOKENS tokens, and a large layer's experts are fitted a group at a time, in
+    sweeps (fit_schedule, fit_in_sweeps), so memory stays bounded."""
     experts = moe.experts
     chosen = evenly_spaced(tokens.inputs.shape[0], sample)
     device = experts.down_proj.device
@@ -265,30 +275,56 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     chunks = [(begin, stop, per_expert_tokens(moe, architecture, inputs[begin:stop]))
               for begin, stop in token_spans(len(chosen), CHUNK_TOKENS)]
     fitted = [name for name in FITTED if getattr(experts, name, None) is not None]
-    groups, history = fit_schedule(experts.down_proj.shape[0], sum(getattr(experts, name)[0].numel() for name in fitted))
+    groups, history, sweeps = fit_schedule(experts.down_proj.shape[0],
+                                           sum(getattr(experts, name)[0].numel() for name in fitted))
     energy = max(float(target.double().pow(2).sum()), 1e-30)
-    fits = [fit_group(experts, architecture, inputs, target, chunks, energy, fitted, group, steps, history, whiten,
-                      anchor) for group in groups]
+    if len(groups) == 1:
+        before, after, evaluations = fit_group(experts, architecture, inputs, target, chunks, energy, fitted, groups[0],
+                                               steps, history, whiten, anchor)
+    else:
+        before, after, evaluations = fit_in_sweeps(experts, architecture, inputs, target, chunks, energy, fitted,
+                                                   groups, sweep_steps(steps, sweeps), history, whiten, anchor)
     report = {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "anchor": anchor, "history": history,
-              "groups": len(groups), "error_before": round(fits[0][0], 6), "error_after": round(fits[-1][1], 6),
-              "evaluations": sum(fit[2] for fit in fits)}
-    if not all(math.isfinite(error) for fit in fits for error in fit[:2]):
+              "groups": len(groups), "sweeps": sweeps, "error_before": round(before, 6), "error_after": round(after, 6),
+              "evaluations": evaluations}
+    if not (math.isfinite(before) and math.isfinite(after)):
         report["fallback"] = "non-finite values: the experts were kept as the refit left them"
     return report
+
+
+@torch.no_grad()
+def current_output(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, chunks: list,
+                   members: range) -> torch.Tensor:
+    """The routed output [T, H] of the experts `members` as the layer holds them now, chunk by chunk."""
+    return torch.cat([block_output(
+        experts, architecture, [{n: t.float() for n, t in expert_slices(experts, e).items()} for e in members],
+        inputs[begin:stop], [routing[e] for e in members]) for begin, stop, routing in chunks])
+
+
+def fit_in_sweeps(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor,
+                  chunks: list, energy: float, fitted: list[str], groups: list[range], steps: list[int], history: int,
+                  whiten: bool, anchor: float) -> tuple[float, float, int]:
+    """Fit the layer a group at a time, one sweep over the groups per entry of `steps` (that sweep's iterations
+    per group). The layer's residual (target minus every expert's output) is kept up to date, so a group's
+    target is the residual plus its own output, and fitting a group costs its own tokens only. Returns the
+    layer's relative squared error before and after, and the error evaluations of all the groups' fits."""
+    residual = target - current_output(experts, architecture, inputs, chunks, range(experts.down_proj.shape[0]))
+    before, evaluations = float(residual.double().pow(2).sum()) / energy, 0
+    for iterations in steps:
+        for group in groups:
+            own = current_output(experts, architecture, inputs, chunks, group)
+            evaluations += fit_group(experts, architecture, inputs, residual + own, chunks, energy, fitted, group,
+                                     iterations, history, whiten, anchor)[2]
+            residual += own - current_output(experts, architecture, inputs, chunks, group)
+    return before, float(residual.double().pow(2).sum()) / energy, evaluations
 
 
 def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor, chunks: list,
               energy: float, fitted: list[str], group: range, steps: int, history: int,
               whiten: bool, anchor: float = 0.0) -> tuple[float, float, int]:
-    """Fit the experts of `group` in place, the layer's others held as they are (their output is taken off the
-    target first); returns the layer's relative squared error before and after (never worse: a fit that does
-    not improve it is not kept) and how many times L-BFGS evaluated the error with its gradient."""
-    others = [e for e in range(experts.down_proj.shape[0]) if e not in group]
-    if others:
-        with torch.no_grad():
-            target = torch.cat([target[begin:stop] - block_output(
-                experts, architecture, [{n: t.float() for n, t in expert_slices(experts, e).items()} for e in others],
-                inputs[begin:stop], [routing[e] for e in others]) for begin, stop, routing in chunks])
+    """Fit the experts of `group` in place to `target`, what the layer's other experts, held as they are, leave
+    of the original output; returns the layer's relative squared error before and after (never worse: a fit
+    that does not improve it is not kept) and how many times L-BFGS evaluated the error with its gradient."""
     whitenings = expert_whitenings(experts, architecture, inputs, chunks, group) if whiten else [None] * len(group)
     chunks = [(begin, stop, [routing[e] for e in group]) for begin, stop, routing in chunks]
     reads = [gathered(inputs[begin:stop], routing) for begin, stop, routing in chunks]
