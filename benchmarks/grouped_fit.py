@@ -1,9 +1,10 @@
 """How much of the expert fit a large layer's schedule keeps: the fit forced into groups on a bundled model.
 
 A real model's layer is too large to fit whole (expert_fit.fit_schedule: Qwen3-30B's would take 64 GB), so its
-experts are fitted a group at a time, the others held as they are, in sweeps over the groups. The bundled
+experts are fitted a group at a time, the others held as they are. The bundled
 models' layers are small enough to fit whole; here their schedule is forced to what a large layer gets (groups
-of 1 or of a quarter of the experts, SHORT_HISTORY pairs, 1 or SWEEPS sweeps), at 25% of the experts removed,
+of a quarter of the experts, as the default's 8 GiB gives Qwen3-30B's layers at 64 experts, or of one expert, as
+--refit-memory 0.5 does; SHORT_HISTORY pairs), at 25% of the experts removed,
 and each row is scored on the held-out train text of benchmarks.choices (where a setting may be chosen) and on
 validation. "share of the fit's gain" is (--fast - row) / (--fast - whole layer) of the held-out train mean;
 "layer error" is the fit's relative squared error after it, averaged over the layers.
@@ -28,15 +29,15 @@ FAST = "--fast (no expert fit)"
 
 def schedules(experts: int) -> list[tuple[str, object]]:
     """(label, fit_schedule replacement or None for the real one) of each row."""
-    def forced(size: int, sweeps: int):
-        def schedule(count: int, per_expert: int) -> tuple[list[range], int, int]:
-            return [range(i, min(i + size, count)) for i in range(0, count, size)], expert_fit.SHORT_HISTORY, sweeps
+    def forced(size: int):
+        def schedule(count: int, per_expert: int, memory: int) -> tuple[list[range], int]:
+            return [range(i, min(i + size, count)) for i in range(0, count, size)], expert_fit.SHORT_HISTORY
         return schedule
 
     quarter = -(-experts // 4)
     return [(FAST, None), (WHOLE, None)] + [
-        (f"groups of {size} expert{'s' * (size > 1)}, {expert_fit.SHORT_HISTORY} pairs, {sweeps} sweep{'s' * (sweeps > 1)}",
-         forced(size, sweeps)) for size, sweeps in ((quarter, 1), (quarter, expert_fit.SWEEPS), (1, 1), (1, expert_fit.SWEEPS))]
+        (f"groups of {size} expert{'s' * (size > 1)}, {expert_fit.SHORT_HISTORY} pairs", forced(size))
+        for size in (quarter, 1)]
 
 
 def layer_error(plan) -> float | None:
@@ -64,8 +65,8 @@ def main() -> None:
     expert_fit.fit_schedule = real
     fast, whole = (mean(next(r for r in rows if r["setting"] == s), "train") for s in (FAST, WHOLE))
     lines = [f"# The expert fit forced into groups: bundled {name} model, {k} experts kept", "",
-             f"`python -m benchmarks.grouped_fit --model {name}`; {(time.perf_counter() - start) / 60:.0f} min. "
-             "Perplexity over the original's; mean of en/fr/es.", "",
+             (f"`python -m benchmarks.grouped_fit --model {name}`; {(time.perf_counter() - start) / 60:.0f} min. "
+              "Perplexity over the original's; mean of en/fr/es."), "",
              "| schedule | held-out train (mean) | share of the fit's gain | validation (mean) | layer error | s |",
              "|---|---|---|---|---|---|"]
     for r in rows:

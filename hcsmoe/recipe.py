@@ -48,7 +48,7 @@ PLANNER_OPTIONS = ("linkage", "metric", "merge", "group_size", "assignment", "re
 # The refit's options that have a flag of their own: --refit-alpha, --refit-solver, ... (RefitOptions fields).
 REFIT_FLAGS = {"refit_alpha": "alpha", "refit_solver": "solver", "refit_steps": "steps",
                "refit_tokens": "step_tokens", "refit_whiten": "whiten",
-               "refit_anchor": "anchor", "choose_fitted": "choose_fitted"}
+               "refit_anchor": "anchor", "choose_fitted": "choose_fitted", "refit_memory": "memory"}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pytest
 from transformers import LlamaConfig
 
 from hcsmoe.cli import main
+from hcsmoe.fitting.expert_fit import HISTORY, SHORT_HISTORY
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -135,11 +136,11 @@ def test_a_long_job_estimates_its_time_after_the_first_layer(capsys, tiny_models
 
 
 def test_refit_flags_reach_the_plan(capsys, tiny_models, tmp_path):
-    """--refit-steps, --refit-tokens, --no-refit-whiten, --refit-anchor and --choose-fitted tune the default
-    recipe's refit (its other options kept) and are recorded; the expert fit is whitened and not anchored unless
-    told otherwise."""
+    """--refit-steps, --refit-tokens, --no-refit-whiten, --refit-anchor, --choose-fitted and --refit-memory tune
+    the default recipe's refit (its other options kept) and are recorded; the expert fit is whitened, not
+    anchored and fits a small layer whole unless told otherwise."""
     for extra, whitened, anchor in (([], True, 0.0), (["--no-refit-whiten"], False, 0.0),
-                                    (["--refit-anchor", "0.5", "--choose-fitted"], True, 0.5)):
+                                    (["--refit-anchor", "0.5", "--choose-fitted", "--refit-memory", "1e-9"], True, 0.5)):
         out = tmp_path / f"o{whitened}{anchor}"
         code, _, err = run_cli(capsys, "compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--blocks", "2",
                                "--block-size", "32", "--no-eval", "-q", "--refit-steps", "3", "--refit-tokens", "40",
@@ -148,11 +149,12 @@ def test_refit_flags_reach_the_plan(capsys, tiny_models, tmp_path):
         plan = json.loads((out / "hcsmoe_plan.json").read_text())
         assert plan["refit"]["steps"] == 3 and plan["refit"]["step_tokens"] == 40 and plan["refit"]["alpha"] == 0.01
         assert plan["refit"]["whiten"] is whitened and plan["refit"]["anchor"] == anchor
-        assert plan["refit"]["choose_fitted"] is bool(anchor)
+        assert plan["refit"]["choose_fitted"] is bool(anchor) and plan["refit"]["memory"] == (1e-9 if anchor else 8)
         reports = [layer["details"]["refit"]["experts"] for layer in plan["layers"]]
+        history, groups = (SHORT_HISTORY, 4) if anchor else (HISTORY, 1)  # 4 experts kept, each a group of its own
         assert all(report | {"error_before": 0, "error_after": 0, "evaluations": 0} ==
-                   {"steps": 3, "tokens": 40, "whitened": whitened, "anchor": anchor, "history": 20, "groups": 1,
-                    "error_before": 0, "error_after": 0, "evaluations": 0} for report in reports)
+                   {"steps": 3, "tokens": 40, "whitened": whitened, "anchor": anchor, "history": history,
+                    "groups": groups, "error_before": 0, "error_after": 0, "evaluations": 0} for report in reports)
         assert all(report["evaluations"] >= 1 for report in reports)
 
 

@@ -12,8 +12,7 @@ from hcsmoe.apply.neurons import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, 
 from hcsmoe.apply.layer import members_view
 from hcsmoe.calibration.statistics import BlockTokens, expert_features, route_tokens
 from hcsmoe.errors import UserError
-from hcsmoe.fitting.expert_fit import (FIT_MEMORY, GROUP_MEMORY, HISTORY, OVERHEAD_COPIES, SHORT_HISTORY, SWEEPS,
-                               WHITENING_RIDGE, block_output, sweep_steps,
+from hcsmoe.fitting.expert_fit import (FIT_MEMORY, HISTORY, OVERHEAD_COPIES, SHORT_HISTORY, WHITENING_RIDGE, block_output,
                                evenly_spaced, expert_weights, expert_whitenings, fit_experts, fit_schedule, one_expert,
                                per_expert_tokens, whitening)
 from hcsmoe.checkpoints.loading import load_model
@@ -129,6 +128,9 @@ def test_refit_options_are_checked():
         RefitOptions(steps=-1)
     with pytest.raises(UserError, match="anchor"):
         RefitOptions(steps=30, anchor=1.0, whiten=False)
+    for memory in (0, -1, float("nan")):
+        with pytest.raises(UserError, match="refit-memory"):
+            RefitOptions(memory=memory)
 
 
 def test_the_anchor_keeps_the_expert_fit_nearer_the_plans_weights(tiny_models):
@@ -242,41 +244,32 @@ def test_expert_fit_in_chunks_fits_the_same_error(tiny_models, monkeypatch):
     assert chunked["error_after"] == pytest.approx(whole["error_after"], rel=0.05)
 
 
-def test_large_layers_are_fitted_in_sweeps_over_groups_with_a_shorter_history():
-    """A small layer is fitted whole with HISTORY pairs in one pass; Qwen3-30B's at 64 experts (64 GB whole) in
-    SWEEPS passes over groups of consecutive experts with SHORT_HISTORY pairs, each group's working set under
-    GROUP_MEMORY; an expert too large for it alone still gets a group of its own. The steps are shared out
-    over the sweeps."""
-    assert fit_schedule(24, 3 * 64 * 256) == ([range(24)], HISTORY, 1)
+def test_large_layers_are_fitted_in_groups_with_a_shorter_history():
+    """A small layer is fitted whole with HISTORY pairs; Qwen3-30B's at 64 experts (64 GB whole) in 4 groups of
+    16 consecutive experts with SHORT_HISTORY pairs, each group's working set under FIT_MEMORY; in groups of one
+    expert under half a GiB (--refit-memory 0.5); an expert too large for the budget alone still gets a group
+    of its own."""
+    assert fit_schedule(24, 3 * 64 * 256) == ([range(24)], HISTORY)
     per_expert = 3 * 768 * 2048
-    groups, history, sweeps = fit_schedule(64, per_expert)
-    assert (history, sweeps) == (SHORT_HISTORY, SWEEPS) and sweeps > 1
-    assert [g.start for g in groups] + [groups[-1].stop] == sorted({g.start for g in groups} | {64}) and groups[0].start == 0
-    largest = max(len(g) for g in groups)
-    assert 4 * per_expert * largest * (2 * SHORT_HISTORY + OVERHEAD_COPIES) <= GROUP_MEMORY
-    assert 4 * per_expert * 64 * (2 * HISTORY + OVERHEAD_COPIES) > FIT_MEMORY
+    groups, history = fit_schedule(64, per_expert)
+    assert history == SHORT_HISTORY and [(g.start, g.stop) for g in groups] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert 4 * per_expert * 16 * (2 * SHORT_HISTORY + OVERHEAD_COPIES) <= FIT_MEMORY
+    assert fit_schedule(64, per_expert, 2**29) == ([range(e, e + 1) for e in range(64)], SHORT_HISTORY)
     assert fit_schedule(3, 10**12)[0] == [range(0, 1), range(1, 2), range(2, 3)]
-    assert sweep_steps(30, 3) == [10, 10, 10] and sweep_steps(31, 3) == [11, 10, 10] and sweep_steps(1, 3) == [1]
 
 
-def test_expert_fit_in_sweeps_starts_from_the_layer_error_and_recovers_it(tiny_models, monkeypatch):
+def test_expert_fit_in_groups_starts_from_the_layer_error_and_recovers_it(tiny_models):
     """Fitted a group at a time (the others' output taken off the target), the fit starts from the same layer
-    error as the whole-layer fit and still brings most of it back; more sweeps over the groups bring back more."""
+    error as the whole-layer fit and still brings most of it back."""
     _, architecture, moe = first_moe(tiny_models, "qwen3_moe")
     block = tokens_of(moe, architecture, n=2000)
     perturb_gate_up(moe)
     whole = fit_experts(copy.deepcopy(moe), architecture, block, steps=30, sample=0)
-    monkeypatch.setattr("hcsmoe.fitting.expert_fit.FIT_MEMORY", 1)
-    monkeypatch.setattr("hcsmoe.fitting.expert_fit.GROUP_MEMORY", 1)  # every expert a group of its own
-    monkeypatch.setattr("hcsmoe.fitting.expert_fit.SWEEPS", 1)
-    once = fit_experts(copy.deepcopy(moe), architecture, block, steps=30, sample=0)
-    monkeypatch.setattr("hcsmoe.fitting.expert_fit.SWEEPS", 3)
-    swept = fit_experts(moe, architecture, block, steps=30, sample=0)
-    assert whole["groups"] == 1 and swept["groups"] == moe.experts.down_proj.shape[0] > 1
-    assert (swept["history"], swept["sweeps"], once["sweeps"]) == (SHORT_HISTORY, 3, 1)
-    for grouped in (once, swept):
-        assert grouped["error_before"] == pytest.approx(whole["error_before"], rel=1e-5)
-    assert swept["error_after"] < once["error_after"] < once["error_before"] / 5
+    grouped = fit_experts(moe, architecture, block, steps=30, sample=0, memory=1)  # every expert a group of its own
+    assert whole["groups"] == 1 and grouped["groups"] == moe.experts.down_proj.shape[0] > 1
+    assert grouped["history"] == SHORT_HISTORY
+    assert grouped["error_before"] == pytest.approx(whole["error_before"], rel=1e-5)
+    assert whole["error_after"] < grouped["error_after"] < grouped["error_before"] / 5
 
 
 def test_expert_fit_tokens_are_spread_over_the_calibration():

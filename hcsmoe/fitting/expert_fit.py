@@ -55,15 +55,14 @@ HISTORY = 20  # L-BFGS correction pairs kept: each pair is 2 float32 copies of t
 # the weights they stand for, L-BFGS's search vectors (measured: 23.0 GB peak fitting one Qwen3-30B-shaped layer,
 # 1.21 GB of weights, with 3 pairs).
 OVERHEAD_COPIES = 13
-# Where fitting a whole layer at once would take more than FIT_MEMORY (Qwen3-30B's at 64 experts: 64 GB), the
-# experts are fitted in groups of consecutive experts whose working set, with SHORT_HISTORY pairs, stays under
-# GROUP_MEMORY, each group fitted with the others held as they are; SWEEPS passes over the groups share the steps,
-# so every group is fitted again once the others have moved (block coordinate descent). A group's fit costs only
-# its own tokens, so a sweep over the groups costs about one whole-layer step per step; memory is a group's.
+# Where fitting a whole layer at once would take more than the fit's memory budget (RefitOptions.memory,
+# --refit-memory; FIT_MEMORY by default: Qwen3-30B's layer at 64 experts would take 64 GB), the experts are fitted
+# in groups of consecutive experts that each stay under it, with SHORT_HISTORY pairs, each group with the others
+# held as they are. Forced on the bundled models (30 whitened steps, share of the whole-layer fit's held-out train
+# gain; benchmarks/grouped_fit.py): 4 groups keep 70% on the reference at 24 experts, groups of one expert 60%.
+# Sweeping over the groups again, the steps shared out, lost (46% for three sweeps over single experts).
 FIT_MEMORY = 8 * 2**30
-GROUP_MEMORY = 2**29
 SHORT_HISTORY = 5
-SWEEPS = 3
 CHUNK_TOKENS = 2048  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
 
 
@@ -74,26 +73,19 @@ def evenly_spaced(total: int, count: int) -> torch.Tensor:
     return torch.linspace(0, total - 1, count).round().long()
 
 
-def fit_schedule(count: int, per_expert: int) -> tuple[list[range], int, int]:
-    """Which experts are fitted together, with how many L-BFGS pairs, in how many sweeps: all `count` with HISTORY
-    pairs in one pass where that working set fits FIT_MEMORY; else SHORT_HISTORY pairs in SWEEPS passes over as
-    few groups of consecutive experts as keep each group's working set under GROUP_MEMORY (`per_expert`: an
-    expert's fitted weights). It depends on the layer's shape only, never on the machine, so the same model
-    gives the same weights anywhere."""
+def fit_schedule(count: int, per_expert: int, memory: int = FIT_MEMORY) -> tuple[list[range], int]:
+    """Which experts are fitted together, and with how many L-BFGS pairs: all `count` with HISTORY pairs where
+    that working set fits `memory` bytes; else SHORT_HISTORY pairs, in as few groups of consecutive experts as
+    keep each group's under it (`per_expert`: an expert's fitted weights). It depends on the layer's shape and
+    the budget only, never on the machine, so the same model gives the same weights anywhere."""
     def working_set(experts: int, history: int) -> int:
         return 4 * per_expert * experts * (2 * history + OVERHEAD_COPIES)
 
-    if working_set(count, HISTORY) <= FIT_MEMORY:
-        return [range(count)], HISTORY, 1
-    groups = math.ceil(count / max(1, GROUP_MEMORY // working_set(1, SHORT_HISTORY)))
+    if working_set(count, HISTORY) <= memory:
+        return [range(count)], HISTORY
+    groups = math.ceil(count / max(1, memory // working_set(1, SHORT_HISTORY)))
     bounds = [round(i * count / groups) for i in range(groups + 1)]
-    return [range(first, stop) for first, stop in zip(bounds, bounds[1:])], SHORT_HISTORY, SWEEPS
-
-
-def sweep_steps(steps: int, sweeps: int) -> list[int]:
-    """The L-BFGS iterations each group gets in each sweep: `steps` shared out, the earlier sweeps taking the rest
-    (no sweep of none)."""
-    return [n for n in (steps // sweeps + (sweep < steps % sweeps) for sweep in range(sweeps)) if n]
+    return [range(first, stop) for first, stop in zip(bounds, bounds[1:])], SHORT_HISTORY
 
 
 def per_expert_tokens(moe: MoELayer, architecture: Architecture, inputs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -262,12 +254,12 @@ def anchor_penalty(tensors: list[dict[str, torch.Tensor]], whitenings: list[dict
 
 @timed("expert fit")
 def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, steps: int,
-                sample: int, whiten: bool = True, anchor: float = 0.0) -> dict:
+                sample: int, whiten: bool = True, anchor: float = 0.0, memory: int = FIT_MEMORY) -> dict:
     """Fit the layer's expert tensors in place (float32) by `steps` L-BFGS iterations on `sample` evenly
     spaced calibration tokens (in whitened coordinates if `whiten`, with an `anchor` ridge toward the start:
     anchor_penalty); returns the relative squared error of the routed output before and after. Gradients are
-    accumulated over chunks of CHUNK_TOKENS tokens, and a large layer's experts are fitted a group at a time, in
-    sweeps (fit_schedule, fit_in_sweeps), so memory stays bounded."""
+    accumulated over chunks of CHUNK_TOKENS tokens, and a large layer's experts are fitted a group at a time
+    (fit_schedule, fit_in_groups), so the working set stays under `memory` bytes where one expert fits in it."""
     experts = moe.experts
     chosen = evenly_spaced(tokens.inputs.shape[0], sample)
     device = experts.down_proj.device
@@ -275,17 +267,17 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     chunks = [(begin, stop, per_expert_tokens(moe, architecture, inputs[begin:stop]))
               for begin, stop in token_spans(len(chosen), CHUNK_TOKENS)]
     fitted = [name for name in FITTED if getattr(experts, name, None) is not None]
-    groups, history, sweeps = fit_schedule(experts.down_proj.shape[0],
-                                           sum(getattr(experts, name)[0].numel() for name in fitted))
+    groups, history = fit_schedule(experts.down_proj.shape[0], sum(getattr(experts, name)[0].numel() for name in fitted),
+                                   memory)
     energy = max(float(target.double().pow(2).sum()), 1e-30)
     if len(groups) == 1:
         before, after, evaluations = fit_group(experts, architecture, inputs, target, chunks, energy, fitted, groups[0],
                                                steps, history, whiten, anchor)
     else:
-        before, after, evaluations = fit_in_sweeps(experts, architecture, inputs, target, chunks, energy, fitted,
-                                                   groups, sweep_steps(steps, sweeps), history, whiten, anchor)
+        before, after, evaluations = fit_in_groups(experts, architecture, inputs, target, chunks, energy, fitted,
+                                                   groups, steps, history, whiten, anchor)
     report = {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "anchor": anchor, "history": history,
-              "groups": len(groups), "sweeps": sweeps, "error_before": round(before, 6), "error_after": round(after, 6),
+              "groups": len(groups), "error_before": round(before, 6), "error_after": round(after, 6),
               "evaluations": evaluations}
     if not (math.isfinite(before) and math.isfinite(after)):
         report["fallback"] = "non-finite values: the experts were kept as the refit left them"
@@ -301,21 +293,20 @@ def current_output(experts: nn.Module, architecture: Architecture, inputs: torch
         inputs[begin:stop], [routing[e] for e in members]) for begin, stop, routing in chunks])
 
 
-def fit_in_sweeps(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor,
-                  chunks: list, energy: float, fitted: list[str], groups: list[range], steps: list[int], history: int,
+def fit_in_groups(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor,
+                  chunks: list, energy: float, fitted: list[str], groups: list[range], steps: int, history: int,
                   whiten: bool, anchor: float) -> tuple[float, float, int]:
-    """Fit the layer a group at a time, one sweep over the groups per entry of `steps` (that sweep's iterations
-    per group). The layer's residual (target minus every expert's output) is kept up to date, so a group's
-    target is the residual plus its own output, and fitting a group costs its own tokens only. Returns the
-    layer's relative squared error before and after, and the error evaluations of all the groups' fits."""
+    """Fit the layer a group at a time, in order. The layer's residual (target minus every expert's output) is
+    kept up to date, so a group's target is the residual plus its own output, and a group costs its own
+    tokens only (not a pass of all the others). Returns the layer's relative squared error before and after,
+    and the error evaluations of all the groups' fits."""
     residual = target - current_output(experts, architecture, inputs, chunks, range(experts.down_proj.shape[0]))
     before, evaluations = float(residual.double().pow(2).sum()) / energy, 0
-    for iterations in steps:
-        for group in groups:
-            own = current_output(experts, architecture, inputs, chunks, group)
-            evaluations += fit_group(experts, architecture, inputs, residual + own, chunks, energy, fitted, group,
-                                     iterations, history, whiten, anchor)[2]
-            residual += own - current_output(experts, architecture, inputs, chunks, group)
+    for group in groups:
+        own = current_output(experts, architecture, inputs, chunks, group)
+        evaluations += fit_group(experts, architecture, inputs, residual + own, chunks, energy, fitted, group, steps,
+                                 history, whiten, anchor)[2]
+        residual += own - current_output(experts, architecture, inputs, chunks, group)
     return before, float(residual.double().pow(2).sum()) / energy, evaluations
 
 

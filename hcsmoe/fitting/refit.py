@@ -31,6 +31,7 @@ from torch import nn
 from hcsmoe.calibration.statistics import BlockTokens, Routed, expert_features, routed, token_spans
 from hcsmoe.checkpoints.architectures import Architecture, MoELayer
 from hcsmoe.errors import UserError
+from hcsmoe.fitting.expert_fit import FIT_MEMORY
 from hcsmoe.timing import timed
 from hcsmoe.workers import parallel_map
 
@@ -55,6 +56,7 @@ class RefitOptions:
     whiten: bool = True  # those iterations in whitened coordinates (expert_fit.py): same fit in about 3x fewer steps
     anchor: float = 0.0  # the expert fit's ridge toward the closed-form weights, relative to its curvature (whitened)
     choose_fitted: bool = False  # the per-layer choice scores candidates after the expert fit too (each one fitted)
+    memory: float = FIT_MEMORY / 2**30  # GiB the expert fit's working set may take before it fits a layer in groups
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -63,6 +65,8 @@ class RefitOptions:
             raise UserError("the refit needs alpha >= 0 and at least one sweep")
         if self.steps < 0 or self.step_tokens < 0:
             raise UserError("the refit's steps and step tokens must be >= 0")
+        if not self.memory > 0:
+            raise UserError("--refit-memory must be a positive number of GiB (e.g. 0.5 on a machine with little memory)")
         if self.anchor < 0 or (self.anchor and not self.whiten):
             raise UserError("--refit-anchor must be >= 0 and needs whitened steps (drop --no-refit-whiten)")
 

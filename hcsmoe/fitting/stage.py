@@ -76,7 +76,7 @@ def fit_layer_experts(moe: MoELayer, architecture: Architecture, layer_plan: Lay
     """The expert fit (expert_fit.py) of a refitted layer, when refit.steps asks for one; rounded to the saved dtype."""
     if refit is not None and refit.steps and "refit" in layer_plan.details:
         layer_plan.details["refit"]["experts"] = reported(layer_plan, "expert fit", fit_experts(
-            moe, architecture, block, refit.steps, refit.step_tokens, refit.whiten, refit.anchor))
+            moe, architecture, block, refit.steps, refit.step_tokens, refit.whiten, refit.anchor, round(refit.memory * 2**30)))
         round_layer(moe, output_dtype)
 
 
