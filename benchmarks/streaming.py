@@ -2,6 +2,8 @@
 
     python -m benchmarks.streaming memory   # ~8 GB synthetic Qwen3-MoE checkpoint -> 64 experts, peak RSS
     python -m benchmarks.streaming memory --layers 1 --refit-steps 5   # the same, one layer, with the expert fit
+    python -m benchmarks.streaming memory --layers 1 --refit-steps 2 --refit-memory 0.5   # the fit one expert at a time
+    python -m benchmarks.streaming memory --layers 1 --fast   # one layer without the expert fit, to compare with
     python -m benchmarks.streaming fp8      # the same in Qwen3-FP8's layout: sizes in/out, kept bits, peak RSS
     python -m benchmarks.streaming in-memory --layers 1   # peak RSS of the in-memory path over the checkpoint
     python -m benchmarks.streaming speed    # one real-shaped layer: statistics pass vs its bare matmuls
@@ -82,7 +84,7 @@ def random_weight(name: str, shape, generator: torch.Generator) -> torch.Tensor:
 
 
 def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = False, method: str | None = None,
-           refit_steps: int = 0, fast: bool = False) -> dict:
+           refit_steps: int = 0, fast: bool = False, refit_memory: float | None = None) -> dict:
     """Stream-compress the synthetic checkpoint to 64 experts in a child process (with `refit_steps`, the
     opt-in expert fit too); its peak RSS vs size."""
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
@@ -95,6 +97,7 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
     arguments += ["--method", method] if method else []
     arguments += ["--refit-steps", str(refit_steps)] if refit_steps else []
     arguments += ["--fast"] if fast else []
+    arguments += ["--refit-memory", str(refit_memory)] if refit_memory else []
     start = time.perf_counter()
     peak = peak_resident_bytes(arguments)
     seconds = time.perf_counter() - start
@@ -105,7 +108,8 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
         shutil.rmtree(root)
     return {"layers": layers, "format": "fp8 128x128 blocks" if fp8 else "bf16",
             "method": method or ("default --fast" if fast else "default"),
-            **({"refit_steps": refit_steps} if refit_steps else {}), **formats, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
+            **({"refit_steps": refit_steps} if refit_steps else {}),
+            **({"refit_memory_gib": refit_memory} if refit_memory else {}), **formats, "checkpoint_bytes": size, "output_bytes": out_size, "peak_rss_bytes": peak,
             "peak_rss_over_checkpoint": round(peak / size, 4), "calibration_tokens": blocks * block_size,
             "compress_seconds": round(seconds, 1), "generate_seconds": round(generated, 1), "reload": reload}
 
@@ -352,13 +356,14 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="memory: keep the synthetic checkpoint")
     parser.add_argument("--method", help="memory, fp8, ranks: compression method [default; fp8: reap]")
     parser.add_argument("--refit-steps", type=int, default=0, help="memory: the expert fit's steps [the default's]")
+    parser.add_argument("--refit-memory", type=float, help="memory: the expert fit's memory budget in GiB [8]")
     parser.add_argument("--fast", action="store_true", help="memory, in-memory, ranks: the closed-form recipe "
                                                             "(the default before the expert fit became its last stage)")
     args = parser.parse_args()
     torch.set_num_threads(min(os.cpu_count() or 1, 2))
     if args.benchmark == "memory":
         result = memory(args.layers, args.blocks, args.block_size, args.keep, method=args.method,
-                        refit_steps=args.refit_steps, fast=args.fast)
+                        refit_steps=args.refit_steps, fast=args.fast, refit_memory=args.refit_memory)
     elif args.benchmark == "in-memory":
         result = in_memory(args.layers, args.blocks, args.block_size, args.fast)
     elif args.benchmark == "fp8":
@@ -372,6 +377,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     name = f"{args.benchmark}-{args.method}" if args.benchmark == "ranks" and args.method else args.benchmark
     name += "-expert-fit" if args.refit_steps else ""
+    name += f"-refit-memory-{args.refit_memory:g}" if args.refit_memory else ""
+    name += f"-{args.layers}-layer{'s' * (args.layers > 1)}" if args.benchmark == "memory" and args.fast and args.layers != 6 else ""
     (RESULTS / f"streaming-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
