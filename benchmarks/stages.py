@@ -235,8 +235,9 @@ def expert_fit_terms(d: Dims, r: dict, tokens: float) -> tuple[list[Term], list[
                 "2·K·(2·2I·H² + 2·H·I²)", 2 * reparam, "f32", (2 * I, H, H))]
     setup = [Term("4 balancing probes (forward + backward), error before and after (forward)",
                   4 * sum(t.flops for t in one) + 2 * (6 * te * H * I + reparam), "f32", (te / K, H, 2 * I)),
-             Term("whitening features 4Σ_e T_e·H·I, covariances 2Σ_e T_e·(H² + I²), the other groups' output "
-                  "(groups-1)·6Σ_e T_e·H·I", (4 + 6 * (groups - 1)) * te * H * I + 2 * te * (H * H + I * I),
+             Term("whitening features 4Σ_e T_e·H·I, covariances 2Σ_e T_e·(H² + I²), in groups the layer's residual "
+                  "(every expert's output once, each group's before and after its fit) 3·6Σ_e T_e·H·I",
+                  (4 + 18 * (groups > 1)) * te * H * I + 2 * te * (H * H + I * I),
                   "f32", (H, te / K, H)),
              Term("K x (Cholesky n³/3 + triangular inverse n³/3), n = H and I",
                   K * 2 * (H**3 + I**3) / 3, "f64", (H, H, H))]
