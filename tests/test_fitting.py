@@ -494,3 +494,26 @@ def test_choosing_after_the_expert_fit_scores_fitted_candidates_and_streams_to_t
         assert after["details"]["choice"]["chosen"] == min(errors, key=errors.get)
         assert errors != before["details"]["choice"]["held_out_error"]  # scored after the expert fit
         assert "experts" in after["details"]["refit"]
+
+
+def test_the_expert_fit_in_groups_writes_the_same_bits_streaming_in_memory_and_at_any_thread_count(capsys, tiny_models,
+                                                                                                 tmp_path):
+    """--refit-memory small enough that each kept expert is a group of its own: the same weights in memory on one
+    thread and streamed on two, recorded in the plan, and not the whole-layer fit's."""
+    import json
+
+    from tests.test_cli import run_cli
+    from tests.test_resume import digests
+
+    common = ("compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--no-eval", "-q", "--blocks", "4",
+              "--block-size", "32", "--refit-steps", "5")
+    written, plans = {}, {}
+    for name, extra in (("whole", ("--no-stream",)), ("memory", ("--no-stream", "--threads", "1", "--refit-memory", "1e-9")),
+                        ("streamed", ("--stream", "--threads", "2", "--refit-memory", "1e-9"))):
+        code, _, err = run_cli(capsys, *common, *extra, "--out", str(tmp_path / name))
+        assert code == 0, err
+        written[name] = {k: v for k, v in digests(tmp_path / name).items() if k.endswith(".safetensors")}
+        plans[name] = json.loads((tmp_path / name / "hcsmoe_plan.json").read_text())
+    assert written["memory"] == written["streamed"] != written["whole"]
+    assert plans["streamed"]["refit"]["memory"] == 1e-9
+    assert all(layer["details"]["refit"]["experts"]["groups"] == 4 for layer in plans["streamed"]["layers"])
