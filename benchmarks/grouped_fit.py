@@ -29,15 +29,16 @@ FAST = "--fast (no expert fit)"
 
 def schedules(experts: int) -> list[tuple[str, object]]:
     """(label, fit_schedule replacement or None for the real one) of each row."""
-    def forced(size: int):
+    def forced(size: int, coupled: bool):
         def schedule(count: int, per_expert: int, memory: int) -> tuple[list[range], int]:
+            expert_fit.COUPLED = coupled
             return [range(i, min(i + size, count)) for i in range(0, count, size)], expert_fit.SHORT_HISTORY
         return schedule
 
     quarter = -(-experts // 4)
     return [(FAST, None), (WHOLE, None)] + [
-        (f"groups of {size} expert{'s' * (size > 1)}, {expert_fit.SHORT_HISTORY} pairs", forced(size))
-        for size in (quarter, 1)]
+        (f"groups of {size} expert{'s' * (size > 1)}{coupled}, {expert_fit.SHORT_HISTORY} pairs", forced(size, coupled != ""))
+        for size, coupled in ((quarter, " by coupling"), (quarter, ""), (1, ""))]
 
 
 def layer_error(plan) -> float | None:

@@ -274,6 +274,8 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
         before, after, evaluations = fit_group(experts, architecture, inputs, target, chunks, energy, fitted, groups[0],
                                                steps, history, whiten, anchor)
     else:
+        if COUPLED:
+            groups = coupled_groups(chunks, experts.down_proj.shape[0], [len(group) for group in groups])
         before, after, evaluations = fit_in_groups(experts, architecture, inputs, target, chunks, energy, fitted,
                                                    groups, steps, history, whiten, anchor)
     report = {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "anchor": anchor, "history": history,
@@ -284,9 +286,36 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     return report
 
 
+COUPLED = True
+
+
+@torch.no_grad()
+def coupled_groups(chunks: list, count: int, sizes: list[int]) -> list[list[int]]:
+    """Groups of the given sizes that keep together the experts whose tokens overlap most: the coupling of two
+    experts is the sum over tokens of their gates' product (what ties their outputs in the layer's error).
+    Each group starts from the free expert most coupled to the other free ones and grows by the free expert
+    most coupled to the group; ties go to the lower index."""
+    coupling = torch.zeros(count, count, dtype=torch.float64)
+    for begin, stop, routing in chunks:
+        gates = torch.zeros(stop - begin, count, dtype=torch.float64)
+        for expert, (positions, weights) in enumerate(routing):
+            gates[positions, expert] = weights.double()
+        coupling += gates.T @ gates
+    coupling.fill_diagonal_(0)
+    free, groups = list(range(count)), []
+    for size in sizes:
+        group = [max(free, key=lambda e: (float(coupling[e, free].sum()), -e))]
+        free.remove(group[0])
+        while len(group) < size:
+            group.append(max(free, key=lambda e: (float(coupling[e, group].sum()), -e)))
+            free.remove(group[-1])
+        groups.append(sorted(group))
+    return groups
+
+
 @torch.no_grad()
 def current_output(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, chunks: list,
-                   members: range) -> torch.Tensor:
+                   members: range | list[int]) -> torch.Tensor:
     """The routed output [T, H] of the experts `members` as the layer holds them now, chunk by chunk."""
     return torch.cat([block_output(
         experts, architecture, [{n: t.float() for n, t in expert_slices(experts, e).items()} for e in members],
@@ -311,7 +340,7 @@ def fit_in_groups(experts: nn.Module, architecture: Architecture, inputs: torch.
 
 
 def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor, chunks: list,
-              energy: float, fitted: list[str], group: range, steps: int, history: int,
+              energy: float, fitted: list[str], group: range | list[int], steps: int, history: int,
               whiten: bool, anchor: float = 0.0) -> tuple[float, float, int]:
     """Fit the experts of `group` in place to `target`, what the layer's other experts, held as they are, leave
     of the original output; returns the layer's relative squared error before and after (never worse: a fit
@@ -381,5 +410,5 @@ def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tens
             for name in fitted:
                 stored = getattr(experts, name)
                 fitted_tensor = torch.cat([own[name].detach() for own in fitted_weights])
-                stored.data[group.start:group.stop].copy_(fitted_tensor.to(stored.dtype))
+                stored.data[list(group)] = fitted_tensor.to(stored.dtype)
     return before, min(before, after), int(optimizer.state[optimizer.param_groups[0]["params"][0]]["func_evals"])
