@@ -13,6 +13,7 @@ from hcsmoe.apply.layer import members_view
 from hcsmoe.calibration.statistics import BlockTokens, expert_features, route_tokens
 from hcsmoe.errors import UserError
 from hcsmoe.fitting.expert_fit import (FIT_MEMORY, HISTORY, OVERHEAD_COPIES, SHORT_HISTORY, WHITENING_RIDGE, block_output,
+                               coupled_groups,
                                evenly_spaced, expert_weights, expert_whitenings, fit_experts, fit_schedule, one_expert,
                                per_expert_tokens, whitening)
 from hcsmoe.checkpoints.loading import load_model
@@ -256,6 +257,18 @@ def test_large_layers_are_fitted_in_groups_with_a_shorter_history():
     assert 4 * per_expert * 16 * (2 * SHORT_HISTORY + OVERHEAD_COPIES) <= FIT_MEMORY
     assert fit_schedule(64, per_expert, 2**29) == ([range(e, e + 1) for e in range(64)], SHORT_HISTORY)
     assert fit_schedule(3, 10**12)[0] == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+def test_groups_keep_together_the_experts_that_share_tokens():
+    """Tokens routed to experts 0 and 2, or to 1 and 3 (never across): two groups of two are {0, 2} and {1, 3},
+    whatever their indices; groups of one keep every expert once."""
+    def routing(pairs: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.tensor([t for t, pair in enumerate(pairs) if e in pair]),
+                 torch.full((sum(e in pair for pair in pairs),), 0.5)) for e in range(4)]
+
+    chunks = [(0, 6, routing([(0, 2), (1, 3), (0, 2), (1, 3), (0, 2), (1, 3)]))]
+    assert coupled_groups(chunks, 4, [2, 2]) == [[0, 2], [1, 3]]
+    assert sorted(e for group in coupled_groups(chunks, 4, [1, 1, 1, 1]) for e in group) == [0, 1, 2, 3]
 
 
 def test_expert_fit_in_groups_starts_from_the_layer_error_and_recovers_it(tiny_models):

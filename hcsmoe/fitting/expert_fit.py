@@ -57,10 +57,11 @@ HISTORY = 20  # L-BFGS correction pairs kept: each pair is 2 float32 copies of t
 OVERHEAD_COPIES = 13
 # Where fitting a whole layer at once would take more than the fit's memory budget (RefitOptions.memory,
 # --refit-memory; FIT_MEMORY by default: Qwen3-30B's layer at 64 experts would take 64 GB), the experts are fitted
-# in groups of consecutive experts that each stay under it, with SHORT_HISTORY pairs, each group with the others
-# held as they are. Forced on the bundled models (30 whitened steps, share of the whole-layer fit's held-out train
-# gain; benchmarks/grouped_fit.py): 4 groups keep 70% on the reference at 24 experts, groups of one expert 60%.
-# Sweeping over the groups again, the steps shared out, lost (46% for three sweeps over single experts).
+# in groups that each stay under it, with SHORT_HISTORY pairs, each group with the others held as they are; the
+# groups keep together the experts whose tokens overlap most (coupled_groups). Forced on the bundled models (30
+# whitened steps, share of the whole-layer fit's held-out train gain; benchmarks/grouped_fit.py): 4 groups keep
+# 79% on the reference at 24 experts (70% as consecutive experts), groups of one expert 60%. Sweeping over the
+# groups again, the steps shared out, lost (46% for three sweeps over single experts).
 FIT_MEMORY = 8 * 2**30
 SHORT_HISTORY = 5
 CHUNK_TOKENS = 2048  # tokens per forward/backward pass: memory ~ CHUNK_TOKENS x top-k x (2H + 6I) x 4 bytes
@@ -74,10 +75,11 @@ def evenly_spaced(total: int, count: int) -> torch.Tensor:
 
 
 def fit_schedule(count: int, per_expert: int, memory: int = FIT_MEMORY) -> tuple[list[range], int]:
-    """Which experts are fitted together, and with how many L-BFGS pairs: all `count` with HISTORY pairs where
-    that working set fits `memory` bytes; else SHORT_HISTORY pairs, in as few groups of consecutive experts as
-    keep each group's under it (`per_expert`: an expert's fitted weights). It depends on the layer's shape and
-    the budget only, never on the machine, so the same model gives the same weights anywhere."""
+    """How many experts are fitted together, and with how many L-BFGS pairs: all `count` with HISTORY pairs where
+    that working set fits `memory` bytes; else SHORT_HISTORY pairs, in as few groups as keep each group's under
+    it (`per_expert`: an expert's fitted weights), given as consecutive ranges whose sizes coupled_groups then
+    fills. It depends on the layer's shape and the budget only, never on the machine, so the same model gives
+    the same weights anywhere."""
     def working_set(experts: int, history: int) -> int:
         return 4 * per_expert * experts * (2 * history + OVERHEAD_COPIES)
 
@@ -274,8 +276,7 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
         before, after, evaluations = fit_group(experts, architecture, inputs, target, chunks, energy, fitted, groups[0],
                                                steps, history, whiten, anchor)
     else:
-        if COUPLED:
-            groups = coupled_groups(chunks, experts.down_proj.shape[0], [len(group) for group in groups])
+        groups = coupled_groups(chunks, experts.down_proj.shape[0], [len(group) for group in groups])
         before, after, evaluations = fit_in_groups(experts, architecture, inputs, target, chunks, energy, fitted,
                                                    groups, steps, history, whiten, anchor)
     report = {"steps": steps, "tokens": int(chosen.numel()), "whitened": whiten, "anchor": anchor, "history": history,
@@ -284,9 +285,6 @@ def fit_experts(moe: MoELayer, architecture: Architecture, tokens: BlockTokens, 
     if not (math.isfinite(before) and math.isfinite(after)):
         report["fallback"] = "non-finite values: the experts were kept as the refit left them"
     return report
-
-
-COUPLED = True
 
 
 @torch.no_grad()
@@ -323,7 +321,7 @@ def current_output(experts: nn.Module, architecture: Architecture, inputs: torch
 
 
 def fit_in_groups(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor,
-                  chunks: list, energy: float, fitted: list[str], groups: list[range], steps: int, history: int,
+                  chunks: list, energy: float, fitted: list[str], groups: list[list[int]], steps: int, history: int,
                   whiten: bool, anchor: float) -> tuple[float, float, int]:
     """Fit the layer a group at a time, in order. The layer's residual (target minus every expert's output) is
     kept up to date, so a group's target is the residual plus its own output, and a group costs its own
