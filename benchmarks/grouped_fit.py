@@ -89,7 +89,8 @@ def main() -> None:
     rows += [row for row in kept.values() if row["setting"] not in labels]  # rows of an earlier commit, said in their label
     fast, whole = (mean(next(r for r in rows if r["setting"] == s), "train") for s in (FAST, WHOLE))
     lines = [f"# The expert fit forced into groups: bundled {name} model, {k} experts kept", "",
-             (f"`python -m benchmarks.grouped_fit --model {name}`; {(time.perf_counter() - start) / 60:.0f} min. "
+             (f"`python -m benchmarks.grouped_fit --model {name}`; {(time.perf_counter() - start) / 60:.0f} min for the rows "
+               "this run computed (s: each row's compression). "
               "Perplexity over the original's; mean of en/fr/es. A row whose label names a commit was measured by "
               "that commit, whose code is gone since (`git checkout COMMIT && python -m benchmarks.grouped_fit` "
               "reruns it)."), "",

@@ -60,7 +60,7 @@ OVERHEAD_COPIES = 13
 # in groups that each stay under it, with SHORT_HISTORY pairs, each group with the others held as they are; the
 # groups keep together the experts whose tokens overlap most (coupled_groups). Forced on the bundled models (30
 # whitened steps, share of the whole-layer fit's held-out train gain; benchmarks/grouped_fit.py): 4 groups keep
-# 79% on the reference at 24 experts (70% as consecutive experts), groups of one expert 60%. Sweeping over the
+# 79% on the reference at 24 experts (70% as consecutive experts), groups of one expert 57%. Sweeping over the
 # groups again, the steps shared out, lost (46% for three sweeps over single experts).
 FIT_MEMORY = 8 * 2**30
 SHORT_HISTORY = 5
