@@ -38,23 +38,23 @@ COUPLED = expert_fit.coupled_groups
 FAST = "--fast (no expert fit)"
 
 
-def schedules(experts: int) -> list[tuple[str, object]]:
-    """(label, fit_schedule replacement or None for the real one) of each row; the consecutive row also
-    replaces coupled_groups by the ranges fit_schedule gives (how groups were formed before)."""
-    def forced(size: int, coupled: bool):
+def schedules(experts: int) -> list[tuple[str, object, object]]:
+    """(label, fit_schedule replacement or None for the real one, how groups are formed) of each row: by
+    coupling as the fit forms them (coupled_groups), or as the consecutive ranges fit_schedule gives (before)."""
+    def forced(size: int):
         def schedule(count: int, per_expert: int, memory: int) -> tuple[list[range], int]:
-            expert_fit.coupled_groups = COUPLED if coupled else consecutive
             return [range(i, min(i + size, count)) for i in range(0, count, size)], expert_fit.SHORT_HISTORY
         return schedule
 
     quarter = -(-experts // 4)
-    return [(FAST, None), (WHOLE, None),
-            (f"groups of {quarter} experts (by coupling), {expert_fit.SHORT_HISTORY} pairs", forced(quarter, True)),
-            (f"groups of {quarter} consecutive experts, {expert_fit.SHORT_HISTORY} pairs", forced(quarter, False)),
-            (f"groups of 1 expert, {expert_fit.SHORT_HISTORY} pairs", forced(1, True))]
+    return [(FAST, None, COUPLED), (WHOLE, None, COUPLED),
+            (f"groups of {quarter} experts (by coupling), {expert_fit.SHORT_HISTORY} pairs", forced(quarter), COUPLED),
+            (f"groups of {quarter} consecutive experts, {expert_fit.SHORT_HISTORY} pairs", forced(quarter), consecutive),
+            (f"groups of 1 expert, {expert_fit.SHORT_HISTORY} pairs", forced(1), COUPLED)]
 
 
 def consecutive(chunks: list, count: int, sizes: list[int]) -> list[range]:
+    """coupled_groups' stand-in for the consecutive row: groups of these sizes in index order."""
     return [range(first, stop) for first, stop in pairwise([sum(sizes[:i]) for i in range(len(sizes) + 1)])]
 
 
@@ -72,11 +72,11 @@ def main() -> None:
     k = expert_count(original.config, architecture_for(original.config)) * 3 // 4
     kept = kept_rows(name, only, report="grouped-fit")
     real, rows = expert_fit.fit_schedule, []
-    for label, schedule in schedules(k):
+    for label, schedule, grouping in schedules(k):
         if (k, label) in kept:
             rows.append(kept[(k, label)])
             continue
-        expert_fit.fit_schedule, expert_fit.coupled_groups = schedule or real, COUPLED
+        expert_fit.fit_schedule, expert_fit.coupled_groups = schedule or real, grouping
         mark = time.perf_counter()
         result = compress(original, tokenizer=tokenizer, num_experts=k, progress=False, fast=label == FAST)
         seconds = time.perf_counter() - mark
@@ -85,7 +85,7 @@ def main() -> None:
                      **{n: round(m["ppl"] / base[n], 4) for n, m in scores.items()}})
         print(json.dumps(rows[-1]), flush=True)
     expert_fit.fit_schedule, expert_fit.coupled_groups = real, COUPLED
-    labels = {label for label, _ in schedules(k)}
+    labels = {label for label, _, _ in schedules(k)}
     rows += [row for row in kept.values() if row["setting"] not in labels]  # rows of an earlier commit, said in their label
     fast, whole = (mean(next(r for r in rows if r["setting"] == s), "train") for s in (FAST, WHOLE))
     lines = [f"# The expert fit forced into groups: bundled {name} model, {k} experts kept", "",
