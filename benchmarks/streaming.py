@@ -378,7 +378,7 @@ def main() -> None:
     name = f"{args.benchmark}-{args.method}" if args.benchmark == "ranks" and args.method else args.benchmark
     name += "-expert-fit" if args.refit_steps else ""
     name += f"-refit-memory-{args.refit_memory:g}" if args.refit_memory else ""
-    name += f"-{args.layers}-layer{'s' * (args.layers > 1)}" if args.benchmark == "memory" and args.fast and args.layers != 6 else ""
+    name += f"-{args.layers}-layer{'s' * (args.layers > 1)}" if args.benchmark == "memory" and args.layers != 6 else ""
     (RESULTS / f"streaming-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -12,8 +12,8 @@ from hcsmoe.apply.neurons import EXACT_SELECTION, SELECT_RIDGE, aligned_expert, 
 from hcsmoe.apply.layer import members_view
 from hcsmoe.calibration.statistics import BlockTokens, expert_features, route_tokens
 from hcsmoe.errors import UserError
-from hcsmoe.fitting.expert_fit import (FIT_MEMORY, HISTORY, OVERHEAD_COPIES, SHORT_HISTORY, WHITENING_RIDGE, block_output,
-                               coupled_groups,
+from hcsmoe.fitting.expert_fit import (FIT_MEMORY, HISTORY, OVERHEAD_COPIES, SHORT_HISTORY, WHITENING_RIDGE,
+                               coupled_groups, current_output,
                                evenly_spaced, expert_weights, expert_whitenings, fit_experts, fit_schedule, one_expert,
                                per_expert_tokens, whitening)
 from hcsmoe.checkpoints.loading import load_model
@@ -157,8 +157,8 @@ def test_expert_fit_computes_the_layer_output(tiny_models, family):
     _, architecture, moe = first_moe(tiny_models, family)
     block = tokens_of(moe, architecture, n=300)
     routing = per_expert_tokens(moe, architecture, block.inputs)
-    tensors = [one_expert(moe.experts, e, []) for e in range(len(routing))]
-    ours = block_output(moe.experts, architecture, tensors, block.inputs.float(), routing)
+    ours = current_output(moe.experts, architecture, block.inputs.float(), [(0, len(block.inputs), routing)],
+                          range(len(routing)))
     assert torch.allclose(ours, block.routed, atol=1e-5, rtol=1e-4)
 
 
@@ -396,19 +396,22 @@ def test_selected_expert_keeps_one_copy_of_each_duplicated_neuron(tiny_models, f
 
 
 def test_least_squares_subset_beats_keeping_the_largest_columns():
-    """On random data with correlated columns, the greedy removal leaves a smaller fitted error than keeping the
-    columns whose own least-squares weights are largest, and its readout is the ridge fit of the columns it kept."""
+    """Six columns and a near copy of each: the full least-squares weights of a pair are large and opposite, so
+    keeping the six largest keeps both columns of some pairs and loses other directions, while the greedy
+    removal keeps one column of each pair (an error many times smaller on any machine's rounding). Its
+    readout is the ridge fit of the columns it kept."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(400, 6, generator=g, dtype=torch.float64)
-    features = torch.cat([base, base @ torch.randn(6, 6, generator=g, dtype=torch.float64)
-                          + 0.1 * torch.randn(400, 6, generator=g, dtype=torch.float64)], dim=1)
-    target = features @ torch.randn(12, 3, generator=g, dtype=torch.float64)
+    features = torch.cat([base, base + 1e-3 * torch.randn(400, 6, generator=g, dtype=torch.float64)], dim=1)
+    target = (base @ torch.randn(6, 3, generator=g, dtype=torch.float64)
+              + 0.01 * torch.randn(400, 3, generator=g, dtype=torch.float64))
     fitted_error = lambda columns: float((target - features[:, columns] @ torch.linalg.lstsq(
         features[:, columns], target).solution).pow(2).sum())
     kept, readout = least_squares_subset(features, target, torch.zeros(12, 3, dtype=torch.float64), 6)
     largest = torch.linalg.lstsq(features, target).solution.pow(2).sum(1).argsort(descending=True)[:6]
     assert kept.shape == (6,) and readout.shape == (6, 3)
-    assert fitted_error(kept) < fitted_error(largest)
+    assert sorted(kept.remainder(6).tolist()) == list(range(6))
+    assert fitted_error(kept) < fitted_error(largest) / 100
     ridge = SELECT_RIDGE * float((features.T @ features).diagonal().mean())  # the ridge of the full problem
     chosen = features[:, kept]
     expected = torch.linalg.solve(chosen.T @ chosen + ridge * torch.eye(6, dtype=torch.float64), chosen.T @ target)

@@ -136,13 +136,6 @@ def backward_each(outputs: list[torch.Tensor], upstream: torch.Tensor, tokens: l
     parallel_map(lambda e: outputs[e].backward(upstream[tokens[e][0]]), range(len(outputs)))
 
 
-def block_output(experts: nn.Module, architecture: Architecture, tensors: list[dict[str, torch.Tensor]],
-                 inputs: torch.Tensor, tokens: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The compressed block's routed output [T, H] (differentiable): expert e, with its tensors `tensors[e]`,
-    runs on its own tokens only, scaled by their gates."""
-    return summed(expert_outputs(experts, architecture, tensors, gathered(inputs, tokens), tokens), tokens, inputs.shape[0])
-
-
 def one_expert(experts: nn.Module, expert: int, fitted: list[str], whitened: dict[str, torch.Tensor] | None = None,
                ) -> dict[str, torch.Tensor]:
     """Expert `expert`'s tensors ([1, ...] slices), those in `fitted` as float32 leaves of their own: each
@@ -315,10 +308,16 @@ def coupled_groups(chunks: list, count: int, sizes: list[int]) -> list[list[int]
 @torch.no_grad()
 def current_output(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, chunks: list,
                    members: range | list[int]) -> torch.Tensor:
-    """The routed output [T, H] of the experts `members` as the layer holds them now, chunk by chunk."""
-    return torch.cat([block_output(
-        experts, architecture, [{n: t.float() for n, t in expert_slices(experts, e).items()} for e in members],
-        inputs[begin:stop], [routing[e] for e in members]) for begin, stop, routing in chunks])
+    """The routed output [T, H] of the experts `members` as the layer holds them now, chunk by chunk; each
+    expert is taken to float32 only while it runs (a whole layer in float32 is more than the fit's budget)."""
+    def output(begin: int, stop: int, routing: list) -> torch.Tensor:
+        tokens = [routing[e] for e in members]
+        reads = gathered(inputs[begin:stop], tokens)
+        return summed(parallel_map(lambda i: expert_output(
+            experts, architecture, {n: t.float() for n, t in expert_slices(experts, members[i]).items()}, reads[i],
+            tokens[i][1]), range(len(members))), tokens, stop - begin)
+
+    return torch.cat([output(begin, stop, routing) for begin, stop, routing in chunks])
 
 
 def fit_in_groups(experts: nn.Module, architecture: Architecture, inputs: torch.Tensor, target: torch.Tensor,

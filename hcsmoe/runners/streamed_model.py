@@ -5,6 +5,7 @@ writer of the output shards; a decoder layer is materialised, compressed and wri
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def release(module: nn.Module) -> None:
 
 
 def trim_heap() -> None:
-    """Return the heap's free memory to the system (glibc malloc_trim; nothing to do elsewhere)."""
+    """Free what only reference cycles still hold, then return the heap's free memory to the system (glibc
+    malloc_trim; nothing to do elsewhere)."""
+    gc.collect()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).malloc_trim(0)
 
