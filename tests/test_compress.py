@@ -228,6 +228,21 @@ def test_expert_fit_is_recorded_in_the_plan_and_redone_from_it(tiny_models, tmp_
     assert torch.equal(logits(reapplied.model), logits(fitted.model))
 
 
+def test_the_winners_expert_fit_uses_every_calibration_token_and_the_plan_redoes_it(tiny_models, tmp_path):
+    """The per-layer choice fits its candidates' router and down projections on 7/8 of the tokens and scores
+    them on the rest; the winner's expert fit then uses all of them. Re-applying the plan does the same, so it
+    gives the same model."""
+    result = compress(tiny_models["qwen3_moe"], num_experts=4, refit=RefitOptions(steps=3), **FAST)
+    tokens = FAST["num_blocks"] * FAST["block_size"]
+    for layer in result.plan.layers:
+        assert "choice" in layer.details
+        assert layer.details["refit"]["tokens"] == tokens - tokens // 8
+        assert layer.details["refit"]["experts"]["tokens"] == tokens
+    result.plan.save(tmp_path / "plan.json")
+    reapplied = compress(tiny_models["qwen3_moe"], plan=Plan.load(tmp_path / "plan.json"), **FAST)
+    assert torch.equal(logits(reapplied.model), logits(result.model))
+
+
 def test_the_default_fits_the_experts_and_fast_is_the_closed_form_recipe(tiny_models):
     """The default recipe ends with the expert fit (EXPERT_FIT_STEPS whitened steps); --fast is the same recipe
     with the closed-form fits only: the refit's own defaults, weight for weight."""

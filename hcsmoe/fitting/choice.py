@@ -13,7 +13,7 @@ from hcsmoe.checkpoints.architectures import Architecture
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.fitting.refit import RefitOptions, routed_output
 from hcsmoe.fitting.router_fit import RouterFitOptions
-from hcsmoe.fitting.stage import fit_compressed_layer, fit_layer_experts, fitted_tensors, split_tokens
+from hcsmoe.fitting.stage import expert_fit_tokens, fit_compressed_layer, fit_layer_experts, fitted_tensors, split_tokens
 from hcsmoe.timing import timed
 
 
@@ -27,11 +27,12 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     candidate's error and its fits) and its fitted copy of the layer, which is the result. The candidates are
     scored after the closed-form fits; only the winner then gets the expert fit (refit.steps), the costly
     part; with refit.choose_fitted every candidate gets it before it is scored (a plan that only the expert fit
-    makes better wins then), at the expert fit's cost once per candidate. The winner is not refitted on all
-    tokens: that would gain little (7/8 of them already) and cost a third of the layer's time. `keep_winner=False`
-    holds one compressed copy at a time (streaming, where a layer's memory counts): the candidates are fitted
-    last to first, and the first one's copy (the recipe's merge, which wins most layers) is returned if it
-    wins, else None: rebuilding and refitting the winner on fitting_tokens() gives the same bits.
+    makes better wins then), at the expert fit's cost once per candidate. The winner's closed-form fits are not
+    redone on all tokens (that would gain little, 7/8 of them already, and cost a third of the layer's time); its
+    expert fit uses all of them (expert_fit_tokens). `keep_winner=False` holds one compressed copy at a time
+    (streaming, where a layer's memory counts): the candidates are fitted last to first, and the first one's
+    copy (the recipe's merge, which wins most layers) is returned if it wins, else None: rebuilding the winner
+    and fitting it (fit_compressed_layer) gives the same bits.
     `world` (torchrun): every rank builds every candidate, rank r fits and scores candidates r, r + N, ...; the
     scores are exchanged and the winner's fitted weights copied from the rank that fitted it."""
     fitting, held = split_tokens(block)
@@ -58,13 +59,14 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     trials = [(*scored[position], trials[position][2]) for position in range(len(candidates))]
     best = min(range(len(candidates)), key=lambda i: (trials[i][0], i))
     _, chosen, moe = trials[best]
+    chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},
+                                "chosen": candidates[best][0].method}
     if moe is not None:
         if fitter(best) == world.rank and not fitted_first:
-            fit_layer_experts(moe, architecture, chosen, fitting, output_dtype, refit)
+            fit_layer_experts(moe, architecture, chosen, expert_fit_tokens(chosen, block, refit), output_dtype,
+                              refit)
         if world.size > 1:
             world.copy_from(fitter(best), fitted_tensors(moe))
             if refit is not None and refit.steps:  # the expert fit's report, from the rank that ran it
                 chosen.details["refit"] = world.gather(chosen.details.get("refit"))[fitter(best)]
-    chosen.details["choice"] = {"held_out_error": {c[0].method: round(t[0], 6) for c, t in zip(candidates, trials)},
-                                "chosen": candidates[best][0].method}
     return candidates[best][0], chosen, moe

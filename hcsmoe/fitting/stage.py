@@ -25,10 +25,21 @@ def split_tokens(block: BlockTokens, held_out: float = 1 / 8) -> tuple[BlockToke
 
 
 def fitting_tokens(layer_plan: LayerPlan, block: BlockTokens | None) -> BlockTokens | None:
-    """The tokens a layer plan's fits use: a plan made by the per-layer choice was fitted on its fitting part,
-    so re-applying it fits on the same tokens and gives the same weights."""
+    """The tokens a layer plan's closed-form fits use: a plan made by the per-layer choice was fitted on its
+    fitting part, so re-applying it fits on the same tokens and gives the same weights."""
     if block is not None and "choice" in layer_plan.details:
         return split_tokens(block)[0]
+    return block
+
+
+def expert_fit_tokens(layer_plan: LayerPlan, block: BlockTokens | None, refit: RefitOptions | None) -> BlockTokens | None:
+    """The tokens the expert fit uses: all of them, also after the per-layer choice. The choice scores the
+    candidates on the eighth their closed-form fits did not see; the expert fit, run on the winner alone, then
+    fits on that eighth too (held-out train text, all three bundled models: docs/choosing-the-default.md).
+    Where the choice scored candidates after their expert fits (refit.choose_fitted), those fits are the
+    fitting part's, as when the plan was made."""
+    if refit is not None and refit.choose_fitted:
+        return fitting_tokens(layer_plan, block)
     return block
 
 
@@ -50,25 +61,28 @@ def round_layer(moe: MoELayer, dtype: torch.dtype) -> None:
 def fit_compressed_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, stats: LayerStats,
                          block: BlockTokens | None, output_dtype: torch.dtype, refit: RefitOptions | None,
                          router_fit: RouterFitOptions | None, with_experts: bool = True) -> None:
-    """The fitting stage of one compressed layer: fit its router to the original routing mass, round it to
-    the saved dtype, refit its down projections to the original layer's routed output (with the final
-    router), then (refit.steps, unless `with_experts` is False) gate/up and down together, and record each
-    fit in the layer's plan. The layer then holds exactly the values that will be saved (what sequential
-    calibration runs next). A plan that keeps every expert unmerged and as wide is only rounded, so K = E
-    still reproduces the model bit for bit."""
+    """The fitting stage of one compressed layer on its calibration tokens `block`: fit its router to the
+    original routing mass, round it to the saved dtype, refit its down projections to the original layer's
+    routed output (with the final router), then (refit.steps, unless `with_experts` is False) gate/up and down
+    together, and record each fit in the layer's plan (tokens: fitting_tokens, expert_fit_tokens). The layer
+    then holds exactly the values that will be saved (what sequential calibration runs next). A plan that
+    keeps every expert unmerged and as wide is only rounded, so K = E still reproduces the model bit for bit."""
+    closed_form = fitting_tokens(layer_plan, block)
     identity = (layer_plan.dropped == [] and all(len(g.members) == 1 for g in layer_plan.groups)
                 and "width" not in layer_plan.details)
     with torch.no_grad():
         if router_fit is not None and not identity:
             layer_plan.details["router_fit"] = reported(layer_plan, "router fit",
-                                                        fit_router(moe, architecture, layer_plan, stats, block, router_fit))
+                                                        fit_router(moe, architecture, layer_plan, stats, closed_form,
+                                                                   router_fit))
         round_layer(moe, output_dtype)
         if refit is not None and not identity:
             layer_plan.details["refit"] = reported(layer_plan, "refit",
-                                                   refit_layer(moe, architecture, block, refit, output_dtype))
+                                                   refit_layer(moe, architecture, closed_form, refit, output_dtype))
             round_layer(moe, output_dtype)
             if with_experts:
-                fit_layer_experts(moe, architecture, layer_plan, block, output_dtype, refit)
+                fit_layer_experts(moe, architecture, layer_plan, expert_fit_tokens(layer_plan, block, refit),
+                                  output_dtype, refit)
 
 
 def fit_layer_experts(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan, block: BlockTokens,

@@ -29,7 +29,7 @@ from hcsmoe.checkpoints.loading import load_config, load_model, load_tokenizer, 
 from hcsmoe.checkpoints.shards import INDEX_NAME
 from hcsmoe.errors import UserError
 from hcsmoe.fitting.choice import choose_layer_plan
-from hcsmoe.fitting.stage import fit_compressed_layer, fitting_tokens
+from hcsmoe.fitting.stage import fit_compressed_layer
 from hcsmoe.planners.plan import LayerPlan, Plan
 from hcsmoe.planners.registry import PerLayerChoice, plan_model, plan_of, plan_with_layers
 from hcsmoe.recipe import Recipe
@@ -166,7 +166,7 @@ def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan], estimate: La
                     layer_plan = job.planner.plan_layer(stats, job.kept)
                 layer_plan_of = plan_of(job.planner, recipe.router, [layer_plan], job.width)
             apply_layer(moe, architecture, layer_plan, layer_plan_of, stats, job.top_k)
-            fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block), output_dtype,
+            fit_compressed_layer(moe, architecture, layer_plan, stats, block, output_dtype,
                                  recipe.refit, recipe.router_fit)
         layer_plans.append(layer_plan)
         if recipe.sparsity is not None:

@@ -44,7 +44,7 @@ from hcsmoe.checkpoints.shards import MemorySource
 from hcsmoe.distributed import SINGLE, World
 from hcsmoe.errors import Interrupted, UserError
 from hcsmoe.fitting.choice import choose_layer_plan
-from hcsmoe.fitting.stage import fit_compressed_layer, fitting_tokens
+from hcsmoe.fitting.stage import fit_compressed_layer
 from hcsmoe.planners.plan import Plan
 from hcsmoe.planners.registry import PerLayerChoice, plan_of, plan_with_layers
 from hcsmoe.recipe import Recipe
@@ -243,7 +243,7 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
             trim_heap()
             compressor.build_compressed(moe, compressor.compressed_prefixes(moe), layer_plan_of, layer_plan, stats,
                                         job.top_k)
-            fit_compressed_layer(moe, architecture, layer_plan, stats, fitting_tokens(layer_plan, block),
+            fit_compressed_layer(moe, architecture, layer_plan, stats, block,
                                  compressor.output_dtype, refit, router_fit)
         layer_plans.append(layer_plan)
         if compressor.world.size > 1:
