@@ -5,7 +5,6 @@ writer of the output shards; a decoder layer is materialised, compressed and wri
 from __future__ import annotations
 
 import ctypes
-import gc
 import sys
 from pathlib import Path
 
@@ -53,9 +52,7 @@ def release(module: nn.Module) -> None:
 
 
 def trim_heap() -> None:
-    """Free what only reference cycles still hold, then return the heap's free memory to the system (glibc
-    malloc_trim; nothing to do elsewhere)."""
-    gc.collect()
+    """Return the heap's free memory to the system (glibc malloc_trim; nothing to do elsewhere)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).malloc_trim(0)
 
