@@ -19,7 +19,7 @@ from hcsmoe.fitting.expert_fit import (FIT_MEMORY, HISTORY, OVERHEAD_COPIES, SHO
 from hcsmoe.checkpoints.loading import load_model
 from hcsmoe.planners.ream import REAM, greedy_groups, nearest_groups
 from hcsmoe.planners.plan import Group, LayerPlan
-from hcsmoe.fitting.refit import RefitOptions, down_matrices, refit_layer
+from hcsmoe.fitting.refit import RefitOptions, down_matrices, keeps_factors, refit_layer
 from hcsmoe.fitting.router_fit import (RouterFitOptions, fit_rows, mass_owners, routing_targets, score_targets,
                                       sigmoid_divergence)
 
@@ -90,6 +90,24 @@ def test_refit_recovers_readouts_that_produced_the_target(tiny_models, family):
     report = refit_layer(moe, architecture, block, RefitOptions(alpha=0.0))
     assert report["error_before"] > 0.1 and report["error_after"] < 1e-8
     assert torch.allclose(down_matrices(moe.experts, architecture), truth, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_blockwise_refit_writes_the_same_bits_with_or_without_its_factors_kept(tiny_models, family):
+    """A small --refit-memory makes the blockwise refit factor its systems again every sweep instead of keeping
+    the factors: the same factors, so the same weights and report."""
+    _, architecture, moe = first_moe(tiny_models, family)
+    block = tokens_of(moe, architecture, n=500)
+    with torch.no_grad():
+        moe.experts.down_proj.normal_(0, 0.05)
+    results = []
+    for memory in (8.0, 1e-9):
+        fitted = copy.deepcopy(moe)
+        report = refit_layer(fitted, architecture, block, RefitOptions(solver="blockwise", sweeps=3, memory=memory),
+                             torch.bfloat16)
+        results.append((fitted.experts.down_proj, report))
+    assert keeps_factors(8, 64, 8.0) and not keeps_factors(8, 64, 1e-9)
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
 
 
 def test_joint_and_blockwise_solvers_agree(tiny_models):

@@ -150,9 +150,10 @@ def add_compress_parser(sub) -> None:
                    help="the expert fit's ridge toward the closed-form fits' weights, relative to the fit's curvature "
                         "(1 halves the step along a direction of the layer's mean curvature; more stays nearer --fast) [0]")
     p.add_argument("--refit-memory", type=float, metavar="GIB",
-                   help="memory the expert fit may take: a layer whose whole fit needs more is fitted a few experts at "
+                   help="memory the fits may take: a layer whose whole expert fit needs more is fitted a few experts at "
                         "a time (less of the fit's gain: on the bundled models groups of one expert keep 31-57%%, quarters 79-81%%; one "
-                        "Qwen3-30B-shaped layer peaks at about 9 GB with 8, 2.7 GB with 0.5) [8]")
+                        "Qwen3-30B-shaped layer peaks at about 9 GB with 8, 2.1 GB with 0.5), and the refit keeps its factors "
+                        "across sweeps only in half of it (same bits, less time) [8]")
     p.add_argument("--choose-fitted", action=argparse.BooleanOptionalAction, default=None,
                    help="the per-layer choice between merging and pruning scores both after the expert fit (each "
                         "candidate fitted: the expert fit's cost twice) instead of after the closed-form fits [off]")

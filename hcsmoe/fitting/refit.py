@@ -38,8 +38,8 @@ from hcsmoe.workers import parallel_map
 SOLVERS = ("auto", "joint", "blockwise")
 JOINT_LIMIT = 6144  # joint system up to this many unknowns per output column (float64 Gram of 300 MB)
 # The blockwise solver keeps each expert's Cholesky factor across its sweeps while all K of them take at most
-# this much (Qwen3-30B's 64 experts of 768: 300 MB); larger layers (Mixtral's experts of 14,336: 1.6 GB each)
-# factor again every sweep.
+# this much (Qwen3-30B's 64 experts of 768: 300 MB) and at most half the fits' memory budget (--refit-memory);
+# larger layers (Mixtral's experts of 14,336: 1.6 GB each) factor again every sweep. Either way the same bits.
 FACTOR_CACHE_BYTES = 2**30
 
 
@@ -56,7 +56,7 @@ class RefitOptions:
     whiten: bool = True  # those iterations in whitened coordinates (expert_fit.py): same fit in about 3x fewer steps
     anchor: float = 0.0  # the expert fit's ridge toward the closed-form weights, relative to its curvature (whitened)
     choose_fitted: bool = False  # the per-layer choice scores candidates after the expert fit too (each one fitted)
-    memory: float = FIT_MEMORY / 2**30  # GiB the expert fit's working set may take before it fits a layer in groups
+    memory: float = FIT_MEMORY / 2**30  # GiB the fits' working set may take: expert fit groups, the refit's factors
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -233,7 +233,7 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, opti
     before = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     ridge = _ridge(trace, k * width, options.alpha)
     eye = torch.eye(width, dtype=torch.float64)
-    factors = FactorCache(k, width) if k * width * width * 8 <= FACTOR_CACHE_BYTES else None
+    factors = FactorCache(k, width) if keeps_factors(k, width, options.memory) else None
     for _ in range(options.sweeps):
         for expert in range(k):
             token = per_expert[expert][0]
@@ -252,6 +252,13 @@ def _blockwise(experts, architecture, tokens: BlockTokens, routing: Routed, opti
             prediction.index_add_(0, token, phi @ (down_matrix(experts, architecture, expert) - current))
     after = float((y.double() - prediction).pow(2).sum()) / max(energy, 1e-30)
     return {"error_before": round(before, 6), "error_after": round(after, 6), "sweeps": options.sweeps}
+
+
+def keeps_factors(count: int, width: int, memory_gib: float) -> bool:
+    """Whether the blockwise refit keeps its `count` factors across sweeps (a Gram matrix and a factorization
+    saved per expert and sweep) rather than factor again: where they take at most FACTOR_CACHE_BYTES and half
+    the fits' memory budget. The factors are the same either way, so is the refit."""
+    return count * width * width * 8 <= min(FACTOR_CACHE_BYTES, memory_gib * 2**30 / 2)
 
 
 class FactorCache:
