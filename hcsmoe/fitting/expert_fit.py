@@ -29,6 +29,7 @@ closed-form weights along the directions the calibration text exercises least (d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -109,14 +110,15 @@ def expert_output(experts: nn.Module, architecture: Architecture, own: dict[str,
     return expert_output_from_intermediate(view, architecture, h)[0] * gates.unsqueeze(-1)
 
 
-def expert_outputs(experts: nn.Module, architecture: Architecture, tensors: list[dict[str, torch.Tensor]],
+def expert_outputs(experts: nn.Module, architecture: Architecture, tensors_of: Callable[[int], dict[str, torch.Tensor]],
                    reads: list[torch.Tensor], tokens: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Each expert's routed output on exactly its own tokens (`reads[e]`, their hidden states), the experts
-    spread over the workers. Running each expert on its tokens, rather than all experts in one batched product
-    padded to the busiest one, does 2-3 times less arithmetic on routers as uneven as the bundled models' (the
-    busiest expert takes 2-2.7 times the mean)."""
-    return parallel_map(lambda e: expert_output(experts, architecture, tensors[e], reads[e], tokens[e][1]),
-                        range(len(tensors)))
+    """Each expert's routed output on exactly its own tokens (`reads[e]`, their hidden states), with the tensors
+    `tensors_of(e)` gives (made on the worker, so only the experts running hold them), the experts spread over
+    the workers. Running each expert on its tokens, rather than all experts in one batched product padded to the
+    busiest one, does 2-3 times less arithmetic on routers as uneven as the bundled models' (the busiest expert
+    takes 2-2.7 times the mean)."""
+    return parallel_map(lambda e: expert_output(experts, architecture, tensors_of(e), reads[e], tokens[e][1]),
+                        range(len(reads)))
 
 
 def gathered(inputs: torch.Tensor, tokens: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -310,12 +312,12 @@ def current_output(experts: nn.Module, architecture: Architecture, inputs: torch
                    members: range | list[int]) -> torch.Tensor:
     """The routed output [T, H] of the experts `members` as the layer holds them now, chunk by chunk; each
     expert is taken to float32 only while it runs (a whole layer in float32 is more than the fit's budget)."""
+    in_float32 = lambda i: {n: t.float() for n, t in expert_slices(experts, members[i]).items()}
+
     def output(begin: int, stop: int, routing: list) -> torch.Tensor:
         tokens = [routing[e] for e in members]
-        reads = gathered(inputs[begin:stop], tokens)
-        return summed(parallel_map(lambda i: expert_output(
-            experts, architecture, {n: t.float() for n, t in expert_slices(experts, members[i]).items()}, reads[i],
-            tokens[i][1]), range(len(members))), tokens, stop - begin)
+        return summed(expert_outputs(experts, architecture, in_float32, gathered(inputs[begin:stop], tokens), tokens),
+                      tokens, stop - begin)
 
     return torch.cat([output(begin, stop, routing) for begin, stop, routing in chunks])
 
@@ -366,7 +368,7 @@ def fit_group(experts: nn.Module, architecture: Architecture, inputs: torch.Tens
                      for own, whitened in zip(built, whitenings)]
         total = 0.0
         for (begin, stop, routing), chunk_reads in zip(chunks, reads):
-            outputs = expert_outputs(experts, architecture, built, chunk_reads, routing)
+            outputs = expert_outputs(experts, architecture, built.__getitem__, chunk_reads, routing)
             predicted = summed([output.detach() for output in outputs], routing, stop - begin).requires_grad_(backward)
             value = loss(predicted, begin, stop)
             if backward:
