@@ -79,6 +79,9 @@ def run_recipe(model_or_path: PreTrainedModel | str | Path | None, recipe: Recip
                overwrite: bool, device: str, progress: bool, world: World, resume: bool) -> CompressionResult:
     """compress() once its recipe is whole: choose the shape where the recipe gives a size, then run the runner."""
     sizing = None
+    if stream_to is not None and recipe.following(plan).distill is not None:
+        raise UserError("--distill-steps fits every MoE layer at once against the original model: both must fit in "
+                        "memory in float32; run with --no-stream, or drop --distill-steps")
     if recipe.size is not None and stats is not None:
         raise UserError("--size compresses the model at each shape of its grid from its calibration text: give "
                         "--experts and --width instead of --size with --stats")

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from hcsmoe.errors import UserError
+from hcsmoe.fitting.distill import DistillOptions
 from hcsmoe.fitting.refit import RefitOptions
 from hcsmoe.fitting.router_fit import RouterFitOptions
 from hcsmoe.planners.plan import ROUTERS, Plan
@@ -83,6 +84,7 @@ class Recipe:
     width: float | None = None  # neurons each routed expert keeps: a fraction of I in (0, 1] or a count (--width)
     sparsity: float | None = None  # STUN's unstructured stage: share of routed-expert weights zeroed (saves nothing)
     size: float | None = None  # share of the routed experts' parameters kept, shape (K, I2) chosen (hcsmoe/sizing.py)
+    distill: DistillOptions | None = None  # stage 4, end to end (opt-in): all MoE layers fitted to the original's output
 
     def __post_init__(self):
         if self.experts is not None and self.ratio is not None:
@@ -98,6 +100,8 @@ class Recipe:
             raise UserError(f"unknown router method {self.router!r}; choose one of: {', '.join(ROUTERS)}")
         if self.sequential not in (None, *SEQUENTIAL_MODES):
             raise UserError(f"unknown sequential mode {self.sequential!r}; use True, False or 'corrective'")
+        if self.distill is not None and (self.distill.steps < 1 or self.distill.batch < 1 or not self.distill.lr > 0):
+            raise UserError("--distill-steps and the stage's batch must be positive integers and --distill-lr positive")
 
     def kept(self, num_experts: int) -> int:
         """K: --experts, or what --ratio (half by default) leaves of `num_experts`."""
@@ -129,9 +133,10 @@ class Recipe:
         refit = (RefitOptions(**plan.refit) if plan.refit else False) if self.refit is None else self.refit
         router_fit = ((RouterFitOptions.from_dict(plan.router_fit) if plan.router_fit else False)
                       if self.router_fit is None else self.router_fit)
+        distill = DistillOptions(**plan.distill["options"]) if self.distill is None and plan.distill else self.distill
         return dataclasses.replace(self, method=self.method or plan.method, refit=refit, router_fit=router_fit,
                                    sequential=plan.sequential if self.sequential is None else self.sequential,
-                                   width=plan.width if self.width is None else self.width)
+                                   width=plan.width if self.width is None else self.width, distill=distill)
 
     def resolved(self, replanning: bool = False) -> "Recipe":
         """Every fit settled: the default recipe's when no method is named, a named method's only if asked
@@ -151,7 +156,7 @@ class Recipe:
     def to_dict(self) -> dict:
         """Plain data for the plan JSON (fits as their options' dicts)."""
         data = dataclasses.asdict(self)
-        for name in ("refit", "router_fit"):
+        for name in ("refit", "router_fit", "distill"):
             value = getattr(self, name)
             data[name] = value.to_dict() if hasattr(value, "to_dict") else value
         return data
@@ -170,6 +175,7 @@ class Recipe:
             refit=refit_from_options(options), router_fit=options.get("fit_router"),
             dtype=options.get("dtype"), seed=given(options, "seed", cls.seed), fast=bool(options.get("fast")),
             width=options.get("width"), sparsity=options.get("sparsity"), size=options.get("size"),
+            distill=distill_from_options(options),
         )
 
 
@@ -199,6 +205,16 @@ def refit_from_options(options: dict) -> RefitOptions | bool | None:
     tuned = {field: options[flag] for flag, field in REFIT_FLAGS.items() if options.get(flag) is not None}
     base = default_refit(bool(options.get("fast"))) if options.get("method") is None else RefitOptions()
     return dataclasses.replace(base, **tuned) if tuned else options.get("refit")
+
+
+def distill_from_options(options: dict) -> DistillOptions | None:
+    """--distill-steps N (0 or unset: no end-to-end stage), with --distill-lr over the stage's default."""
+    steps = options.get("distill_steps")
+    if not steps:
+        if options.get("distill_lr") is not None:
+            raise UserError("--distill-lr sets the end-to-end stage's step size: give --distill-steps too")
+        return None
+    return DistillOptions(steps=int(steps), lr=given(options, "distill_lr", DistillOptions.lr))
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -120,7 +120,7 @@ def choose_shape(model_or_path, recipe: Recipe, *, tokenizer=None, device: str =
     blocks, tried = probe_blocks(recipe, config), []
     for k, neurons in grid if len(grid) > 1 else []:
         probe = dataclasses.replace(recipe, size=None, experts=k, width=neurons if neurons < width else None,
-                                    fast=True, refit=None, blocks=blocks).resolved()
+                                    fast=True, refit=None, blocks=blocks, distill=None).resolved()
         began = time.perf_counter()
         plan = probe_plan(model_or_path, probe, tokenizer, device, stream_to, world)
         tried.append({"experts": k, "width": neurons, "held_out_error": round(held_out_error(plan), 6)})

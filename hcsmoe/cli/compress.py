@@ -51,6 +51,8 @@ COMPRESS_DEFAULTS = {
     "choose_fitted": None,
     "refit_memory": None,
     "fit_router": None,
+    "distill_steps": None,
+    "distill_lr": None,
     "fast": None,
     "width": None,
     "sparsity": None,
@@ -157,6 +159,13 @@ def add_compress_parser(sub) -> None:
     p.add_argument("--choose-fitted", action=argparse.BooleanOptionalAction, default=None,
                    help="the per-layer choice between merging and pruning scores both after the expert fit (each "
                         "candidate fitted: the expert fit's cost twice) instead of after the closed-form fits [off]")
+    p.add_argument("--distill-steps", type=int, metavar="N",
+                   help="after every layer's fits, fit all MoE layers' routers and routed experts together to the original "
+                        "model's next-token distribution (KL) on the calibration text, N Adam steps of 8 blocks; needs "
+                        "the original and the compressed model in memory in float32 (no --stream) and a forward and "
+                        "backward pass of both per block: a GPU's work for a large model [off]")
+    p.add_argument("--distill-lr", type=float,
+                   help="the step size of those Adam steps [1e-4]")
     p.add_argument("--fit-router", action=argparse.BooleanOptionalAction, default=None,
                    help="fit the K router rows to the original routing mass of each group "
                         "[on by default; off for a named --method unless given]")

@@ -71,6 +71,7 @@ class Plan:
     width: int | None = None  # neurons every routed expert keeps (--width; None: all of them)
     sparsity: dict | None = None  # --sparsity: OWL-Wanda's per-layer shares of zeroed weights (apply/sparsify.py)
     size: dict | None = None  # --size: the shapes tried, each one's held-out error and the one chosen (sizing.py)
+    distill: dict | None = None  # --distill-steps: the end-to-end stage's options and divergence (fitting/distill.py)
     format: str = PLAN_FORMAT
 
     def to_dict(self) -> dict:
@@ -88,7 +89,7 @@ class Plan:
                    merge=data.get("merge", "weighted"), refit=data.get("refit"), router_fit=data.get("router_fit"),
                    sequential=data.get("sequential", False), world_size=data.get("world_size", 1),
                    recipe=data.get("recipe"), width=data.get("width"), sparsity=data.get("sparsity"),
-                   size=data.get("size"))
+                   size=data.get("size"), distill=data.get("distill"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -29,6 +29,7 @@ from hcsmoe.checkpoints.loading import load_config, load_model, load_tokenizer, 
 from hcsmoe.checkpoints.shards import INDEX_NAME
 from hcsmoe.errors import UserError
 from hcsmoe.fitting.choice import choose_layer_plan
+from hcsmoe.fitting.distill import distill
 from hcsmoe.fitting.stage import fit_compressed_layer
 from hcsmoe.planners.plan import LayerPlan, Plan
 from hcsmoe.planners.registry import PerLayerChoice, plan_model, plan_of, plan_with_layers
@@ -92,6 +93,10 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
         mark = time.perf_counter()
         apply_plan(model, job.architecture, layers, plan, stats.layers if stats else None, progress=progress)
         timings["apply"] = time.perf_counter() - mark
+    if recipe.distill is not None:
+        mark = time.perf_counter()
+        plan.distill = distilled(model, model_or_path, source, job.architecture, tokenizer, recipe, device, progress)
+        timings["distill"] = time.perf_counter() - mark
     if job.width is not None:
         set_expert_width(model.config, job.architecture, job.width)
     if output_dtype is not None:
@@ -101,6 +106,26 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
     info = job.info(source, plan, timings)
     return CompressionResult(model, tokenizer, plan, stats, job.architecture, source, info,
                              keep_format=output_dtype is None)
+
+
+def distilled(model: PreTrainedModel, original: PreTrainedModel | str | Path | None, source: Path | None,
+              architecture: Architecture, tokenizer, recipe: Recipe, device: str, progress: bool) -> dict:
+    """The end-to-end stage (fitting/distill.py) on the compressed `model`, against the original: the model
+    object given (in float32), or the checkpoint read again; on the recipe's calibration blocks. Returns what
+    the plan records."""
+    if tokenizer is None:
+        raise UserError("--distill-steps tokenizes the calibration text: pass tokenizer= with the statistics")
+    if isinstance(original, PreTrainedModel):
+        usable = next(original.parameters()).dtype == torch.float32 and not original.training
+        teacher = original if usable else copy.deepcopy(original).float().eval()  # the user's model stays as it is
+    else:
+        teacher = load_model(source, "float32", device)
+    context = int(getattr(teacher.config, "max_position_embeddings", recipe.block_size))
+    blocks = calibration_blocks(tokenizer, recipe.calibration, recipe.blocks, recipe.block_size, context, teacher,
+                                recipe.seed)
+    model.float()  # held in the saved dtype where that is narrower; cast back to it after the stage
+    report = distill(model, teacher, architecture, blocks, recipe.distill, recipe.seed, progress)
+    return {"options": recipe.distill.to_dict(), **report}
 
 
 def calibration_statistics(
