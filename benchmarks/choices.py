@@ -27,7 +27,6 @@ from hcsmoe.calibration.text import LANGUAGES, wiki_texts
 from hcsmoe.evaluation.evaluate import evaluate
 from hcsmoe.checkpoints.loading import BUNDLED_MODELS, load_model, load_tokenizer
 from hcsmoe.pipeline import compress
-from hcsmoe.fitting.distill import DistillOptions
 from hcsmoe.fitting.refit import RefitOptions
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,9 +51,6 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("default + expert fit (gate/up and down, 100 plain L-BFGS steps, all tokens)", {"refit": PLAIN(steps=100)}),
     ("**default**: + expert fit (gate/up and down, 30 whitened L-BFGS steps, all tokens)", {}),
     ("default, merge or prune chosen after the expert fit (--choose-fitted)", {"refit": RefitOptions(steps=30, choose_fitted=True)}),
-    ("default + end-to-end stage (--distill-steps 200)", {"distill": DistillOptions(steps=200)}),
-    ("default + end-to-end stage (--distill-steps 200 --distill-lr 3e-5)", {"distill": DistillOptions(steps=200, lr=3e-5)}),
-    ("default + end-to-end stage (--distill-steps 400)", {"distill": DistillOptions(steps=400)}),
 ]
 
 
