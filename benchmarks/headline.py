@@ -47,7 +47,9 @@ def cells_of(row: dict, original: dict) -> dict:
 # best expert-fit setting measured, the best published method (REAP) and HC-SMoE as published, each with and
 # without the fits.
 SIZE_LABEL = "**default** (--size {fraction:g})"
-README_ROWS = ("**default** (--size 0.5)", "**default** (--size 0.75)", "**default**",
+DISTILL_LABEL = "default + end-to-end stage, opt-in (--size {fraction:g} --distill-steps {steps})"
+README_ROWS = ("**default** (--size 0.5)", "**default** (--size 0.75)", *(DISTILL_LABEL.format(fraction=f, steps=200)
+                                                                       for f in (0.5, 0.75)), "**default**",
                "default --fast (closed form, no expert fit)",
                "default, expert fit with plain steps (--refit-steps 100 --no-refit-whiten)", "reap as published", "reap + fits",
                "reap + fits + expert fit", "hc-smoe as published", "hc-smoe + fits", "hc-smoe + fits + expert fit")
@@ -107,12 +109,23 @@ def with_sizes(model: str, rows: list[dict]) -> list[dict]:
                                                                                   record["chosen"]["width"]))
         sized.append({**chosen, "method": SIZE_LABEL.format(fraction=record["fraction"]),
                       "shape": f"{chosen['experts']} × {chosen['width']}"})
+        sized += distilled_rows(model, record["fraction"])
     if not sized:
         rows = default_by_size(model, rows, kept)
     if width is None:
         return rows
     shaped = [{**r, "shape": f"{r['experts']} × {width}"} for r in rows]
     return [shaped[0], *sized, *shaped[1:]]
+
+
+def distilled_rows(model: str, fraction: float) -> list[dict]:
+    """The default at --size `fraction` with the opt-in end-to-end stage (benchmarks.distill), when it was run."""
+    path = RESULTS / f"distill-{model}.json"
+    if not path.exists():
+        return []
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["fraction"] == fraction and "distill" in r]
+    return [{**r, "method": DISTILL_LABEL.format(fraction=fraction, steps=r["distill"]["options"]["steps"]),
+             "shape": f"{r['experts']} × {r['width']}"} for r in rows]
 
 
 def default_by_size(model: str, rows: list[dict], kept: int) -> list[dict]:

@@ -37,7 +37,7 @@ DEFAULT = "**default**"
 ROUTER = f"default + router rows fitted to the layer's output after the expert fit ({ROUTER_STEPS} L-BFGS steps)"
 TOKENS = "default, 131,072 calibration tokens (twice the default's)"
 STAGE = "default + end-to-end stage (--distill-steps {steps}{lr})"
-STAGES = [DistillOptions(steps=200), DistillOptions(steps=200, lr=3e-5), DistillOptions(steps=400)]
+STAGES = [DistillOptions(steps=200), DistillOptions(steps=200, lr=3e-5)]
 
 
 def stage_label(stage: DistillOptions) -> str:

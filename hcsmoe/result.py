@@ -86,6 +86,7 @@ def model_card(result: CompressionResult, has_dendrograms: bool, evaluation: dic
         f"- method: `{plan.method}` with options `{json.dumps(plan.options)}`; router rows: `{plan.router}`",
         *([f"- shape chosen by --size {plan.size['fraction']}: `{json.dumps(plan.size['grid'])}`"] if plan.size else []),
         f"- calibration: `{json.dumps(result.stats.info) if result.stats else 'plan applied without statistics'}`",
+        *([f"- end-to-end stage (--distill-steps): `{json.dumps(plan.distill)}`"] if plan.distill else []),
         f"- top-k routing unchanged ({info['top_k']}); weights saved as {info['dtype']}; seed {info['seed']}",
         "- `hcsmoe_plan.json`: per layer, which original experts form each merged expert, with their routing"
         " frequencies and merge weights (re-apply or edit it with `hcsmoe compress --plan`).",

@@ -16,58 +16,94 @@ from tests.test_compress import FAST, logits
 from tests.test_resume import digests
 
 STAGE = DistillOptions(steps=6, lr=1e-3, batch=2)
+REFERENCE_CALIBRATION = dict(num_blocks=32, block_size=256, progress=False)
 
 
 def fitted_by_the_stage(name: str) -> bool:
-    """Whether a state-dict entry is one the stage fits: an MoE layer's router weight or routed experts."""
-    return name.endswith("gate.weight") or name.endswith(".router.weight") or ".experts." in name
+    """Whether a state-dict entry is one the stage fits: an MoE layer's router (weight, bias) or routed experts."""
+    return name.endswith(("gate.weight", ".router.weight", ".router.bias")) or ".experts." in name
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
-def test_the_stage_lowers_the_divergence_and_moves_only_routers_and_routed_experts(tiny_models, arch):
-    before = compress(tiny_models[arch], num_experts=4, fast=True, **FAST)
-    after = compress(tiny_models[arch], num_experts=4, fast=True, distill=STAGE, **FAST)
+def test_the_stage_lowers_the_held_out_divergence_and_moves_only_routers_and_routed_experts():
+    """On the bundled reference model (real text), ten steps lower KL(original || compressed) on the held-out
+    eighth of the calibration blocks; only the MoE layers' routers and routed experts change."""
+    stage = DistillOptions(steps=10, lr=1e-4, batch=4)
+    before = compress(None, num_experts=24, fast=True, **REFERENCE_CALIBRATION)
+    after = compress(None, num_experts=24, fast=True, distill=stage, **REFERENCE_CALIBRATION)
     report = after.plan.distill
-    assert report["options"] == STAGE.to_dict() and before.plan.distill is None
-    assert report["kl_after"] < report["kl_before"]
-    assert report["tokens"] == STAGE.steps * STAGE.batch * FAST["block_size"]
+    assert report["options"] == stage.to_dict() and before.plan.distill is None and "fallback" not in report
+    assert report["kl_after"] < 0.99 * report["kl_before"] and report["held_out_blocks"] == 4
+    assert report["tokens"] == stage.steps * stage.batch * REFERENCE_CALIBRATION["block_size"]
     moved = {name for name, tensor in after.model.state_dict().items()
              if not torch.equal(tensor, before.model.state_dict()[name])}
     assert moved and all(fitted_by_the_stage(name) for name in moved), sorted(moved)
-    assert any("experts" in name for name in moved) and any(".experts." not in name for name in moved)
+    assert any(".experts." in name for name in moved) and any(".experts." not in name for name in moved)
 
 
-def test_the_plan_redoes_the_stage_and_the_input_model_is_left_as_it_was(tiny_models, tmp_path):
+def test_a_stage_that_raises_the_held_out_divergence_keeps_the_layer_local_fits(tiny_models, capsys):
+    """A step size far too large: the held-out divergence rises, so the model is the one without the stage,
+    bit for bit, and the run says so in one line."""
+    without = compress(tiny_models["qwen3_moe"], num_experts=4, fast=True, **FAST)
+    with_stage = compress(tiny_models["qwen3_moe"], num_experts=4, fast=True,
+                          distill=DistillOptions(steps=3, lr=1.0, batch=2), **FAST)
+    assert "fallback" in with_stage.plan.distill and with_stage.plan.distill["kl_after"] > with_stage.plan.distill["kl_before"]
+    assert all(torch.equal(tensor, without.model.state_dict()[name]) for name, tensor in with_stage.model.state_dict().items())
+    assert "end-to-end stage did not lower" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text"])
+def test_the_stage_fits_every_router_and_routed_expert_and_nothing_else(tiny_models, arch):
     from transformers import AutoModelForCausalLM
 
-    from hcsmoe.checkpoints.loading import load_tokenizer
+    from hcsmoe.checkpoints.architectures import architecture_for
+    from hcsmoe.fitting.distill import distilled_parameters
 
-    original = AutoModelForCausalLM.from_pretrained(tiny_models["qwen3_moe"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    fitted = {id(t) for t in distilled_parameters(model, architecture_for(model.config))}
+    names = {name for name, p in model.named_parameters() if id(p) in fitted}
+    assert names and all(fitted_by_the_stage(name) for name in names), sorted(names)
+    assert {n for n, _ in model.named_parameters() if fitted_by_the_stage(n) and ".shared" not in n} == names
+    assert not any("correction_bias" in name for name in names)
+
+
+def test_the_plan_redoes_the_stage_and_the_input_model_is_left_as_it_was(tmp_path):
+    """A model object in (its weights and flags untouched), a plan out; re-applying the plan to the checkpoint
+    redoes the stage: the same model."""
+    from hcsmoe.checkpoints.loading import REFERENCE_MODEL, load_model, load_tokenizer
+
+    original = load_model(REFERENCE_MODEL)
+    original.requires_grad_(True)
     kept = {name: tensor.clone() for name, tensor in original.state_dict().items()}
-    result = compress(original, num_experts=4, fast=True, distill=STAGE,
-                      tokenizer=load_tokenizer(tiny_models["qwen3_moe"]), **FAST)
+    stage = DistillOptions(steps=4, lr=1e-4, batch=4)
+    from_object = compress(original, num_experts=24, fast=True, distill=stage, tokenizer=load_tokenizer(REFERENCE_MODEL),
+                           **REFERENCE_CALIBRATION)
+    assert "fallback" not in from_object.plan.distill
     assert all(torch.equal(tensor, kept[name]) for name, tensor in original.state_dict().items())
-    assert all(p.requires_grad for p in original.parameters())
+    assert all(p.requires_grad for p in original.parameters()) and not original.training
+    result = compress(REFERENCE_MODEL, num_experts=24, fast=True, distill=stage, **REFERENCE_CALIBRATION)
+    assert "fallback" not in result.plan.distill
     result.plan.save(tmp_path / "plan.json")
-    reapplied = compress(tiny_models["qwen3_moe"], plan=Plan.load(tmp_path / "plan.json"), **FAST)
+    reapplied = compress(REFERENCE_MODEL, plan=Plan.load(tmp_path / "plan.json"), **REFERENCE_CALIBRATION)
     assert reapplied.plan.distill == result.plan.distill
     assert torch.equal(logits(reapplied.model), logits(result.model))
 
 
-def test_the_stage_writes_the_same_bits_at_any_thread_count(capsys, tiny_models, tmp_path):
+def test_the_stage_writes_the_same_bits_at_any_thread_count(capsys, tmp_path):
     threads = torch.get_num_threads()
     written = {}
     try:
         for count in (1, 2):
             out = tmp_path / str(count)
-            code, _, err = run_cli(capsys, "compress", str(tiny_models["qwen3_moe"]), "-k", "4", "--fast", "--no-eval",
-                                   "-q", "--blocks", "4", "--block-size", "32", "--distill-steps", "3",
-                                   "--threads", str(count), "--out", str(out))
+            code, _, err = run_cli(capsys, "compress", "-k", "24", "--fast", "--no-eval", "-q", "--blocks", "32",
+                                   "--block-size", "256", "--distill-steps", "4", "--threads", str(count),
+                                   "--out", str(out))
             assert code == 0, err
             written[count] = digests(out)
     finally:
         torch.set_num_threads(threads)
     assert written[1] == written[2] and "model.safetensors" in written[1]
+    card = (tmp_path / "1" / "README.md").read_text()
+    assert "end-to-end stage (--distill-steps)" in card and "fallback" not in card
 
 
 def test_streaming_refuses_the_stage_in_one_line(capsys, tiny_models, tmp_path):

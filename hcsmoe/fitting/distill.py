@@ -11,6 +11,10 @@ in memory beside the compressed one, and a forward and backward pass of the whol
 minutes for the bundled models on two CPU cores, a GPU's work for a real model (docs/choosing-the-default.md,
 "End to end").
 
+The steps take their blocks from the first 7/8 of the calibration blocks; the last eighth is held out, and
+where the stage has not lowered the divergence there, the model keeps the layer-local fits' weights (a step
+size too large for a model can only cost the stage's time).
+
 Deterministic at any thread count: each step's gradient is the sum, in block order, of one gradient per
 calibration block, each computed whole on one worker (hcsmoe/workers.py), and the blocks each step takes
 come from a permutation seeded by the recipe's seed.
@@ -40,11 +44,12 @@ class DistillOptions:
 
 
 def distilled_parameters(model: nn.Module, architecture: Architecture) -> list[torch.Tensor]:
-    """What the stage fits: every MoE layer's router weight and routed experts' tensors (shared experts,
-    attention, norms and embeddings stay as they are)."""
+    """What the stage fits: every MoE layer's router (weight, and bias where it has one; not DeepSeek-V3's
+    correction bias, a buffer its balancing rule sets) and routed experts' tensors (shared experts, attention,
+    norms and embeddings stay as they are)."""
     tensors = []
     for moe in moe_layers(model, architecture):
-        tensors += [*moe.experts.parameters(recurse=False), moe.router.weight]
+        tensors += [*moe.experts.parameters(recurse=False), *moe.router.parameters(recurse=False)]
     return tensors
 
 
@@ -57,52 +62,69 @@ def block_divergence(student: nn.Module, teacher: nn.Module, ids: torch.Tensor) 
     return (target.exp() * (target - log_probs)).sum(-1).mean()
 
 
-def summed_gradient(student: nn.Module, teacher: nn.Module, blocks: torch.Tensor,
-                    tensors: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
-    """The mean divergence over `blocks` [B, L] and its gradient in `tensors`: one gradient per block on the
+def mean_gradient(student: nn.Module, teacher: nn.Module, blocks: torch.Tensor,
+                  tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradient in `tensors` of the mean divergence over `blocks` [B, L]: one gradient per block on the
     workers, added in block order (so the sum does not depend on how many workers there are)."""
-    def one(row: int) -> tuple[float, tuple[torch.Tensor, ...]]:
+    def one(row: int) -> tuple[torch.Tensor, ...]:
         with torch.enable_grad():
-            divergence = block_divergence(student, teacher, blocks[row : row + 1])
-            return float(divergence.detach()), torch.autograd.grad(divergence, tensors)
+            return torch.autograd.grad(block_divergence(student, teacher, blocks[row : row + 1]), tensors)
 
-    total, gradient = 0.0, None
+    gradient = None
     for first in range(0, blocks.shape[0], workers()):  # at most one gradient per worker held at once
-        for divergence, grads in parallel_map(one, range(first, min(first + workers(), blocks.shape[0]))):
-            total += divergence
+        for grads in parallel_map(one, range(first, min(first + workers(), blocks.shape[0]))):
             gradient = list(grads) if gradient is None else [g.add_(h) for g, h in zip(gradient, grads)]
-    return total / blocks.shape[0], [g / blocks.shape[0] for g in gradient]
+    return [g / blocks.shape[0] for g in gradient]
+
+
+def held_out_divergence(student: nn.Module, teacher: nn.Module, blocks: torch.Tensor) -> float:
+    """The mean divergence over `blocks` [B, L], one block per worker at a time."""
+    with torch.no_grad():
+        return sum(parallel_map(lambda i: float(block_divergence(student, teacher, blocks[i : i + 1])),
+                                range(blocks.shape[0]))) / blocks.shape[0]
+
+
+def split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks the steps take, held-out blocks): the last eighth held out (the last block at least; all of them
+    are both where there is only one)."""
+    held = max(1, blocks.shape[0] // 8)
+    return (blocks[:-held], blocks[-held:]) if blocks.shape[0] > 1 else (blocks, blocks)
 
 
 @timed("distill")
 def distill(student: nn.Module, teacher: nn.Module, architecture: Architecture, blocks: torch.Tensor,
             options: DistillOptions, seed: int = 0, progress: bool = False) -> dict:
     """Fit the student's routers and routed experts (in place, float32) to the teacher's next-token
-    distribution on the calibration `blocks` [N, L] by options.steps Adam steps of options.batch blocks each
-    (in a seeded order, wrapping around); returns the mean divergence on the first step's
-    blocks before and after, and the tokens it took."""
+    distribution by options.steps Adam steps of options.batch calibration blocks each, taken in a seeded order
+    (wrapping around) from the first 7/8 of `blocks` [N, L]. The last eighth is held out: where the stage did not
+    lower the mean divergence there, the student keeps the weights it had (the report says so: "fallback").
+    Returns the held-out divergence before and after, and the tokens the steps took."""
     tensors = distilled_parameters(student, architecture)
+    fitting, held_out = split_blocks(blocks)
+    before = held_out_divergence(student, teacher, held_out)
+    start = [tensor.detach().clone() for tensor in tensors]
     needed = {id(t) for t in tensors}
     flags = [(p, p.requires_grad) for p in student.parameters()]
     for p, _ in flags:
         p.requires_grad_(id(p) in needed)
-    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
-    batch_of = lambda step: blocks[order[(torch.arange(options.batch) + step * options.batch) % blocks.shape[0]]]
+    order = torch.randperm(fitting.shape[0], generator=torch.Generator().manual_seed(seed))
+    batch_of = lambda step: fitting[order[(torch.arange(options.batch) + step * options.batch) % fitting.shape[0]]]
     optimizer = torch.optim.Adam(tensors, lr=options.lr, foreach=False)
-    before = None  # the first step's divergence, before any update
     try:
         for step in tqdm(range(options.steps), desc="end-to-end fit", unit="step", disable=not progress):
-            divergence, gradient = summed_gradient(student, teacher, batch_of(step), tensors)
-            before = divergence if before is None else before
-            for tensor, grad in zip(tensors, gradient):
+            for tensor, grad in zip(tensors, mean_gradient(student, teacher, batch_of(step), tensors)):
                 tensor.grad = grad
             optimizer.step()
-        with torch.no_grad():
-            first = batch_of(0)
-            after = sum(float(block_divergence(student, teacher, first[i : i + 1])) for i in range(first.shape[0]))
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
-    return {"tokens": int(options.steps * options.batch * blocks.shape[1]), "kl_before": round(before, 6),
-            "kl_after": round(after / options.batch, 6)}
+    after = held_out_divergence(student, teacher, held_out)
+    report = {"tokens": int(options.steps * options.batch * blocks.shape[1]), "held_out_blocks": int(held_out.shape[0]),
+              "kl_before": float(f"{before:.6g}"), "kl_after": float(f"{after:.6g}")}
+    if not after < before:  # also a non-finite divergence
+        with torch.no_grad():
+            for tensor, kept in zip(tensors, start):
+                tensor.copy_(kept)
+        report["fallback"] = "the held-out divergence did not fall: the layer-local fits' weights were kept"
+    return report

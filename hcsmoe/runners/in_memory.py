@@ -4,6 +4,7 @@ fitted as soon as its calibration is done (so that, in sequential mode, the next
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +126,10 @@ def distilled(model: PreTrainedModel, original: PreTrainedModel | str | Path | N
                                 recipe.seed)
     model.float()  # held in the saved dtype where that is narrower; cast back to it after the stage
     report = distill(model, teacher, architecture, blocks, recipe.distill, recipe.seed, progress)
+    if "fallback" in report:
+        print(f"hcsmoe: the end-to-end stage did not lower the divergence on held-out calibration blocks "
+              f"({report['kl_before']:.6g} -> {report['kl_after']:.6g}): the compressed model keeps the layer-local "
+              f"fits' weights (recorded in the plan; a smaller --distill-lr may help)", file=sys.stderr)
     return {"options": recipe.distill.to_dict(), **report}
 
 
