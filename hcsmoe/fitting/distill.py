@@ -11,9 +11,11 @@ in memory beside the compressed one, and a forward and backward pass of the whol
 minutes for the bundled models on two CPU cores, a GPU's work for a real model (docs/choosing-the-default.md,
 "End to end").
 
-The steps take their blocks from the first 7/8 of the calibration blocks; the last eighth is held out, and
-where the stage has not lowered the divergence there, the model keeps the layer-local fits' weights (a step
-size too large for a model can only cost the stage's time).
+The steps take their blocks from the first 7/8 of the calibration blocks; the last eighth is held out. The
+divergence there is measured every CHECK_EVERY steps, the weights that measure lowest are the ones kept (the
+layer-local fits' own if no step did better), and the steps stop when it has not fallen for PATIENCE checks:
+the stage stops where it starts to fit the calibration text rather than the model (on the bundled Qwen2-MoE at
+25% removed, 200 steps without this measured worse on held-out blocks than none).
 
 Deterministic at any thread count: each step's gradient is the sum, in block order, of one gradient per
 calibration block, each computed whole on one worker (hcsmoe/workers.py), and the blocks each step takes
@@ -33,9 +35,13 @@ from hcsmoe.timing import timed
 from hcsmoe.workers import parallel_map, workers
 
 
+CHECK_EVERY = 25  # Adam steps between two measures of the held-out divergence (each costs about two steps)
+PATIENCE = 2  # checks in a row without a new lowest held-out divergence before the steps stop
+
+
 @dataclass(frozen=True)
 class DistillOptions:
-    steps: int = 200  # Adam steps
+    steps: int = 200  # Adam steps at most
     lr: float = 1e-4  # Adam's step size
     batch: int = 8  # calibration blocks per step
 
@@ -95,13 +101,16 @@ def split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def distill(student: nn.Module, teacher: nn.Module, architecture: Architecture, blocks: torch.Tensor,
             options: DistillOptions, seed: int = 0, progress: bool = False) -> dict:
     """Fit the student's routers and routed experts (in place, float32) to the teacher's next-token
-    distribution by options.steps Adam steps of options.batch calibration blocks each, taken in a seeded order
-    (wrapping around) from the first 7/8 of `blocks` [N, L]. The last eighth is held out: where the stage did not
-    lower the mean divergence there, the student keeps the weights it had (the report says so: "fallback").
-    Returns the held-out divergence before and after, and the tokens the steps took."""
+    distribution by up to options.steps Adam steps of options.batch calibration blocks each, taken in a seeded
+    order (wrapping around) from the first 7/8 of `blocks` [N, L]. Every CHECK_EVERY steps the mean divergence
+    on the last eighth (held out) is measured; the student ends with the weights that measured lowest there (its
+    starting weights if none did better: the report then says "fallback"), and the steps stop once PATIENCE checks
+    in a row have not improved on it. Returns the held-out divergence before and after, the step whose weights
+    were kept, the steps taken and the tokens they took."""
     tensors = distilled_parameters(student, architecture)
     fitting, held_out = split_blocks(blocks)
-    before = held_out_divergence(student, teacher, held_out)
+    best, kept_step, kept = held_out_divergence(student, teacher, held_out), 0, None
+    before, taken = best, 0
     start = [tensor.detach().clone() for tensor in tensors]
     needed = {id(t) for t in tensors}
     flags = [(p, p.requires_grad) for p in student.parameters()]
@@ -115,16 +124,24 @@ def distill(student: nn.Module, teacher: nn.Module, architecture: Architecture, 
             for tensor, grad in zip(tensors, mean_gradient(student, teacher, batch_of(step), tensors)):
                 tensor.grad = grad
             optimizer.step()
+            taken = step + 1
+            if taken % CHECK_EVERY and taken != options.steps:
+                continue
+            divergence = held_out_divergence(student, teacher, held_out)
+            if divergence < best:
+                best, kept_step, kept = divergence, taken, [tensor.detach().clone() for tensor in tensors]
+            elif taken - kept_step >= PATIENCE * CHECK_EVERY:
+                break
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
-    after = held_out_divergence(student, teacher, held_out)
-    report = {"tokens": int(options.steps * options.batch * blocks.shape[1]), "held_out_blocks": int(held_out.shape[0]),
-              "kl_before": float(f"{before:.6g}"), "kl_after": float(f"{after:.6g}")}
-    if not after < before:  # also a non-finite divergence
-        with torch.no_grad():
-            for tensor, kept in zip(tensors, start):
-                tensor.copy_(kept)
-        report["fallback"] = "the held-out divergence did not fall: the layer-local fits' weights were kept"
+    with torch.no_grad():
+        for tensor, value in zip(tensors, kept if kept is not None else start):
+            tensor.copy_(value)
+    report = {"tokens": int(taken * options.batch * blocks.shape[1]), "held_out_blocks": int(held_out.shape[0]),
+              "kl_before": float(f"{before:.6g}"), "kl_after": float(f"{best:.6g}"), "steps_taken": taken,
+              "kept_step": kept_step}
+    if kept is None:
+        report["fallback"] = "the held-out divergence never fell: the layer-local fits' weights were kept"
     return report

@@ -128,8 +128,8 @@ def distilled(model: PreTrainedModel, original: PreTrainedModel | str | Path | N
     report = distill(model, teacher, architecture, blocks, recipe.distill, recipe.seed, progress)
     if "fallback" in report:
         print(f"hcsmoe: the end-to-end stage did not lower the divergence on held-out calibration blocks "
-              f"({report['kl_before']:.6g} -> {report['kl_after']:.6g}): the compressed model keeps the layer-local "
-              f"fits' weights (recorded in the plan; a smaller --distill-lr may help)", file=sys.stderr)
+              f"({report['kl_before']:.6g}) at any of its checks: the compressed model keeps the layer-local fits' "
+              f"weights (recorded in the plan; a smaller --distill-lr may help)", file=sys.stderr)
     return {"options": recipe.distill.to_dict(), **report}
 
 
