@@ -4,7 +4,7 @@ original, top-1 agreement, 64 greedy continuations). The default's rows are read
 results (the same recipe writes the same bits), so run that first.
 
     python -m benchmarks.distill [--model qwen2-moe|deepseek-v3] [--threads 1] [--steps 200] [--lr 1e-4]
-    # writes benchmarks/results/distill-<model>.{md,json}
+    # writes benchmarks/results/distill-<model>.{md,json} (distill-<model>-lr<LR>.* for another --lr)
 """
 
 from __future__ import annotations
@@ -77,12 +77,14 @@ def main() -> None:
     text = "\n".join([
         f"# The end-to-end stage on the bundled {args.model} model (full validation splits)", "",
         ("The default at the shape --size chose (its row from benchmarks/size.py's results, the same bits) and the "
-         "same with the opt-in end-to-end stage; s: compression time (the stage included)."), "",
+         "same with the opt-in end-to-end stage; s: compression time (the stage included; the default's from the "
+         "size run, under another load)."), "",
         table(rows, original), "",
         f"Whole benchmark: {(time.perf_counter() - begin) / 60:.1f} min on {torch.get_num_threads()} threads."])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"distill-{args.model}.md").write_text(text + "\n")
-    (RESULTS / f"distill-{args.model}.json").write_text(json.dumps({"original": original, "rows": rows}, indent=1) + "\n")
+    stem = f"distill-{args.model}" + (f"-lr{stage.lr:g}" if stage.lr != DistillOptions.lr else "")
+    (RESULTS / f"{stem}.md").write_text(text + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"original": original, "rows": rows}, indent=1) + "\n")
     print(text)
 
 

@@ -85,7 +85,7 @@ def size_table(rows: list[dict], shown: tuple[str, ...] | None = None, every_col
         for _, key, _ in columns:
             text = "–" if math.isnan(cell[key]) else f"{cell[key]:.{digits.get(key, 2)}f}"
             shown.append(f"**{text}**" if cell[key] == best[key] else text)
-        label = README_LABELS.get(row["method"], row["method"]) if shown_only else row["method"]
+        label = readme_label(row) if shown_only else row["method"]
         lines.append(f"| {row.get('shape', row['experts'])} | {label.replace('**', '')} | " + " | ".join(shown) + " |")
     return lines
 
@@ -126,6 +126,14 @@ def distilled_rows(model: str, fraction: float) -> list[dict]:
     rows = [r for r in json.loads(path.read_text())["rows"] if r["fraction"] == fraction and "distill" in r]
     return [{**r, "method": DISTILL_LABEL.format(fraction=fraction, steps=r["distill"]["options"]["steps"]),
              "shape": f"{r['experts']} × {r['width']}"} for r in rows]
+
+
+def readme_label(row: dict) -> str:
+    """A row's name in the README: shorter for some, and an end-to-end row says where the stage kept nothing."""
+    label = README_LABELS.get(row["method"], row["method"])
+    if row.get("distill", {}).get("fallback"):
+        label += ": no check improved, the default's weights kept"
+    return label
 
 
 def default_by_size(model: str, rows: list[dict], kept: int) -> list[dict]:
