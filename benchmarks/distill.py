@@ -15,6 +15,7 @@ import time
 import torch
 
 from benchmarks.quality import PROMPTS, RESULTS, model_bench, ratio
+from benchmarks.size import mean
 from hcsmoe.calibration.text import LANGUAGES
 from hcsmoe.fitting.distill import DistillOptions
 from hcsmoe.pipeline import compress
@@ -30,10 +31,6 @@ def size_result(model: str, fraction: float) -> tuple[dict, dict]:
     chosen = saved["size"]["chosen"]
     row = next(r for r in saved["rows"] if (r["experts"], r["width"]) == (chosen["experts"], chosen["width"]))
     return chosen, row
-
-
-def mean(row: dict, key: str) -> float:
-    return sum(row[f"{lang}/{key}"] for lang in LANGUAGES) / len(LANGUAGES)
 
 
 def table(rows: list[dict], original: dict) -> str:
