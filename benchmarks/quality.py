@@ -35,7 +35,7 @@ from hcsmoe.evaluation.evaluate import evaluate
 from hcsmoe.evaluation.generation import generation_prompts, greedy_continuations
 from hcsmoe.checkpoints.loading import BUNDLED_MODELS, load_model, load_tokenizer
 from hcsmoe.recipe import DEFAULT_CALIBRATION
-from hcsmoe.runners.in_memory import calibration_statistics
+from hcsmoe.runners.in_memory import calibration_statistics, model_blocks
 from hcsmoe.pipeline import compress
 
 RESULTS = Path(__file__).parent / "results"
@@ -148,7 +148,8 @@ class Bench:
         architecture = architecture_for(self.original.config)
         self.experts = expert_count(self.original.config, architecture)
         self.stats = None if not shared_stats else calibration_statistics(self.original, architecture, moe_layers(self.original, architecture),
-                                            self.tokenizer, DEFAULT_CALIBRATION, output_samples=512, progress=False,
+                                            model_blocks(self.original, self.tokenizer, DEFAULT_CALIBRATION, None, 2048),
+                                            DEFAULT_CALIBRATION, output_samples=512, progress=False,
                                             with_weight_gram=True)  # STUN's survivors
 
     def score(self, model, generate: int) -> dict:

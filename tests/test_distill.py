@@ -68,6 +68,26 @@ def test_the_stage_fits_every_router_and_routed_expert_and_nothing_else(tiny_mod
     assert not any("correction_bias" in name for name in names)
 
 
+def test_the_stage_runs_on_the_calibration_blocks_sampled_once(tiny_models, monkeypatch):
+    """With text sampled from the model (`self`), the stage fits on the very blocks the calibration ran on: the
+    model is sampled once (not again from the float32 original, whose samples can differ from the held model's)."""
+    import hcsmoe.calibration.text as text
+    import hcsmoe.runners.in_memory as in_memory
+
+    sampled, seen = [], {}
+    sample, calibrate, stage = text.sampled_blocks, in_memory.calibrate_model, in_memory.distill
+    monkeypatch.setattr(text, "sampled_blocks", lambda *a, **k: sampled.append(1) or sample(*a, **k))
+    monkeypatch.setattr(in_memory, "calibrate_model",
+                        lambda model, arch, blocks, **k: seen.setdefault("calibration", blocks) is None
+                        or calibrate(model, arch, blocks, **k))
+    monkeypatch.setattr(in_memory, "distill",
+                        lambda model, teacher, arch, blocks, *a: seen.setdefault("stage", blocks) is None
+                        or stage(model, teacher, arch, blocks, *a))
+    compress(tiny_models["qwen3_moe"], num_experts=4, fast=True, calibration="wiki:en+self",
+             distill=DistillOptions(steps=2, lr=1e-4, batch=2), **FAST)
+    assert len(sampled) == 1 and torch.equal(seen["stage"], seen["calibration"])
+
+
 def test_the_plan_redoes_the_stage_and_the_input_model_is_left_as_it_was(tmp_path):
     """A model object in (its weights and flags untouched), a plan out; re-applying the plan to the checkpoint
     redoes the stage: the same model."""

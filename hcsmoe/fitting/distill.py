@@ -109,9 +109,9 @@ def distill(student: nn.Module, teacher: nn.Module, architecture: Architecture, 
     were kept, the steps taken and the tokens they took."""
     tensors = distilled_parameters(student, architecture)
     fitting, held_out = split_blocks(blocks)
-    best, kept_step, kept = held_out_divergence(student, teacher, held_out), 0, None
+    snapshot = lambda: [tensor.detach().clone() for tensor in tensors]
+    best, kept_step, kept = held_out_divergence(student, teacher, held_out), 0, snapshot()  # step 0: the start
     before, taken = best, 0
-    start = [tensor.detach().clone() for tensor in tensors]
     needed = {id(t) for t in tensors}
     flags = [(p, p.requires_grad) for p in student.parameters()]
     for p, _ in flags:
@@ -129,7 +129,7 @@ def distill(student: nn.Module, teacher: nn.Module, architecture: Architecture, 
                 continue
             divergence = held_out_divergence(student, teacher, held_out)
             if divergence < best:
-                best, kept_step, kept = divergence, taken, [tensor.detach().clone() for tensor in tensors]
+                best, kept_step, kept = divergence, taken, snapshot()
             elif taken - kept_step >= PATIENCE * CHECK_EVERY:
                 break
     finally:
@@ -137,11 +137,11 @@ def distill(student: nn.Module, teacher: nn.Module, architecture: Architecture, 
             p.requires_grad_(flag)
             p.grad = None
     with torch.no_grad():
-        for tensor, value in zip(tensors, kept if kept is not None else start):
+        for tensor, value in zip(tensors, kept):
             tensor.copy_(value)
     report = {"tokens": int(taken * options.batch * blocks.shape[1]), "held_out_blocks": int(held_out.shape[0]),
               "kl_before": float(f"{before:.6g}"), "kl_after": float(f"{best:.6g}"), "steps_taken": taken,
               "kept_step": kept_step}
-    if kept is None:
+    if kept_step == 0:
         report["fallback"] = "the held-out divergence never fell: the layer-local fits' weights were kept"
     return report

@@ -70,16 +70,17 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
     timings["load"] = time.perf_counter() - start
 
     mark = time.perf_counter()
+    blocks = None  # the calibration's token blocks, for the end-to-end stage too
     if job.needs_calibration(stats):
+        blocks = model_blocks(model, tokenizer, recipe.calibration, recipe.blocks, recipe.block_size, recipe.seed)
         layer_plans: list[LayerPlan] = []
         norms: dict[int, list] = {}  # --sparsity: each fitted layer's input norms (Wanda)
         after_layer = compress_layer_in_place(job, layer_plans, LayerEstimate(len(layers), progress), norms)
-        stats = calibration_statistics(model, job.architecture, layers, tokenizer, recipe.calibration,
-                                       num_blocks=recipe.blocks, block_size=recipe.block_size,
+        stats = calibration_statistics(model, job.architecture, layers, blocks, recipe.calibration,
                                        batch_size=recipe.batch_size, output_samples=job.output_samples(),
                                        with_weight_gram=job.with_weight_gram, after_layer=after_layer,
                                        offload_dir=Path(offload_dir) if offload_dir else None, progress=progress,
-                                       corrective=recipe.sequential == "corrective", seed=recipe.seed)
+                                       corrective=recipe.sequential == "corrective")
         stats.info["sequential"] = recipe.sequential
         plan = plan_with_layers(plan, job.planner, recipe, layer_plans, job.width)
         if recipe.sparsity is not None:
@@ -96,7 +97,8 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
         timings["apply"] = time.perf_counter() - mark
     if recipe.distill is not None:
         mark = time.perf_counter()
-        plan.distill = distilled(model, model_or_path, source, job.architecture, tokenizer, recipe, device, progress)
+        plan.distill = distilled(model, model_or_path, source, job.architecture, tokenizer, recipe, device, progress,
+                                 blocks)
         timings["distill"] = time.perf_counter() - mark
     if job.width is not None:
         set_expert_width(model.config, job.architecture, job.width)
@@ -110,20 +112,21 @@ def compress_in_memory(model_or_path: PreTrainedModel | str | Path | None, recip
 
 
 def distilled(model: PreTrainedModel, original: PreTrainedModel | str | Path | None, source: Path | None,
-              architecture: Architecture, tokenizer, recipe: Recipe, device: str, progress: bool) -> dict:
+              architecture: Architecture, tokenizer, recipe: Recipe, device: str, progress: bool,
+              blocks: torch.Tensor | None) -> dict:
     """The end-to-end stage (fitting/distill.py) on the compressed `model`, against the original: the model
-    object given (in float32), or the checkpoint read again; on the recipe's calibration blocks. Returns what
-    the plan records."""
-    if tokenizer is None:
+    object given (in float32), or the checkpoint read again; on the calibration's `blocks` (None when the run
+    was given its statistics: the recipe's blocks, `self` text sampled from that original). Returns what the
+    plan records."""
+    if blocks is None and tokenizer is None:
         raise UserError("--distill-steps tokenizes the calibration text: pass tokenizer= with the statistics")
     if isinstance(original, PreTrainedModel):
         usable = next(original.parameters()).dtype == torch.float32 and not original.training
         teacher = original if usable else copy.deepcopy(original).float().eval()  # the user's model stays as it is
     else:
         teacher = load_model(source, "float32", device)
-    context = int(getattr(teacher.config, "max_position_embeddings", recipe.block_size))
-    blocks = calibration_blocks(tokenizer, recipe.calibration, recipe.blocks, recipe.block_size, context, teacher,
-                                recipe.seed)
+    if blocks is None:
+        blocks = model_blocks(teacher, tokenizer, recipe.calibration, recipe.blocks, recipe.block_size, recipe.seed)
     model.float()  # held in the saved dtype where that is narrower; cast back to it after the stage
     report = distill(model, teacher, architecture, blocks, recipe.distill, recipe.seed, progress)
     if "fallback" in report:
@@ -133,15 +136,21 @@ def distilled(model: PreTrainedModel, original: PreTrainedModel | str | Path | N
     return {"options": recipe.distill.to_dict(), **report}
 
 
+def model_blocks(model: PreTrainedModel, tokenizer, source: str, num_blocks: int | None, block_size: int,
+                 seed: int = 0) -> torch.Tensor:
+    """Calibration blocks of `source` text for `model` (blocks no longer than its context; a `self` part sampled
+    from it, `seed` seeding that sampling)."""
+    context = int(getattr(model.config, "max_position_embeddings", block_size))
+    return calibration_blocks(tokenizer, source, num_blocks, block_size, context, model, seed)
+
+
 def calibration_statistics(
     model: PreTrainedModel,
     architecture: Architecture,
     layers: list[MoELayer],
-    tokenizer,
+    blocks: torch.Tensor,
     source: str,
     *,
-    num_blocks: int | None = None,
-    block_size: int = 2048,
     batch_size: int = 4,
     output_samples: int = 0,
     with_weight_gram: bool = False,
@@ -149,12 +158,9 @@ def calibration_statistics(
     offload_dir: Path | None = None,
     progress: bool = True,
     corrective: bool = False,
-    seed: int = 0,
 ) -> Statistics:
-    """Stage 1 over the whole model: calibrate every MoE layer on `source` text (`seed`: of the `self` part's
-    sampling), recording how the statistics were made. `after_layer` runs stages 2-4 on each layer."""
-    context = int(getattr(model.config, "max_position_embeddings", block_size))
-    blocks = calibration_blocks(tokenizer, source, num_blocks, block_size, context, model, seed)
+    """Stage 1 over the whole model: calibrate every MoE layer on `blocks` (model_blocks of `source` text),
+    recording how the statistics were made. `after_layer` runs stages 2-4 on each layer."""
     layer_stats = calibrate_model(model, architecture, blocks, batch_size=batch_size, output_samples=output_samples,
                                   with_weight_gram=with_weight_gram, after_layer=after_layer,
                                   offload_dir=offload_dir, progress=progress, corrective=corrective)
