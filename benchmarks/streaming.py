@@ -6,6 +6,7 @@
     python -m benchmarks.streaming memory --layers 1 --fast   # one layer without the expert fit, to compare with
     python -m benchmarks.streaming fp8      # the same in Qwen3-FP8's layout: sizes in/out, kept bits, peak RSS
     python -m benchmarks.streaming in-memory --layers 1   # peak RSS of the in-memory path over the checkpoint
+    python -m benchmarks.streaming in-memory --layers 1 --refit-steps 2 --refit-memory 0.5   # the same, fit per expert
     python -m benchmarks.streaming speed    # one real-shaped layer: statistics pass vs its bare matmuls
     python -m benchmarks.streaming replan   # reference model: compress from a statistics file vs calibrating
     python -m benchmarks.streaming ranks    # 1 vs 2 torchrun processes: bytes read, peak RSS and time per rank
@@ -114,15 +115,21 @@ def memory(layers: int, blocks: int, block_size: int, keep: bool, fp8: bool = Fa
             "compress_seconds": round(seconds, 1), "generate_seconds": round(generated, 1), "reload": reload}
 
 
-def in_memory(layers: int, blocks: int, block_size: int, fast: bool = False) -> dict:
+def in_memory(layers: int, blocks: int, block_size: int, fast: bool = False, refit_steps: int = 0,
+              refit_memory: float | None = None) -> dict:
     """Peak memory of the in-memory path (--no-stream) over the checkpoint's size, for a weighted merge and the
     default recipe at 64 experts, and for the default itself (--size 0.5, its probes included): what `hcsmoe
-    compress` sizes its choice of streaming by (commands.IN_MEMORY_FACTOR)."""
+    compress` sizes its choice of streaming by (commands.IN_MEMORY_FACTOR). `refit_steps`, `refit_memory`: the
+    expert fit's steps and budget in the default's runs."""
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-synthetic-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
     source = root / "qwen3-synthetic"
     size = write_synthetic_checkpoint(source, layers)
     result = {"layers": layers, "checkpoint_bytes": size, "calibration_tokens": blocks * block_size}
     default = ["--fast"] if fast else []
+    default += ["--refit-steps", str(refit_steps)] if refit_steps else []
+    default += ["--refit-memory", str(refit_memory)] if refit_memory else []
+    result |= {"refit_steps": refit_steps} if refit_steps else {}
+    result |= {"refit_memory_gib": refit_memory} if refit_memory else {}
     runs = (("hc-smoe", ["--experts", "64", "--method", "hc-smoe"]),
             ("default --fast" if fast else "default", ["--experts", "64", *default]),
             ("default --fast, --size 0.5" if fast else "default, --size 0.5", default))  # the default's own shape
@@ -355,8 +362,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="speed: runs of each (the best is kept)")
     parser.add_argument("--keep", action="store_true", help="memory: keep the synthetic checkpoint")
     parser.add_argument("--method", help="memory, fp8, ranks: compression method [default; fp8: reap]")
-    parser.add_argument("--refit-steps", type=int, default=0, help="memory: the expert fit's steps [the default's]")
-    parser.add_argument("--refit-memory", type=float, help="memory: the expert fit's memory budget in GiB [8]")
+    parser.add_argument("--refit-steps", type=int, default=0,
+                        help="memory, in-memory: the expert fit's steps [the default's]")
+    parser.add_argument("--refit-memory", type=float, help="memory, in-memory: the expert fit's memory budget in GiB [8]")
     parser.add_argument("--fast", action="store_true", help="memory, in-memory, ranks: the closed-form recipe "
                                                             "(the default before the expert fit became its last stage)")
     args = parser.parse_args()
@@ -365,7 +373,7 @@ def main() -> None:
         result = memory(args.layers, args.blocks, args.block_size, args.keep, method=args.method,
                         refit_steps=args.refit_steps, fast=args.fast, refit_memory=args.refit_memory)
     elif args.benchmark == "in-memory":
-        result = in_memory(args.layers, args.blocks, args.block_size, args.fast)
+        result = in_memory(args.layers, args.blocks, args.block_size, args.fast, args.refit_steps, args.refit_memory)
     elif args.benchmark == "fp8":
         result = memory(args.layers, args.blocks, args.block_size, args.keep, fp8=True, method=args.method or "reap")
     elif args.benchmark == "speed":

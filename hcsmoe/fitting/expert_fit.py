@@ -41,6 +41,7 @@ from hcsmoe.checkpoints.architectures import (
     expert_intermediate,
     expert_output_from_intermediate,
 )
+from hcsmoe.heap import trim_heap
 from hcsmoe.timing import timed
 from hcsmoe.workers import parallel_map
 
@@ -336,6 +337,7 @@ def fit_in_groups(experts: nn.Module, architecture: Architecture, inputs: torch.
         evaluations += fit_group(experts, architecture, inputs, residual + own, chunks, energy, fitted, group, steps,
                                  history, whiten, anchor)[2]
         residual += own - current_output(experts, architecture, inputs, chunks, group)
+        trim_heap()  # the group's working set (L-BFGS's copies) was just freed: 0.4 GB more resident without
     return before, float(residual.double().pow(2).sum()) / energy, evaluations
 
 

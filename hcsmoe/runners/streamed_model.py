@@ -4,8 +4,6 @@ writer of the output shards; a decoder layer is materialised, compressed and wri
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from hcsmoe.checkpoints.shards import (
     shard_bytes_for,
 )
 from hcsmoe.distributed import SINGLE, World
+from hcsmoe.heap import trim_heap
 from hcsmoe.planners.plan import Group, LayerPlan, Plan
 from hcsmoe.runners.layerwise import LayerInputs, TokenStore, capture_layer_inputs, outside_layers
 from hcsmoe.runners.setup import held_dtype
@@ -45,16 +44,9 @@ MERGED_CHUNK_BYTES = 64 * 2**20  # merged experts (output dtype) written at once
 
 def release(module: nn.Module) -> None:
     """Drop a module's weights (back to the meta device) once it has been written, and hand the freed memory
-    back to the system (glibc keeps freed blocks of up to 32 MB in its heap: without this a layer's
-    temporaries stay resident)."""
+    back to the system (heap.py: without this a layer's temporaries stay resident)."""
     module.to("meta")
     trim_heap()
-
-
-def trim_heap() -> None:
-    """Return the heap's free memory to the system (glibc malloc_trim; nothing to do elsewhere)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 class StreamingCompressor:

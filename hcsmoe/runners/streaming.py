@@ -62,7 +62,8 @@ from hcsmoe.runners.layerwise import (
 )
 from hcsmoe.runners.progress import LayerEstimate
 from hcsmoe.runners.setup import Job, normalizes_top_k, output_dtype_for, prepare, record_size
-from hcsmoe.runners.streamed_model import StreamingCompressor, release, trim_heap
+from hcsmoe.heap import trim_heap
+from hcsmoe.runners.streamed_model import StreamingCompressor, release
 from hcsmoe.timing import timed
 
 MIN_SHARD_BYTES = 64 * 2**20  # a layer's output is written to disk when it ends, once this much is pending
