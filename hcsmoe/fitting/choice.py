@@ -14,13 +14,14 @@ from hcsmoe.distributed import SINGLE, World
 from hcsmoe.fitting.refit import RefitOptions, routed_output
 from hcsmoe.fitting.router_fit import RouterFitOptions
 from hcsmoe.fitting.stage import expert_fit_tokens, fit_compressed_layer, fit_layer_experts, fitted_tensors, split_tokens
+from hcsmoe.heap import trim_heap
 from hcsmoe.timing import timed
 
 
 @torch.no_grad()
 def choose_layer_plan(candidates: list, compressed, architecture: Architecture, stats: LayerStats,
                       block: BlockTokens, output_dtype: torch.dtype, refit: RefitOptions | None,
-                      router_fit: RouterFitOptions | None, keep_winner: bool = True, world: World = SINGLE):
+                      router_fit: RouterFitOptions | None, world: World = SINGLE):
     """Per-layer choice between plans: each candidate (plan, layer plan) is applied to a fresh copy of the layer
     (`compressed(plan, layer_plan)`), fitted on 7/8 of the calibration tokens and scored by the relative
     error of its routed output on the other 1/8. Returns the winner's plan, its layer plan (recording every
@@ -29,10 +30,11 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     part; with refit.choose_fitted every candidate gets it before it is scored (a plan that only the expert fit
     makes better wins then), at the expert fit's cost once per candidate. The winner's closed-form fits are not
     redone on all tokens (that would gain little, 7/8 of them already, and cost a third of the layer's time); its
-    expert fit uses all of them (expert_fit_tokens). `keep_winner=False` holds one compressed copy at a time
-    (streaming, where a layer's memory counts): the candidates are fitted last to first, and the first one's
-    copy (the recipe's merge, which wins most layers) is returned if it wins, else None: rebuilding the winner
-    and fitting it (fit_compressed_layer) gives the same bits.
+    expert fit uses all of them (expert_fit_tokens). One compressed copy is held at a time (a layer's memory
+    counts in both runners): the candidates are fitted last to first, and the first one's copy (the recipe's
+    merge, which wins most layers) is returned if it wins, else None: rebuilding the winner and fitting it
+    (fit_compressed_layer) gives the same bits. The heap is trimmed (heap.py) before each candidate is built
+    and before the expert fit, as the previous copy's and fits' memory was just freed.
     `world` (torchrun): every rank builds every candidate, rank r fits and scores candidates r, r + N, ...; the
     scores are exchanged and the winner's fitted weights copied from the rank that fitted it."""
     fitting, held = split_tokens(block)
@@ -43,6 +45,7 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
     for position in reversed(range(len(candidates))):
         plan, layer_plan = candidates[position]
         trial = copy.deepcopy(layer_plan)
+        trim_heap()
         moe = compressed(plan, trial)
         error = None
         if fitter(position) == world.rank:
@@ -51,7 +54,7 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
             with timed("choice"):
                 residual = held.routed.double() - routed_output(moe, architecture, held.inputs)
                 error = float(residual.pow(2).sum()) / max(energy, 1e-30)
-        kept = moe if keep_winner or position == 0 else None
+        kept = moe if position == 0 else None
         trials[position] = (error, trial, kept)
         del moe, kept
     scored = {p: t[:2] for rank in world.gather({p: t[:2] for p, t in trials.items() if t[0] is not None})
@@ -63,6 +66,7 @@ def choose_layer_plan(candidates: list, compressed, architecture: Architecture, 
                                 "chosen": candidates[best][0].method}
     if moe is not None:
         if fitter(best) == world.rank and not fitted_first:
+            trim_heap()
             fit_layer_experts(moe, architecture, chosen, expert_fit_tokens(chosen, block, refit), output_dtype,
                               refit)
         if world.size > 1:

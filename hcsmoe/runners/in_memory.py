@@ -32,6 +32,7 @@ from hcsmoe.errors import UserError
 from hcsmoe.fitting.choice import choose_layer_plan
 from hcsmoe.fitting.distill import distill
 from hcsmoe.fitting.stage import fit_compressed_layer
+from hcsmoe.heap import trim_heap
 from hcsmoe.planners.plan import LayerPlan, Plan
 from hcsmoe.planners.registry import PerLayerChoice, plan_model, plan_of, plan_with_layers
 from hcsmoe.recipe import Recipe
@@ -190,9 +191,13 @@ def compress_layer_in_place(job: Job, layer_plans: list[LayerPlan], estimate: La
     def after_layer(moe: MoELayer, stats, block) -> bool:
         if isinstance(job.planner, PerLayerChoice) and given is None:
             candidates = job.planner.candidate_plans(stats, job.kept, recipe.router, job.width)
-            _, layer_plan, chosen = choose_layer_plan(candidates,
-                                                      compressed_copy(moe, stats), architecture, stats, block,
-                                                      output_dtype, recipe.refit, recipe.router_fit)
+            winner, layer_plan, chosen = choose_layer_plan(candidates, compressed_copy(moe, stats), architecture, stats,
+                                                           block, output_dtype, recipe.refit, recipe.router_fit)
+            if chosen is None:  # not the copy the choice kept: built again and fitted, the same bits
+                trim_heap()
+                chosen = compressed_copy(moe, stats)(winner, layer_plan)
+                fit_compressed_layer(chosen, architecture, layer_plan, stats, block, output_dtype, recipe.refit,
+                                     recipe.router_fit)
             install(moe, chosen)
         else:
             if given is not None:

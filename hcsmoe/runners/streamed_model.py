@@ -168,7 +168,6 @@ class StreamingCompressor:
         prefixes = self.compressed_prefixes(moe)
 
         def compressed(plan: Plan, layer_plan: LayerPlan) -> MoELayer:
-            trim_heap()  # the previous candidate's copy and fits were just freed
             trial = layer_copy(moe)
             self.build_compressed(trial, prefixes, plan, layer_plan, stats, top_k)
             return trial

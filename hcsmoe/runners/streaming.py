@@ -229,7 +229,7 @@ def run_streaming(compressor: StreamingCompressor, job: Job, blocks: torch.Tenso
         elif isinstance(planner, PerLayerChoice) and block is not None:
             layer_plan_of, layer_plan, fitted = choose_layer_plan(
                 planner.candidate_plans(stats, k, router, job.width), compressor.compressed_copy(moe, stats, job.top_k),
-                architecture, stats, block, compressor.output_dtype, refit, router_fit, keep_winner=False,
+                architecture, stats, block, compressor.output_dtype, refit, router_fit,
                 world=compressor.world)
         else:
             with timed("plan"):
