@@ -252,6 +252,26 @@ def test_the_evaluation_that_does_not_fit_is_skipped_in_one_line_after_saving(ca
     assert (out / "config.json").is_file() and "## Evaluation" not in (out / "README.md").read_text()
 
 
+def test_the_expert_fits_memory_counts_in_the_choice_to_stream(capsys, tiny_models, tmp_path, monkeypatch):
+    """Free memory for the in-memory path but not for the default's expert fit on top: the default streams and
+    says why; --fast, which has no expert fit, stays in memory."""
+    from hcsmoe.checkpoints.shards import safetensors_bytes
+    from hcsmoe.cli.compress import IN_MEMORY_FACTOR, fit_memory
+    from hcsmoe.recipe import Recipe
+
+    source = tiny_models["olmoe"]
+    fit = fit_memory(source, Recipe.from_options({"experts": 4}))
+    assert 0 < fit < 8 * 2**30 and fit_memory(source, Recipe.from_options({"experts": 4, "fast": True})) == 0
+    free = IN_MEMORY_FACTOR * safetensors_bytes(source) + fit // 2
+    monkeypatch.setattr("hcsmoe.runners.streaming.available_memory", lambda: free)
+    common = ["-k", "4", "--no-eval", "-q", "--blocks", "2", "--block-size", "32"]
+    code, out, err = run_cli(capsys, "compress", str(source), *common, "--refit-steps", "2", "--out", str(tmp_path / "o"))
+    assert code == 0 and "streaming it one layer at a time" in err and "expert fit" in err, err
+    assert json.loads(out.strip().splitlines()[-1])["seconds"].keys() == {"total"}  # the streaming path's timings
+    code, out, err = run_cli(capsys, "compress", str(source), *common, "--fast", "--out", str(tmp_path / "p"))
+    assert code == 0 and "streaming" not in err and "total" not in json.loads(out.strip().splitlines()[-1])["seconds"]
+
+
 def test_a_model_too_large_for_free_memory_is_streamed(capsys, tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr("hcsmoe.runners.streaming.available_memory", lambda: 1000)  # bytes: nothing fits
     code, out, err = run_cli(capsys, "compress", str(tiny_models["olmoe"]), "-k", "4", "--method", "hc-smoe",

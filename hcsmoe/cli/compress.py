@@ -216,11 +216,11 @@ def resumable(out: Path) -> bool:
     return False
 
 
-def stream_choice(source: Path, stream: bool | None, world) -> bool:
+def stream_choice(source: Path, stream: bool | None, world, recipe) -> bool:
     """A torchrun job always streams (each rank reads its share of every layer's experts from disk); one
-    process streams as asked, or when the model would not fit in memory."""
+    process streams as asked, or when the model and the recipe's expert fit would not fit in memory."""
     if world.size == 1:
-        return should_stream(source, stream)
+        return should_stream(source, stream, fit_memory(source, recipe) if stream is None else 0)
     if stream is False:
         raise UserError("a torchrun job compresses with --stream, one layer at a time: drop --no-stream")
     return True
@@ -272,7 +272,7 @@ def compress_command(o: dict, world, quiet: bool) -> int:
     resume = bool(o["resume"]) and world.from_leader(resumable(out) if world.leader else None)
     result = compress(
         source, recipe, stats=stats, plan=plan, resume=resume,
-        stream_to=out if resume or stream_choice(source, o["stream"], world) else None,
+        stream_to=out if resume or stream_choice(source, o["stream"], world, recipe) else None,
         keep_samples=bool(o["save_stats"]), offload_dir=o["offload_dir"], overwrite=bool(o["overwrite"]),
         device=o["device"], progress=not quiet, world=world,
     )
@@ -293,17 +293,31 @@ def compress_command(o: dict, world, quiet: bool) -> int:
 
 
 # Peak memory of the in-memory path over the checkpoint as it holds it (as stored; a quantized one decoded to
-# float32): measured 1.7x for a weighted merge and 3.1x for the default recipe on one real Qwen3-30B-A3B-shaped
-# layer, the worst case (a layer's working copies weigh less against more layers); before the model was held as
-# stored, 4.3x and 6.6x (`python -m benchmarks.streaming in-memory --layers 1`). The default's own shape
-# (--size 0.5: 128 experts of 384 there, probes included) was still running at 4.9x after 16 minutes (the run
-# was stopped, not finished), so the margin is raised to 6x until it is measured whole.
-IN_MEMORY_FACTOR = 6
+# float32), measured on one real Qwen3-30B-A3B-shaped layer, the worst case (a layer's working copies weigh less
+# against more layers), with the expert fit in 0.5 GiB: 1.9x for a weighted merge, 3.0x for the default recipe at
+# 64 experts and 3.65x for the default itself (--size 0.5, its probes included; `python -m benchmarks.streaming
+# in-memory --layers 1 --refit-steps 2 --refit-memory 0.5`). The expert fit's working set beyond that is bounded
+# by --refit-memory and counted on top (fit_memory).
+IN_MEMORY_FACTOR = 4
 
 
-def should_stream(source: Path, stream: bool | None) -> bool:
+def fit_memory(source: Path, recipe) -> int:
+    """Bytes the expert fit's working set may take: its budget (--refit-memory), or less where one decoder layer's
+    weights fitted whole (every copy L-BFGS keeps, in float32) take less; 0 without the fit."""
+    from hcsmoe.checkpoints.loading import load_config
+    from hcsmoe.fitting.expert_fit import HISTORY, OVERHEAD_COPIES
+
+    refit = recipe.resolved().refit
+    if refit is None or not refit.steps:
+        return 0
+    layer = float32_bytes(source) / max(1, int(getattr(load_config(source), "num_hidden_layers", 1) or 1))
+    return int(min(refit.memory * 2**30, (2 * HISTORY + OVERHEAD_COPIES) * layer))
+
+
+def should_stream(source: Path, stream: bool | None, fit_bytes: int = 0) -> bool:
     """--stream / --no-stream as given; unset, stream when the in-memory path would not fit comfortably in
-    free memory (IN_MEMORY_FACTOR times the checkpoint as held), and say so on stderr."""
+    free memory (IN_MEMORY_FACTOR times the checkpoint as held, plus the expert fit's `fit_bytes`), and say so
+    on stderr."""
     from hcsmoe.checkpoints.formats import format_of
     from hcsmoe.checkpoints.loading import load_config
     from hcsmoe.checkpoints.shards import safetensors_bytes
@@ -313,13 +327,14 @@ def should_stream(source: Path, stream: bool | None) -> bool:
         return stream
     fmt = format_of(load_config(source))
     size = int(safetensors_bytes(source) * fmt.expansion * (2 if fmt.quantized else 1))  # quantized: held in float32
-    free = available_memory()
-    if IN_MEMORY_FACTOR * size <= free:
+    free, need = available_memory(), IN_MEMORY_FACTOR * size + fit_bytes
+    if need <= free:
         return False
     decoded = " once decoded to float32" if fmt.quantized else ""
-    print(f"hcsmoe: the checkpoint ({size / 2**30:.1f} GiB{decoded}) would need about {IN_MEMORY_FACTOR * size / 2**30:.1f} GiB "
-          f"in memory, {free / 2**30:.1f} GiB are free: streaming it one layer at a time (--no-stream forces the "
-          "in-memory path)", file=sys.stderr)
+    fit = f" with the expert fit's {fit_bytes / 2**30:.1f} GiB" if fit_bytes else ""
+    print(f"hcsmoe: the checkpoint ({size / 2**30:.1f} GiB{decoded}) would need about {need / 2**30:.1f} GiB "
+          f"in memory{fit}, {free / 2**30:.1f} GiB are free: streaming it one layer at a time (--no-stream forces "
+          "the in-memory path)", file=sys.stderr)
     return True
 
 
