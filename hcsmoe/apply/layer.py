@@ -151,13 +151,17 @@ def apply_layer(moe: MoELayer, architecture: Architecture, layer_plan: LayerPlan
         if plan.merge == "weighted":
             for name, tensor in expert_parameters(moe.experts, e).items():
                 replace_tensor(moe.experts, name, merge_rows(tensor.data, groups))
-        else:
+        else:  # each group's expert goes into its slot as it is made: never all of them in float32 at once
             tensors = expert_parameters(moe.experts, e)
-            merged = [{n: t[g.members[0]] for n, t in tensors.items()} if len(g.members) == 1 else
-                      merged_group(members_view(moe.experts, g.members), architecture, g, plan.merge, stats, top_k)
-                      for g in groups]
-            for name, tensor in tensors.items():
-                replace_tensor(moe.experts, name, torch.stack([m[name].to(tensor.dtype) for m in merged]))
+            compressed = {name: torch.empty(len(groups), *tensor.shape[1:], dtype=tensor.dtype)
+                          for name, tensor in tensors.items()}
+            for slot, g in enumerate(groups):
+                own = ({n: t[g.members[0]] for n, t in tensors.items()} if len(g.members) == 1 else
+                       merged_group(members_view(moe.experts, g.members), architecture, g, plan.merge, stats, top_k))
+                for name, tensor in compressed.items():
+                    tensor[slot] = own[name].to(tensor.dtype)
+            for name, tensor in compressed.items():
+                replace_tensor(moe.experts, name, tensor)
         for name, tensor in expert_parameters(moe.router, e).items():
             replace_tensor(moe.router, name, router_rows(name, tensor.data, groups, router_method, stats))
         if plan.width is not None and plan.width < expert_width(moe.experts, architecture):
