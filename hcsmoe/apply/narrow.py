@@ -76,8 +76,15 @@ def narrowed_expert(tensors: dict[str, torch.Tensor], architecture: Architecture
 
 def narrowed_layer(experts: nn.Module, architecture: Architecture, groups: list[Group], stats: LayerStats | None,
                    top_k: int, width: int) -> dict[str, torch.Tensor]:
-    """Every expert of a compressed layer (one per group) cut to `width` neurons: its new tensors, stacked."""
+    """Every expert of a compressed layer (one per group) cut to `width` neurons: its new tensors, stacked. Each
+    expert goes into its slot as it is made (a list stacked at the end would hold the layer twice)."""
     tensors = expert_parameters(experts, len(groups))
-    narrowed = [narrowed_expert({name: t[g] for name, t in tensors.items()}, architecture, group, stats, top_k,
-                                width, experts) for g, group in enumerate(groups)]
-    return {name: torch.stack([n[name] for n in narrowed]) for name in tensors}
+    stacked: dict[str, torch.Tensor] = {}
+    for g, group in enumerate(groups):
+        own = narrowed_expert({name: t[g] for name, t in tensors.items()}, architecture, group, stats, top_k, width,
+                              experts)
+        for name, tensor in own.items():
+            if name not in stacked:
+                stacked[name] = torch.empty(len(groups), *tensor.shape, dtype=tensor.dtype)
+            stacked[name][g] = tensor
+    return stacked
