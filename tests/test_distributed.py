@@ -18,6 +18,7 @@ from hcsmoe.cli import main
 from hcsmoe.cli.compress import stream_choice
 from hcsmoe.distributed import World
 from hcsmoe.errors import UserError
+from hcsmoe.recipe import Recipe
 from hcsmoe.checkpoints.loading import REFERENCE_MODEL
 from tests.conftest import make_tiny_model
 from tests.test_streaming import assert_same_checkpoint
@@ -140,10 +141,10 @@ def test_a_world_size_without_torchrun_is_one_line(tiny_models, tmp_path, monkey
 
 
 def test_a_torchrun_job_streams(tmp_path):
-    two = World(rank=0, size=2)
-    assert stream_choice(tmp_path, None, two) and stream_choice(tmp_path, True, two)
+    two, recipe = World(rank=0, size=2), Recipe()
+    assert stream_choice(tmp_path, None, two, recipe) and stream_choice(tmp_path, True, two, recipe)
     with pytest.raises(UserError, match="drop --no-stream"):
-        stream_choice(tmp_path, False, two)
+        stream_choice(tmp_path, False, two, recipe)
 
 
 def test_shares_cover_every_expert_once_in_rank_order():
