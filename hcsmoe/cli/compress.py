@@ -294,8 +294,8 @@ def compress_command(o: dict, world, quiet: bool) -> int:
 
 # Peak memory of the in-memory path over the checkpoint as it holds it (as stored; a quantized one decoded to
 # float32), measured on one real Qwen3-30B-A3B-shaped layer, the worst case (a layer's working copies weigh less
-# against more layers), with the expert fit in 0.5 GiB: 1.86x for a weighted merge, 2.09x for the default recipe
-# at 64 experts and 3.05x for the default itself (--size 0.5, its probes included; `python -m benchmarks.streaming
+# against more layers), with the expert fit in 0.5 GiB: 1.86x for a weighted merge, 2.15x for the default recipe
+# at 64 experts and 2.63x for the default itself (--size 0.5, its probes included; `python -m benchmarks.streaming
 # in-memory --layers 1 --refit-steps 2 --refit-memory 0.5`). The expert fit's working set beyond that is bounded
 # by --refit-memory and counted on top (fit_memory).
 IN_MEMORY_FACTOR = 4
