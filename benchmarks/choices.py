@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -60,21 +61,25 @@ def texts(train_label: str = "train") -> dict[str, list[str]]:
     return held_out | {f"{lang}-validation": wiki_texts(lang, "validation") for lang in LANGUAGES}
 
 
-def bundled_model(description: str, with_only: bool = False) -> tuple[str, object, object] | tuple:
+def bundled_model(description: str, with_only: bool = False,
+                  arguments: Callable[[argparse.ArgumentParser], object] | None = None) -> tuple:
     """--model and --threads (and --only, if `with_only`) from the command line: the bundled model's name,
-    tokenizer and model (float32) (and the --only text)."""
+    tokenizer and model (float32) (and the --only text; and, if `arguments` adds options of its own, all the
+    parsed arguments)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference", choices=sorted(BUNDLED_MODELS))
     parser.add_argument("--threads", type=int, default=2)
     if with_only:
         parser.add_argument("--only", help="rerun only the rows whose label holds this text; the others come from "
                                            "the last run's JSON")
+    if arguments is not None:
+        arguments(parser)
     args = parser.parse_args()
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     path = BUNDLED_MODELS[args.model]
     loaded = args.model, load_tokenizer(path), load_model(path)
-    return (*loaded, args.only) if with_only else loaded
+    return (*loaded, *((args.only,) if with_only else ()), *((args,) if arguments is not None else ()))
 
 
 def kept_rows(name: str, only: str | None, report: str = "choices") -> dict:
@@ -86,21 +91,27 @@ def kept_rows(name: str, only: str | None, report: str = "choices") -> dict:
     return {(r["experts"], r["setting"]): r for r in saved if not re.search(only, r["setting"])}
 
 
-def measure(original, tokenizer, candidates: list[tuple[str, dict]], kept: dict) -> tuple[list[dict], dict]:
-    """Every candidate at 25% and 50% of the experts removed, as perplexity ratios to the original on the
-    held-out train slices and the validation splits (rows in `kept` are taken as they are); and the
-    original's perplexities."""
+def expert_counts(config) -> list[tuple[int, dict]]:
+    """The rows' keys and shapes: 25% and 50% of the experts removed."""
+    e = expert_count(config, architecture_for(config))
+    return [(k, {"num_experts": k}) for k in (e * 3 // 4, e // 2)]
+
+
+def measure(original, tokenizer, candidates: list[tuple[str, dict]], kept: dict,
+            shapes: list[tuple[int | str, dict]] | None = None) -> tuple[list[dict], dict]:
+    """Every candidate at each of `shapes` (key, compress options; default: 25% and 50% of the experts removed),
+    as perplexity ratios to the original on the held-out train slices and the validation splits (rows in `kept`
+    are taken as they are); and the original's perplexities."""
     sources = texts()
     base = {name: m["ppl"] for name, m in evaluate(original, tokenizer, texts=sources, max_tokens=MAX_TOKENS)["languages"].items()}
-    e = expert_count(original.config, architecture_for(original.config))
     rows = []
-    for k in (e * 3 // 4, e // 2):
+    for k, shape in shapes or expert_counts(original.config):
         for label, options in candidates:
             if (k, label) in kept:
                 rows.append(kept[(k, label)])
                 continue
             mark = time.perf_counter()
-            result = compress(original, tokenizer=tokenizer, num_experts=k, progress=False, **options)
+            result = compress(original, tokenizer=tokenizer, progress=False, **shape, **options)
             seconds = time.perf_counter() - mark
             scores = evaluate(result.model.float(), tokenizer, texts=sources, max_tokens=MAX_TOKENS)["languages"]
             rows.append({"experts": k, "setting": label, "seconds": round(seconds, 1),

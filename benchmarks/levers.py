@@ -7,10 +7,13 @@ beside it, as benchmarks/choices.py, at 25% and 50% of the experts removed.
   ROUTER_STEPS steps) to the same layer-local error the expert fit minimises, the gates a differentiable
   function of the rows with each token's top-k set held as the fitted router chose it. (The router fit of
   the default matches routing mass, before the refit; this one sees what the fitted experts now compute.)
-- Twice the calibration text: 131,072 tokens instead of 65,536.
+- The calibration text: twice 65,536 tokens won every row here and became the default (131,072); the row
+  with half the default's keeps the comparison (rows measured before the change are labelled with twice the
+  then default's).
 
-    python -m benchmarks.levers [--model qwen2-moe|deepseek-v3] [--threads N] [--only REGEX]
-    # writes benchmarks/results/levers-<model>.{md,json}; --only: the default and the rows whose label matches,
+    python -m benchmarks.levers [--model qwen2-moe|deepseek-v3] [--threads N] [--only REGEX] [--size F [F ...]]
+    # writes benchmarks/results/levers-<model>.{md,json} (with --size: levers-size-<model>, rows at those shares
+    # of the routed parameters, the default's shapes); --only: the default and the rows whose label matches,
     # the others kept from the last run's JSON
 """
 
@@ -24,7 +27,7 @@ import torch
 
 import hcsmoe.fitting.choice as choice
 import hcsmoe.fitting.stage as stage
-from benchmarks.choices import RESULTS, bundled_model, kept_rows, measure, write
+from benchmarks.choices import RESULTS, bundled_model, expert_counts, kept_rows, measure, write
 from hcsmoe.calibration.statistics import expert_slices, routed
 from hcsmoe.calibration.text import CALIBRATION_TOKENS
 from hcsmoe.fitting.distill import DistillOptions
@@ -35,7 +38,7 @@ REPORT = "levers"
 ROUTER_STEPS = 30
 DEFAULT = "**default**"
 ROUTER = f"default + router rows fitted to the layer's output after the expert fit ({ROUTER_STEPS} L-BFGS steps)"
-TOKENS = "default, 131,072 calibration tokens (twice the default's)"
+TOKENS = f"default, {CALIBRATION_TOKENS // 2:,} calibration tokens (half the default's: the default before it doubled)"
 STAGE = "default + end-to-end stage (--distill-steps {steps}{lr})"
 STAGES = [DistillOptions(steps=200), DistillOptions(steps=200, lr=3e-5)]
 
@@ -111,20 +114,28 @@ def router_fitted_to_output(config):
 
 def main() -> None:
     start = time.perf_counter()
-    name, tokenizer, original, only = bundled_model(__doc__, with_only=True)
+    name, tokenizer, original, only, args = bundled_model(__doc__, with_only=True, arguments=size_option)
     context = min(Recipe.block_size, int(original.config.max_position_embeddings))
-    twice = {"num_blocks": 2 * -(-CALIBRATION_TOKENS // context)}
-    candidates = [(DEFAULT, {})] + [(stage_label(stage), {"distill": stage}) for stage in STAGES] + [(TOKENS, twice)]
+    half = {"num_blocks": -(-CALIBRATION_TOKENS // 2 // context)}
+    candidates = [(DEFAULT, {})] + [(stage_label(stage), {"distill": stage}) for stage in STAGES] + [(TOKENS, half)]
     chosen = lambda label: label == DEFAULT or only is None or re.search(only, label)
-    saved = only is not None and (RESULTS / f"{REPORT}-{name}.json").exists()
-    kept = {key: row for key, row in kept_rows(name, only, REPORT).items() if key[1] != DEFAULT} if saved else {}
-    rows, base = measure(original, tokenizer, [c for c in candidates if chosen(c[0])], {})
+    shapes = [(f"--size {f:g}", {"size": f}) for f in args.size] if args.size else expert_counts(original.config)
+    report = REPORT + ("-size" if args.size else "")
+    saved = only is not None and (RESULTS / f"{report}-{name}.json").exists()
+    kept = {key: row for key, row in kept_rows(name, only, report).items() if key[1] != DEFAULT} if saved else {}
+    rows, base = measure(original, tokenizer, [c for c in candidates if chosen(c[0])], {}, shapes)
     if chosen(ROUTER):
         with router_fitted_to_output(original.config):
-            rows += measure(original, tokenizer, [(ROUTER, {})], {})[0]
-    order = [label for label, _ in candidates] + [ROUTER]
-    rows = sorted(rows + list(kept.values()), key=lambda row: (-row["experts"], order.index(row["setting"])))
-    write(name, rows, base, time.perf_counter() - start, only, report=REPORT)
+            rows += measure(original, tokenizer, [(ROUTER, {})], {}, shapes)[0]
+    order, keys = [label for label, _ in candidates] + [ROUTER], [key for key, _ in shapes]
+    place = lambda label: order.index(label) if label in order else len(order)  # kept rows of earlier levers last
+    rows = sorted(rows + list(kept.values()), key=lambda row: (keys.index(row["experts"]), place(row["setting"])))
+    write(name, rows, base, time.perf_counter() - start, only, report=report)
+
+
+def size_option(parser) -> None:
+    parser.add_argument("--size", type=float, nargs="+", help="rows at these --size shares instead of 25%% and 50%% "
+                        "of the experts removed (writes levers-size-<model>)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ torch.matmul rate, measured in the same run on each term's product shape; the ra
 the float64 rate and also (as the issue asks) at the float32 rate, which puts them at >= ~2x by construction.
 The fits' reports are recorded by wrapping the functions the stages call (same arguments, same results). The
 expert fit runs --expert-fit-steps L-BFGS steps, extrapolated to the default 30 from its cost per evaluation.
-Whole models at 65,536 tokens (blocks of 2048): every term recounted at those token counts (with the code's caps),
+Whole models at the default's calibration tokens (131,072 in blocks of 2048): every term recounted at those token counts (with the code's caps),
 each stage's measured wall/arithmetic kept. Writes <out>/stages.json (a shape's entry replaced) and stages.md.
 """
 
@@ -33,8 +33,10 @@ from unittest import mock
 
 import torch
 
+from hcsmoe.calibration.text import CALIBRATION_TOKENS
+
 RESULTS = Path(__file__).parent / "results"
-FULL_TOKENS, FULL_BLOCK, FULL_STEPS = 65536, 2048, 30  # the default recipe's calibration and expert fit
+FULL_TOKENS, FULL_BLOCK, FULL_STEPS = CALIBRATION_TOKENS, 2048, 30  # the default recipe's calibration and expert fit
 ROUTER_INPUTS, ROUTER_FIT_TOKENS, FIT_CHUNK = 8192, 16384, 8192  # the code's caps (statistics, router fit, expert fit)
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 TOTAL = "total (default recipe, every stage)"

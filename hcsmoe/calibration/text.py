@@ -126,9 +126,14 @@ def token_blocks(tokenizer, texts: list[str], block_size: int, num_blocks: int, 
     return stream[: count * block_size].view(count, block_size)
 
 
-# Calibration tokens when --blocks is not given (32 blocks of 2048, or 256 of the reference model's 256): the
-# fits keep improving up to here (benchmarks/results/quality-*.md, "Calibration size").
-CALIBRATION_TOKENS = 65536
+# Calibration tokens when --blocks is not given (64 blocks of 2048, or 512 of the reference model's 256): the
+# fits keep improving up to here; twice 65,536 won every held-out row (benchmarks/results/levers-*.md).
+CALIBRATION_TOKENS = 131072
+
+
+def model_context(config, block_size: int) -> int:
+    """The longest block the model takes: its max_position_embeddings (block_size where the config has none)."""
+    return int(getattr(config, "max_position_embeddings", block_size))
 
 
 def calibration_blocks(tokenizer, source: str, num_blocks: int | None, block_size: int, context: int,

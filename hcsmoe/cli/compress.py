@@ -98,7 +98,7 @@ def add_compress_parser(sub) -> None:
                    "a dataset name, or 'self' (text sampled from the model); join sources with '+'. If your own text "
                    "covers one language and the model must keep the others, add '+self' (e.g. my_text.txt+self): "
                    "English alone raised French perplexity up to 1.84x at 50%% removed, English+self 1.07x")
-    p.add_argument("--blocks", type=int, help="calibration blocks [enough for 65,536 tokens: 32 of 2048]")
+    p.add_argument("--blocks", type=int, help="calibration blocks [enough for 131,072 tokens: 64 of 2048]")
     p.add_argument("--block-size", type=int, help="tokens per block, capped at the model's context [2048]")
     p.add_argument("--batch-size", type=int, help="blocks per forward pass during calibration [4]")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N")

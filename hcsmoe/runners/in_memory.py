@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from hcsmoe.apply.layer import apply_layer, apply_plan, install, layer_copy
 from hcsmoe.apply.sparsify import input_norms, sparsify_layers
 from hcsmoe.calibration.statistics import Statistics
-from hcsmoe.calibration.text import calibration_blocks
+from hcsmoe.calibration.text import calibration_blocks, model_context
 from hcsmoe.checkpoints.architectures import (
     Architecture,
     MoELayer,
@@ -141,8 +141,8 @@ def model_blocks(model: PreTrainedModel, tokenizer, source: str, num_blocks: int
                  seed: int = 0) -> torch.Tensor:
     """Calibration blocks of `source` text for `model` (blocks no longer than its context; a `self` part sampled
     from it, `seed` seeding that sampling)."""
-    context = int(getattr(model.config, "max_position_embeddings", block_size))
-    return calibration_blocks(tokenizer, source, num_blocks, block_size, context, model, seed)
+    return calibration_blocks(tokenizer, source, num_blocks, block_size, model_context(model.config, block_size),
+                              model, seed)
 
 
 def calibration_statistics(

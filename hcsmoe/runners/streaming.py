@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from hcsmoe.apply.layer import install
 from hcsmoe.calibration.statistics import LayerStats, Statistics
-from hcsmoe.calibration.text import calibration_blocks
+from hcsmoe.calibration.text import calibration_blocks, model_context
 from hcsmoe.checkpoints.architectures import (
     architecture_for,
     decoder_layers,
@@ -116,8 +116,8 @@ def compress_streaming(model_path, out, recipe: Recipe, *, tokenizer=None, stats
                             f"{job.num_experts} processes")
         blocks = None
         if job.needs_calibration(stats):
-            context = int(getattr(config, "max_position_embeddings", recipe.block_size))
-            blocks = calibration_blocks(tokenizer, recipe.calibration, recipe.blocks, recipe.block_size, context)
+            blocks = calibration_blocks(tokenizer, recipe.calibration, recipe.blocks, recipe.block_size,
+                                        model_context(config, recipe.block_size))
         if offload_dir is None and blocks is not None and token_buffer_bytes(blocks, config) > available_memory() / 4:
             offload_dir = directory / ".token-buffers"
         plan, layer_stats = run_streaming(compressor, job, blocks, stats.layers if stats else None, journal,
