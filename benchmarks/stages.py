@@ -275,7 +275,9 @@ def run_shape(name: str, tokens: int, block: int, steps: int, rates: Rates) -> d
     root = Path(tempfile.mkdtemp(prefix="hcsmoe-stages-", dir=os.environ.get("HCSMOE_BENCH_DIR")))
     try:
         size = write_synthetic_checkpoint(root / "source", 1, config=config)
-        recipe = Recipe(blocks=tokens // block, block_size=block, batch_size=1, refit=RefitOptions(steps=steps))
+        # -k K (half the experts) as the counts assume: the default recipe would run --size's probes first
+        recipe = Recipe(experts=d.K, blocks=tokens // block, block_size=block, batch_size=1,
+                        refit=RefitOptions(steps=steps))
         load = os.getloadavg()[0]
         timing.reset()
         with recording() as rec:
