@@ -29,7 +29,7 @@ import hcsmoe.fitting.choice as choice
 import hcsmoe.fitting.stage as stage
 from benchmarks.choices import RESULTS, bundled_model, expert_counts, kept_rows, measure, write
 from hcsmoe.calibration.statistics import expert_slices, routed
-from hcsmoe.calibration.text import CALIBRATION_TOKENS
+from hcsmoe.calibration.text import CALIBRATION_TOKENS, model_context
 from hcsmoe.fitting.distill import DistillOptions
 from hcsmoe.fitting.expert_fit import expert_output
 from hcsmoe.recipe import Recipe
@@ -115,7 +115,7 @@ def router_fitted_to_output(config):
 def main() -> None:
     start = time.perf_counter()
     name, tokenizer, original, only, args = bundled_model(__doc__, with_only=True, arguments=size_option)
-    context = min(Recipe.block_size, int(original.config.max_position_embeddings))
+    context = min(Recipe.block_size, model_context(original.config, Recipe.block_size))
     half = {"num_blocks": -(-CALIBRATION_TOKENS // 2 // context)}
     candidates = [(DEFAULT, {})] + [(stage_label(stage), {"distill": stage}) for stage in STAGES] + [(TOKENS, half)]
     chosen = lambda label: label == DEFAULT or only is None or re.search(only, label)
